@@ -1,0 +1,258 @@
+"""Configuration: parsed once from YAML / dicts into frozen dataclasses.
+
+Every knob of data, model, loss, training and privacy lives here, with its default, so a run's
+resolved config (``to_dict``) fully describes it. Unknown keys are errors that name the source,
+because a typo in a hospital's YAML must not silently fall back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+#: BI-RADS-inspired features computed from the soft mask (see common/birads.py).
+ALL_FEATURES: tuple[str, ...] = (
+    "area",
+    "roughness",
+    "compactness",
+    "texture",
+    "orientation",
+    "margin_sharpness",
+    "posterior",
+)
+#: The four features of the published method.
+PAPER_FEATURES: tuple[str, ...] = ("area", "roughness", "compactness", "texture")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names where it came from."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Preprocessing and splitting. Images become ``image_size``² single-channel tensors."""
+
+    image_size: int = 128
+    augment: bool = True
+    val_fraction: float = 0.2
+    test_fraction: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Network choice. ``arch``: "small" (fast CPU U-Net), "effb1_attention" (published:
+    EfficientNet-B1 encoder + attention U-Net decoder), "lite0" (EfficientNet-Lite0 encoder,
+    optional ImageNet weights from a local file)."""
+
+    arch: str = "small"
+    base_channels: int = 16
+    depth: int = 4
+    cls_head: str = "bottleneck"  # "bottleneck" | "multiscale"
+    refine_passes: int = 1  # >1: previous pass's probability map is fed back as an input channel
+    dropout: float = 0.3
+    num_groups: int = 8
+    in_channels: int = 1
+    pretrained_path: str | None = None
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """total = seg_weight·(dice·Dice + bce·BCE) + cls_weight·cls + consistency·MSE(p̂, φ)."""
+
+    seg_weight: float = 1.0
+    dice: float = 1.0
+    bce: float = 1.0
+    cls_weight: float = 1.0  # 0 → single-task segmentation arm
+    cls_loss: str = "bce"  # "bce" | "focal"
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.25
+    pos_weight: float | None = None  # None: balanced from the training labels
+    consistency: float = 0.5  # λ; 0 → plain multi-task arm
+    consistency_grad: str = "both"  # "both" | "mask" (into φ only) | "classifier" (into p̂ only)
+    features: tuple[str, ...] = PAPER_FEATURES
+    sign_constrained: bool = True  # prior weights keep the clinical direction (anti-collapse)
+    prior_supervision: float = 0.0  # weak BCE(φ, label) so φ cannot drift to a constant
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local optimisation; the same for centralised, simulated and deployed training."""
+
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"  # "adamw" | "sgd"
+    schedule: str = "cosine"  # "cosine" | "constant"
+    warmup_steps: int = 0
+    grad_clip: float | None = 5.0
+    proximal_mu: float = 0.0  # FedProx: (μ/2)·||w − w_global||²
+    seed: int = 0
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    num_threads: int | None = None
+    channels_last: bool = False
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Sample-level DP-SGD with Opacus. Either ``target_epsilon`` over ``planned_epochs`` local
+    epochs (all rounds together) or a fixed ``noise_multiplier``."""
+
+    enabled: bool = False
+    target_epsilon: float | None = 8.0
+    target_delta: float = 1e-5
+    noise_multiplier: float | None = None
+    max_grad_norm: float = 1.0
+    planned_epochs: int = 10
+    accountant: str = "rdp"
+    secure_mode: bool = False
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated type (recursing into dataclasses and tuples)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{where}: may not be null")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp, *_rest) = typing.get_args(tp) or (Any,)
+        return tuple(_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "false", "yes", "no", "1", "0"}:
+            return value.lower() in {"true", "yes", "1"}
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from exc
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from exc
+    if tp is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "config") -> T:
+    """Build dataclass ``cls`` from a mapping; unknown keys raise ``ConfigError`` naming ``where``."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """Plain, YAML-safe dict of a (nested) config dataclass; tuples become lists."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(obj)
+
+
+def replace(obj: T, **changes: Any) -> T:
+    """``dataclasses.replace`` that also accepts dotted keys: replace(cfg, **{"train.epochs": 2})."""
+    nested: dict[str, dict[str, Any]] = {}
+    flat: dict[str, Any] = {}
+    for key, value in changes.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            flat[key] = value
+    for head, sub in nested.items():
+        flat[head] = replace(getattr(obj, head), **sub)
+    hints = typing.get_type_hints(type(obj))
+    unknown = sorted(set(flat) - set(hints))
+    if unknown:
+        raise ConfigError(f"{type(obj).__name__}: unknown key(s) {unknown}")
+    coerced = {
+        k: v if dataclasses.is_dataclass(v) else _coerce(hints[k], v, f"{type(obj).__name__}.{k}")
+        for k, v in flat.items()
+    }
+    return dataclasses.replace(obj, **coerced)  # type: ignore[type-var]
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; errors name the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return dict(data)
+
+
+def load_experiment(path: str | Path | None = None, **overrides: Any) -> ExperimentConfig:
+    """Experiment config from an optional YAML file plus dotted overrides."""
+    cfg = (
+        from_dict(ExperimentConfig, load_yaml(path), str(path))
+        if path is not None
+        else ExperimentConfig()
+    )
+    return replace(cfg, **overrides) if overrides else cfg
