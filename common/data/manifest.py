@@ -1,0 +1,108 @@
+"""Generic site layout: a ``manifest.csv`` listing the images, so a new hospital needs no code.
+
+Columns (header names ignore case, spaces, '_' and '-'; ',' ';' or tab separated, BOM ok):
+
+| column | required | meaning |
+|---|---|---|
+| image | yes | image path, relative to the CSV's folder (or absolute) |
+| label | yes | benign / malignant / normal |
+| mask | no | lesion mask path(s), several joined by '|' (merged); empty for normal images |
+| patient_id | no | patient; empty → the case id (then only identical images are grouped) |
+| spacing_mm | no | mm per pixel of the image file as stored; empty → unknown |
+
+Any other column is kept as a descriptor. The case id is the image path relative to the CSV
+without its suffix; the centre name is the CSV's folder name. ``root`` is the folder holding
+``manifest.csv`` or the CSV file itself.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from common.data import CentreLoad, IssueLog, resolve_duplicates
+from common.data.io import find_column, read_table
+from common.records import Case, DataError, Label
+
+FILENAME = "manifest.csv"
+REQUIRED = ("image", "label")
+OPTIONAL = ("mask", "patient_id", "spacing_mm")
+
+
+def _csv_path(root: Path) -> Path:
+    return root if root.suffix.lower() == ".csv" else root / FILENAME
+
+
+def load(root: Path, *, strict: bool = True) -> CentreLoad:
+    """manifest.csv → ``CentreLoad``; strict raises on any error."""
+    csv_path = _csv_path(Path(root))
+    base = csv_path.parent
+    log = IssueLog(base.name or "manifest", csv_path)
+    if not csv_path.is_file():
+        log.error(csv_path, "manifest file missing", "layout")
+        return log.finish([], strict)
+    try:
+        rows = next(iter(read_table(csv_path).values()))
+    except DataError as exc:
+        log.failed(exc, csv_path)
+        return log.finish([], strict)
+    cols = list(rows[0]) if rows else []
+    col = {name: find_column(cols, name) for name in REQUIRED + OPTIONAL}
+    missing = [name for name in REQUIRED if col[name] is None]
+    if missing:
+        log.error(csv_path, f"column(s) {', '.join(missing)} missing (found: "
+                  f"{', '.join(cols) or 'no columns'})", "spreadsheet")
+        return log.finish([], strict)
+    known = set(col.values())
+    cases: list[Case] = []
+    seen: dict[Path, int] = {}
+    for n, row in enumerate(rows, start=2):
+        case = _row(n, row, col, known, base, csv_path, seen, log)
+        if case is not None:
+            cases.append(case)
+    cases = resolve_duplicates(cases, log)
+    return log.finish(cases, strict)
+
+
+def _row(n: int, row: dict[str, str | None], col: dict[str, str | None], known: set[str | None],
+         base: Path, csv_path: Path, seen: dict[Path, int], log: IssueLog) -> Case | None:
+    def cell(name: str) -> str | None:
+        return row.get(col[name]) if col[name] else None  # type: ignore[arg-type]
+
+    where = f"{csv_path.name} row {n}"
+    image = cell("image")
+    if not image:
+        log.error(csv_path, f"row {n}: empty image path", "spreadsheet")
+        return None
+    img = base / image
+    if img in seen:
+        log.error(csv_path, f"row {n}: {image} listed again (first in row {seen[img]})",
+                  "spreadsheet")
+        return None
+    seen[img] = n
+    try:
+        label = Label.parse(cell("label") or "")
+    except ValueError as exc:
+        log.error(img, f"{where}: {exc}", "label")
+        return None
+    try:
+        spacing = _spacing(cell("spacing_mm"))
+    except ValueError:
+        log.error(img, f"{where}: spacing_mm {cell('spacing_mm')!r} is not a positive number",
+                  "spreadsheet")
+        return None
+    masks = [base / m.strip() for m in (cell("mask") or "").split("|") if m.strip()]
+    case_id = Path(image).with_suffix("").as_posix()
+    descriptors = {k: v for k, v in row.items() if k not in known and v}
+    return log.case(img, masks, label, case_id=case_id,
+                    patient_id=cell("patient_id") or case_id, spacing_mm=spacing,
+                    descriptors=descriptors)
+
+
+def _spacing(text: str | None) -> float | None:
+    """'' → None (unknown); '0.1' → 0.1; anything else → ValueError."""
+    if not text:
+        return None
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(text)
+    return value

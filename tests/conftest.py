@@ -1,0 +1,25 @@
+"""Shared fixtures. ``data_root``: the real datasets, or a clean skip where they are absent."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def find_data_root() -> Path | None:
+    """$FEDBUS_DATA_ROOT if set, else ../shared/data beside the repository; None if missing."""
+    env = os.environ.get("FEDBUS_DATA_ROOT")
+    candidate = Path(env) if env else REPO.parent / "shared" / "data"
+    return candidate if candidate.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """Folder holding the real centres (BrEaST/, BUSI/, BUS-UCLM/ ...); skips when absent."""
+    root = find_data_root()
+    if root is None:
+        pytest.skip("real data not found (set FEDBUS_DATA_ROOT or provide ../shared/data)")
+    return root
