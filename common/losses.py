@@ -1,0 +1,169 @@
+"""Multi-task loss: segmentation + malignancy classification + BI-RADS consistency MSE(p̂, φ).
+
+total = seg_weight·(dice·Dice + bce·BCE) + cls_weight·cls + λ·MSE(p̂, φ)
+        + prior_supervision·BCE(φ, y)
+
+Choices that the published method leaves open, made here:
+- Dice is per image over *lesion images only* (the Dice of an empty truth is degenerate: any
+  prediction scores 0 or 1 by convention); BCE covers every pixel of every image, so normal
+  images still teach "no lesion". The Dice term is 0 for a batch without lesions.
+- Consistency and prior supervision use lesion images only (``has_lesion``, the ground truth,
+  which training always has): φ computed from the mask of a normal image describes no lesion.
+  φ is still evaluated for every image (and multiplied by 0), so the graph and Opacus'
+  per-sample hooks look the same whatever the batch holds.
+- ``cls_weight = 0`` is the single-task segmentation arm: p̂ is untrained there, so the
+  consistency term is switched off too (its value is still reported).
+- Prior supervision trains the prior's weights only: it sees detached features, so it cannot push
+  the predicted masks towards "malignant-looking" shapes.
+- Terms whose weight is 0 are computed without gradient, for the report only.
+
+Per-sample structure (for DP-SGD): every term is a mean of per-image terms. By default the lesion
+terms divide by the batch's count of lesion images, which couples images; with
+``per_sample_denominator=True`` (set by ``train_local`` under DP) they divide by the batch size, so
+after Opacus undoes its mean reduction each image's gradient depends on that image alone.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from common.birads import FEATURE_NAMES, BiradsPrior, birads_features
+from common.config import LossConfig
+
+log = logging.getLogger(__name__)
+
+PART_KEYS: tuple[str, ...] = ("seg", "dice", "bce", "cls", "consistency", "prior_sup", "total")
+_SMOOTH = 1.0  # pixels; Dice smoothing
+
+
+def soft_dice_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Per-image soft Dice loss 1 − (2|P∩T| + s)/(|P| + |T| + s), (B,) from (B,1,S,S)."""
+    p = torch.sigmoid(logits).flatten(1)
+    t = target.flatten(1)
+    inter = (p * t).sum(1)
+    return 1.0 - (2.0 * inter + _SMOOTH) / (p.sum(1) + t.sum(1) + _SMOOTH)
+
+
+def focal_loss(logits: Tensor, target: Tensor, alpha: float, gamma: float) -> Tensor:
+    """Per-sample α-balanced focal loss (Lin et al. 2017), (B,); α weights the positives."""
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p = torch.sigmoid(logits)
+    p_t = p * target + (1 - p) * (1 - target)
+    alpha_t = alpha * target + (1 - alpha) * (1 - target)
+    return alpha_t * (1 - p_t).clamp_min(1e-6) ** gamma * ce
+
+
+class MultiTaskLoss(nn.Module):
+    """See the module docstring. ``pos_weight`` (positives' BCE weight, usually n_benign/n_malignant
+    from the training labels) overrides ``cfg.pos_weight``; with neither the BCE is unweighted."""
+
+    def __init__(
+        self, cfg: LossConfig, pos_weight: float | None = None, per_sample_denominator: bool = False
+    ) -> None:
+        super().__init__()
+        self.per_sample_denominator = per_sample_denominator
+        if cfg.cls_loss not in ("bce", "focal"):
+            raise ValueError(f"loss.cls_loss must be 'bce' or 'focal', got {cfg.cls_loss!r}")
+        if cfg.consistency_grad not in ("both", "mask", "classifier"):
+            raise ValueError(
+                f"loss.consistency_grad must be 'both', 'mask' or 'classifier', "
+                f"got {cfg.consistency_grad!r}"
+            )
+        unknown = [n for n in cfg.features if n not in FEATURE_NAMES]
+        if unknown or not cfg.features:
+            raise ValueError(f"loss.features: unknown or empty {list(cfg.features)}; "
+                             f"known: {list(FEATURE_NAMES)}")
+        for name in ("seg_weight", "dice", "bce", "cls_weight", "consistency", "prior_supervision"):
+            if getattr(cfg, name) < 0:
+                raise ValueError(f"loss.{name} must be ≥ 0, got {getattr(cfg, name)}")
+        self.cfg = cfg
+        pw = pos_weight if pos_weight is not None else cfg.pos_weight
+        if pw is not None and not pw > 0:
+            raise ValueError(f"pos_weight must be > 0, got {pw}")
+        self.pos_weight = None if pw is None else float(pw)
+
+    @property
+    def consistency_weight(self) -> float:
+        """λ actually applied (0 in the single-task arm)."""
+        return self.cfg.consistency if self.cfg.cls_weight > 0 else 0.0
+
+    def trains_prior(self) -> bool:
+        """Whether the prior's parameters receive gradient. Where False, freeze them (e.g. under
+        Opacus, which requires a per-sample gradient for every trainable parameter)."""
+        consistency = self.consistency_weight > 0 and self.cfg.consistency_grad != "classifier"
+        return consistency or self.cfg.prior_supervision > 0
+
+    def _cls(self, logit: Tensor, target: Tensor) -> Tensor:
+        if self.cfg.cls_loss == "focal":
+            return focal_loss(logit, target, self.cfg.focal_alpha, self.cfg.focal_gamma).mean()
+        pw = None if self.pos_weight is None else logit.new_tensor(self.pos_weight)
+        return F.binary_cross_entropy_with_logits(logit, target, pos_weight=pw)
+
+    def forward(
+        self,
+        mask_logits: Tensor,
+        cls_logit: Tensor,
+        batch: Mapping[str, Tensor],
+        prior: BiradsPrior,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """mask_logits (B,1,S,S), cls_logit (B,) → (total, parts); ``batch`` as from
+        ``common.data.tensors.batches`` (needs mask, malignant, has_lesion, raw). Parts are the
+        unweighted terms (``dice`` is the Dice *loss*, 1 − Dice) and the weighted ``total``."""
+        cfg = self.cfg
+        mask_logits = mask_logits.float()  # Dice sums and features in float32, even under autocast
+        cls_logit = cls_logit.float()
+        target = batch["mask"].to(mask_logits.dtype)
+        if target.shape != mask_logits.shape:
+            raise ValueError(f"mask {tuple(target.shape)} vs logits {tuple(mask_logits.shape)}")
+        cls_logit = cls_logit.reshape(-1)
+        y = batch["malignant"].to(cls_logit.dtype).reshape(-1)
+        lesion = batch["has_lesion"].to(torch.bool).reshape(-1)
+        w = lesion.to(mask_logits.dtype)
+        n_lesion = (
+            w.new_tensor(float(w.numel())) if self.per_sample_denominator else w.sum().clamp_min(1.0)
+        )
+
+        bce = F.binary_cross_entropy_with_logits(mask_logits, target)
+        dice = (soft_dice_loss(mask_logits, target) * w).sum() / n_lesion
+        seg = cfg.dice * dice + cfg.bce * bce
+        with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.cls_weight > 0):
+            cls = self._cls(cls_logit, y)
+
+        lam = self.consistency_weight
+        mode = cfg.consistency_grad
+        p_hat = torch.sigmoid(cls_logit)
+        # features need grad only when φ's gradient is used (mode both/mask and λ > 0)
+        feat_grad = torch.is_grad_enabled() and lam > 0 and mode != "classifier"
+        with torch.set_grad_enabled(feat_grad):
+            feats = birads_features(
+                torch.sigmoid(mask_logits), batch.get("raw"), batch.get("spacing_mm"),
+                cfg.features,
+            )
+            phi = prior(feats, track=lesion)
+        if mode == "mask":
+            p_hat = p_hat.detach()
+        consistency = (((p_hat - phi) ** 2) * w).sum() / n_lesion
+
+        if cfg.prior_supervision > 0 and torch.is_grad_enabled():
+            phi_logit = prior.logit(feats.detach(), track=False)
+        else:
+            phi_logit = torch.logit(phi.detach().float(), eps=1e-6)
+        prior_sup = (F.binary_cross_entropy_with_logits(phi_logit, y, reduction="none")
+                     * w).sum() / n_lesion
+
+        total = mask_logits.new_zeros(())  # only terms with a positive weight enter the graph
+        if cfg.seg_weight > 0:
+            total = total + cfg.seg_weight * seg
+        if cfg.cls_weight > 0:
+            total = total + cfg.cls_weight * cls
+        if lam > 0:
+            total = total + lam * consistency
+        if cfg.prior_supervision > 0:
+            total = total + cfg.prior_supervision * prior_sup
+        values = torch.stack([seg, dice, bce, cls, consistency, prior_sup, total]).detach()
+        parts = dict(zip(PART_KEYS, (float(v) for v in values.cpu().tolist())))
+        return total, parts
