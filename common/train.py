@@ -1,0 +1,288 @@
+"""The one local-training function, shared by centralised, simulated and deployed training.
+
+``train_local`` runs ``train_cfg.epochs`` epochs of the multi-task loss on one site's data and
+returns a ``TrainResult``. FedProx adds (μ/2)·Σ‖w − w_global‖² over the trainable parameters;
+it is applied as its exact gradient μ·(w − w_global), added after back-propagation, so that a
+DP optimiser (which replaces gradients by noised per-sample ones) can still add it after the
+noise: the proximal term does not touch the data and costs no privacy.
+
+Privacy seam (``privacy=``): an object with
+``wrap(model, optimizer, data, *, batch_size, generator, extra_grad) -> (module, optimizer,
+batch_iter_factory)`` and ``after_step()``. ``module`` is what the forward pass calls (e.g. an
+Opacus GradSampleModule around ``model``, sharing its parameters, so ``model.state_dict()`` keeps
+plain keys); ``batch_iter_factory()`` yields one epoch of batch dicts like
+``common.data.tensors.batches`` (e.g. Poisson-sampled); ``extra_grad`` (a no-argument callable
+or None) must be called once per step after the noise is added and before the parameter update.
+Without a session, gradient-norm clipping uses ``train_cfg.grad_clip``; with one, the session
+clips per sample and ``grad_clip`` is not applied.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Protocol
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from common.config import LossConfig, TrainConfig
+from common.data.tensors import TensorData, augment_batch, batches, normalise
+from common.device import resolve_device, seed_everything, set_threads
+from common.losses import MultiTaskLoss
+
+log = logging.getLogger(__name__)
+
+BatchFactory = Callable[[], Iterable[dict[str, Tensor]]]
+
+
+class PrivacySession(Protocol):
+    """What ``train_local`` needs from a DP-SGD implementation (see the module docstring)."""
+
+    def wrap(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data: TensorData,
+        *,
+        batch_size: int,
+        generator: torch.Generator,
+        extra_grad: Callable[[], None] | None,
+    ) -> tuple[nn.Module, torch.optim.Optimizer, BatchFactory]: ...
+
+    def after_step(self) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    """num_examples: images in ``data``; loss/parts: means over the last epoch (parts hold the
+    MultiTaskLoss terms plus ``proximal``); history: one dict per epoch."""
+
+    num_examples: int
+    epochs: int
+    steps: int
+    loss: float
+    parts: dict[str, float]
+    seconds: float
+    images_per_s: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def balanced_pos_weight(malignant: Tensor) -> float:
+    """n_negative / n_positive of the labels (1.0 when a class is missing)."""
+    pos = float(malignant.sum())
+    neg = float(malignant.numel()) - pos
+    return neg / pos if pos > 0 and neg > 0 else 1.0
+
+
+def _optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    raise ValueError(f"train.optimizer: unknown {cfg.optimizer!r} (adamw | sgd)")
+
+
+def _schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_steps``, then constant or cosine decay to 0 at ``total``."""
+    if cfg.schedule not in ("cosine", "constant"):
+        raise ValueError(f"train.schedule: unknown {cfg.schedule!r} (cosine | constant)")
+    warm = max(cfg.warmup_steps, 0)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        span = max(total - warm, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(step - warm, span) / span))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _proximal(
+    params: list[tuple[nn.Parameter, Tensor]], mu: float
+) -> tuple[Callable[[], None], Callable[[], float]]:
+    """(add μ·(w − w_g) to every .grad, value (μ/2)·Σ‖w − w_g‖²)."""
+
+    def add_grad() -> None:
+        with torch.no_grad():
+            for p, g in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad.add_(p - g, alpha=mu)
+
+    def value() -> float:
+        with torch.no_grad():
+            return 0.5 * mu * float(sum(((p - g) ** 2).sum() for p, g in params))
+
+    return add_grad, value
+
+
+def train_local(
+    model: nn.Module,
+    data: TensorData,
+    train_cfg: TrainConfig,
+    loss_cfg: LossConfig,
+    *,
+    global_state: Mapping[str, Tensor] | None = None,
+    proximal_mu: float | None = None,
+    privacy: PrivacySession | None = None,
+    device: str | torch.device | None = None,
+    augment: bool = True,
+    desc: str = "",
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` (a MultiTaskNet, in place) on ``data``; see the module docstring.
+
+    Deterministic for a given ``train_cfg.seed`` on CPU (data order, augmentation, dropout):
+    callers that train repeatedly (federated rounds) should vary the seed per round.
+    ``proximal_mu`` None → ``train_cfg.proximal_mu``; the term is active only with μ > 0 and a
+    ``global_state`` (state_dict names → tensors). ``on_epoch_end(epoch, record)`` is called
+    after each epoch (1-based) with that epoch's history record, e.g. to validate and keep the
+    best weights; it may switch the model to eval mode (training mode is restored after it).
+    TrainResult.loss is the MultiTaskLoss total; the FedProx term is reported in parts["proximal"].
+    """
+    if len(data) == 0:
+        raise ValueError(f"{desc or 'train_local'}: no training images")
+    set_threads(train_cfg.num_threads)
+    dev = resolve_device(device if device is not None else train_cfg.device)
+    generator = seed_everything(train_cfg.seed)
+    model.to(dev)
+    if train_cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if privacy is not None:
+        # Under DP a label-derived weight would be an un-noised statistic of the site's data, and a
+        # lesion-count denominator would couple images: use the configured weight (or none) and
+        # per-sample denominators.
+        pos_weight = loss_cfg.pos_weight
+    else:
+        pos_weight = loss_cfg.pos_weight if loss_cfg.pos_weight is not None else balanced_pos_weight(data.malignant)
+    loss_fn = MultiTaskLoss(loss_cfg, pos_weight, per_sample_denominator=privacy is not None)
+
+    prior = getattr(model, "prior", None)
+    frozen: list[nn.Parameter] = []
+    if prior is not None and not loss_fn.trains_prior():  # no gradient would reach it
+        frozen = [p for p in prior.parameters() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+    try:
+        return _run(model, data, train_cfg, loss_fn, global_state, proximal_mu, privacy, dev,
+                    augment, desc, generator, on_epoch_end)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def _run(
+    model: nn.Module,
+    data: TensorData,
+    cfg: TrainConfig,
+    loss_fn: MultiTaskLoss,
+    global_state: Mapping[str, Tensor] | None,
+    proximal_mu: float | None,
+    privacy: PrivacySession | None,
+    dev: torch.device,
+    augment: bool,
+    desc: str,
+    generator: torch.Generator,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None,
+) -> TrainResult:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = _optimizer([p for _, p in named], cfg)
+    mu = cfg.proximal_mu if proximal_mu is None else float(proximal_mu)
+    add_prox: Callable[[], None] | None = None
+    prox_value: Callable[[], float] = lambda: 0.0  # noqa: E731
+    if mu > 0 and global_state is not None:
+        missing = [n for n, _ in named if n not in global_state]
+        if missing:
+            raise KeyError(f"{desc or 'train_local'}: global_state lacks {missing[:5]}")
+        pairs = [(p, global_state[n].detach().to(p.device, p.dtype)) for n, p in named]
+        add_prox, prox_value = _proximal(pairs, mu)
+
+    module: nn.Module = model
+    if privacy is not None:
+        module, optimizer, epoch_batches = privacy.wrap(
+            model, optimizer, data, batch_size=cfg.batch_size, generator=generator, extra_grad=add_prox
+        )
+    else:
+        def epoch_batches() -> Iterable[dict[str, Tensor]]:
+            return batches(data, cfg.batch_size, shuffle=True, generator=generator)
+
+    steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+    scheduler = _schedule(optimizer, cfg, steps_per_epoch * cfg.epochs)
+    prior = getattr(model, "prior")
+    model.train()
+    history: list[dict[str, float]] = []
+    steps, seen, start = 0, 0, time.perf_counter()
+    bar = tqdm(total=steps_per_epoch * cfg.epochs, desc=desc or "train", leave=False,
+               disable=True if not cfg.progress else None)
+    try:
+        for epoch in range(cfg.epochs):
+            t0, sums, n_epoch = time.perf_counter(), {}, 0
+            for batch in epoch_batches():
+                b = int(batch["mask"].shape[0])
+                if b == 0:  # Poisson sampling can draw an empty batch
+                    continue
+                batch = {k: v.to(dev, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+                if augment:  # here, not in the batch factory, so DP batches are augmented too
+                    raw, mask = augment_batch(batch["raw"], batch["mask"], generator)
+                    batch = {**batch, "raw": raw, "mask": mask, "image": normalise(raw),
+                             "has_lesion": mask.flatten(1).amax(1) > 0}
+                x = batch["image"]
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                optimizer.zero_grad(set_to_none=True)
+                mask_logits, cls_logit = module(x)
+                total, parts = loss_fn(mask_logits, cls_logit, batch, prior)
+                if not torch.isfinite(total):
+                    raise FloatingPointError(f"{desc or 'train_local'}: non-finite loss at epoch "
+                                             f"{epoch + 1} step {steps + 1}: {parts}")
+                total.backward()
+                if privacy is None:
+                    if add_prox is not None:
+                        add_prox()
+                    if cfg.grad_clip:
+                        nn.utils.clip_grad_norm_([p for _, p in named], cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                if privacy is not None:
+                    privacy.after_step()
+                parts["proximal"] = prox_value() if add_prox is not None else 0.0
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v * b
+                n_epoch += b
+                steps += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{parts['total']:.3f}")
+            seen += n_epoch
+            secs = time.perf_counter() - t0
+            means = {k: v / max(n_epoch, 1) for k, v in sums.items()}
+            history.append({"epoch": epoch + 1, "loss": means.get("total", float("nan")), **means,
+                            "seconds": secs, "images_per_s": n_epoch / secs if secs > 0 else 0.0,
+                            "lr": optimizer.param_groups[0]["lr"]})
+            log.info("%s epoch %d/%d loss %.4f (seg %.4f cls %.4f cons %.4f prox %.4g) %.1f img/s",
+                     desc or "train", epoch + 1, cfg.epochs, means.get("total", float("nan")),
+                     means.get("seg", float("nan")), means.get("cls", float("nan")),
+                     means.get("consistency", float("nan")), means.get("proximal", 0.0),
+                     history[-1]["images_per_s"])
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, dict(history[-1]))
+                model.train()
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    last = history[-1] if history else {}
+    parts = {k: v for k, v in last.items() if k not in ("epoch", "loss", "seconds", "images_per_s", "lr")}
+    return TrainResult(
+        num_examples=len(data),
+        epochs=cfg.epochs,
+        steps=steps,
+        loss=float(last.get("loss", float("nan"))),
+        parts=parts,
+        seconds=seconds,
+        images_per_s=seen / seconds if seconds > 0 else 0.0,
+        history=history,
+    )

