@@ -1,0 +1,465 @@
+"""Sample-level DP-SGD at one site (Opacus), with a budget that survives rounds and restarts.
+
+A ``PrivacySession`` covers one local-training call (one federated round) and plugs into
+``common.train.train_local(privacy=...)``. Its guarantee is (ε, δ)-DP with respect to adding or
+removing **one training image** of this site, for everything the site releases from training
+(the weights of every round); see docs/privacy.md for what it does not cover.
+
+How the budget is spent across rounds:
+- The noise multiplier σ is fixed **once per site** (first round): either ``noise_multiplier``
+  or, from ``target_epsilon``, σ such that ``planned_epochs`` epochs at sample rate q reach
+  exactly ε ≤ target (``opacus.accountants.utils.get_noise_multiplier``, as
+  ``make_private_with_epsilon`` does). Recomputing σ every round from the full target would
+  re-spend the budget each round.
+- The accountant's history [(σ, q, steps), ...] (Opacus RDP by default) lives in a JSON-safe
+  state dict that the caller keeps in Flower's ``context.state`` **and** in a site-local file
+  (``save_state``/``load_state``): Flower starts a new process per message and the in-memory
+  state is lost when a SuperNode restarts.
+- ``check_budget()`` predicts ε after this round's steps on a throwaway accountant and raises
+  ``PrivacyBudgetExceeded`` before any step is taken (``wrap`` calls it too).
+
+Sampling is Poisson (each image joins a step's batch with probability q = 1/⌈N/B⌉, Opacus'
+``DPDataLoader``), which the RDP analysis assumes. A step whose draw is empty is still taken as a
+noise-only step (and accounted): skipping it would reveal that the draw was empty.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.config import ConfigError, PrivacyConfig
+
+if TYPE_CHECKING:  # the data stack is imported only where batches are built
+    from common.data.tensors import TensorData
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+ACCOUNTANTS = ("rdp", "gdp", "prv")
+#: Metric keys a site reports each round (fixed schema: the same at every site).
+METRIC_KEYS = ("epsilon", "epsilon_round")
+_GSM_PREFIX = "_module."
+
+BatchFactory = Callable[[], Iterable[dict[str, Tensor]]]
+
+
+class PrivacyBudgetExceeded(RuntimeError):
+    """Training this round would take the site's ε past its budget; nothing was trained."""
+
+
+# ------------------------------------------------------------------ accounting helpers
+def poisson_rate(num_examples: int, batch_size: int) -> tuple[float, int]:
+    """(sample rate q, steps per epoch) as Opacus' DPDataLoader derives them from a loader of
+    ⌈N/B⌉ batches: q = 1/⌈N/B⌉, steps = int(1/q) (which float rounding can make ⌈N/B⌉ − 1)."""
+    if num_examples < 1 or batch_size < 1:
+        raise ValueError(f"need num_examples >= 1 and batch_size >= 1, got {num_examples}, {batch_size}")
+    q = 1.0 / math.ceil(num_examples / batch_size)
+    return q, int(1 / q)
+
+
+def _accountant(mechanism: str, history: Iterable[Iterable[float]] = ()) -> Any:
+    from opacus.accountants import create_accountant
+
+    acc = create_accountant(mechanism=mechanism)
+    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    return acc
+
+
+def epsilon_of(history: Iterable[Iterable[float]], delta: float, accountant: str = "rdp") -> float:
+    """ε at ``delta`` of a history [(σ, q, steps), ...]; 0 for an empty history, inf when σ = 0."""
+    hist = tuple((float(s), float(q), int(n)) for s, q, n in history)
+    if not hist or sum(h[2] for h in hist) == 0:
+        return 0.0
+    if any(h[0] <= 0 for h in hist):
+        return math.inf
+    return _cached_epsilon(hist, float(delta), accountant)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_epsilon(hist: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    # Opacus' RDP bound over fractional orders costs ~0.1-1 s per call; sessions ask repeatedly
+    return float(_accountant(accountant, hist).get_epsilon(delta=delta))
+
+
+def group_epsilon(epsilon: float, delta: float, group_size: int) -> tuple[float, float]:
+    """Group privacy: (ε, δ)-DP for one image gives (kε, k·e^{(k−1)ε}·δ)-DP for k images of one
+    patient (Dwork & Roth 2014, Thm 2.2 with the standard δ extension). Loose, but valid; it
+    grows fast, e.g. ε = 3, k = 4 → (12, 4·e⁹·δ ≈ 3.2e4·δ)."""
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    k = int(group_size)
+    return k * epsilon, k * math.exp((k - 1) * epsilon) * delta
+
+
+def per_patient_bound(epsilon: float, delta: float, patient_ids: Iterable[Any]) -> tuple[float, float]:
+    """Patient-level (ε, δ) from the image-level one, with k = most images of any one patient
+    in the training set (e.g. ``TensorData``'s case → patient mapping); see ``group_epsilon``."""
+    counts: dict[Any, int] = {}
+    for pid in patient_ids:
+        counts[pid] = counts.get(pid, 0) + 1
+    return group_epsilon(epsilon, delta, max(counts.values(), default=1))
+
+
+def validate(cfg: PrivacyConfig, where: str = "privacy") -> None:
+    """Reject configurations that cannot give a stated guarantee (errors name ``where``)."""
+    if cfg.accountant not in ACCOUNTANTS:
+        raise ConfigError(f"{where}.accountant: {cfg.accountant!r} not one of {ACCOUNTANTS}")
+    if not 0.0 < cfg.target_delta < 1.0:
+        raise ConfigError(f"{where}.target_delta: must be in (0, 1), got {cfg.target_delta}")
+    if not cfg.max_grad_norm > 0:
+        raise ConfigError(f"{where}.max_grad_norm: must be > 0, got {cfg.max_grad_norm}")
+    if cfg.noise_multiplier is None and cfg.target_epsilon is None:
+        raise ConfigError(f"{where}: give target_epsilon (with planned_epochs) or noise_multiplier")
+    if cfg.noise_multiplier is not None and cfg.noise_multiplier < 0:
+        raise ConfigError(f"{where}.noise_multiplier: must be >= 0, got {cfg.noise_multiplier}")
+    if cfg.target_epsilon is not None and not cfg.target_epsilon > 0:
+        raise ConfigError(f"{where}.target_epsilon: must be > 0, got {cfg.target_epsilon}")
+    if cfg.planned_epochs < 1:
+        raise ConfigError(f"{where}.planned_epochs: must be >= 1, got {cfg.planned_epochs}")
+
+
+def plan_noise_multiplier(cfg: PrivacyConfig, sample_rate: float, steps_per_epoch: int) -> float:
+    """σ for the whole plan: ``cfg.noise_multiplier`` if given, else the smallest σ (to 0.01 in ε)
+    with ε(σ, q, planned_epochs·steps_per_epoch) ≤ target_epsilon."""
+    validate(cfg)
+    if cfg.noise_multiplier is not None:
+        return float(cfg.noise_multiplier)
+    return _planned_sigma(float(cfg.target_epsilon), float(cfg.target_delta), float(sample_rate),
+                          cfg.planned_epochs * steps_per_epoch, cfg.accountant)
+
+
+@functools.lru_cache(maxsize=64)
+def _planned_sigma(epsilon: float, delta: float, q: float, steps: int, accountant: str) -> float:
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q,
+                                      steps=steps, accountant=accountant, epsilon_tolerance=0.01))
+
+
+# ------------------------------------------------------------------ state (de)serialisation
+def state_to_text(state: Mapping[str, Any]) -> str:
+    """JSON text of a session state (for a Flower ``ConfigRecord`` string value)."""
+    return json.dumps(state, sort_keys=True)
+
+
+def state_from_text(text: str, where: str = "privacy state") -> dict[str, Any]:
+    try:
+        state = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: not valid JSON ({exc})") from exc
+    _check_state(state, where)
+    return state
+
+
+def _check_state(state: Any, where: str) -> None:
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{where}: not a privacy state of format {STATE_FORMAT}")
+    hist = state.get("history")
+    if not isinstance(hist, list) or not all(isinstance(h, list) and len(h) == 3 for h in hist):
+        raise ValueError(f"{where}: 'history' must be a list of [sigma, q, steps]")
+
+
+def save_state(path: str | Path, state: Mapping[str, Any]) -> Path:
+    """Atomically write a state file (temp file in the same folder, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(state_to_text(state))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_state(path: str | Path) -> dict[str, Any] | None:
+    """The state stored at ``path``; None when there is no file yet (errors name the file)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    return state_from_text(text, str(path))
+
+
+def total_steps(state: Mapping[str, Any] | None) -> int:
+    return 0 if not state else sum(int(h[2]) for h in state.get("history", []))
+
+
+def most_spent(*states: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Of several copies of a site's state (``context.state``, the site file), the one with the
+    most accounted steps: when they disagree, the larger ε is the safe one to continue from."""
+    found = [dict(s) for s in states if s]
+    return max(found, key=total_steps) if found else None
+
+
+# ------------------------------------------------------------------ model helpers
+def unwrap_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The plain model's state_dict: a GradSampleModule's ``_module.`` prefixes removed."""
+    inner = getattr(model, "_module", model)
+    state = inner.state_dict()
+    return {(k[len(_GSM_PREFIX):] if k.startswith(_GSM_PREFIX) else k): v for k, v in state.items()}
+
+
+def _batch_of(data: TensorData, idx: Tensor) -> dict[str, Tensor]:
+    """One batch dict (as ``batches`` yields) holding the images ``idx`` of ``data``."""
+    from common.data.tensors import batches
+
+    batch = next(iter(batches(data.subset(idx), len(idx), shuffle=False)))
+    if "index" in batch:
+        batch["index"] = idx  # positions in ``data``, not in the subset
+    return batch
+
+
+# ------------------------------------------------------------------ the session
+class PrivacySession:
+    """DP-SGD for one round at one site; see the module docstring.
+
+    ``num_examples``/``batch_size``/``epochs``: the round's training set size, the (expected)
+    batch size and the local epochs, which fix q and this round's steps before training.
+    ``state``: the previous rounds' state (``state_dict()`` of the last session), or None on a
+    site's first round. ``site`` names the site in messages.
+    """
+
+    def __init__(
+        self,
+        cfg: PrivacyConfig,
+        *,
+        num_examples: int,
+        batch_size: int,
+        epochs: int,
+        state: Mapping[str, Any] | None = None,
+        site: str = "site",
+    ) -> None:
+        validate(cfg)
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        self.cfg, self.site = cfg, site
+        self.num_examples, self.batch_size, self.epochs = int(num_examples), int(batch_size), int(epochs)
+        self.sample_rate, self.steps_per_epoch = poisson_rate(self.num_examples, self.batch_size)
+        if cfg.target_delta >= 1.0 / self.num_examples:
+            log.warning("site %s: delta %.3g >= 1/N = %.3g: a delta this large allows releasing "
+                        "a record outright; use delta << 1/N", site, cfg.target_delta, 1 / self.num_examples)
+        if state is not None:
+            _check_state(state, f"site {site} privacy state")
+            if state.get("accountant", cfg.accountant) != cfg.accountant:
+                raise ValueError(f"site {site}: stored accountant {state.get('accountant')!r} "
+                                 f"differs from privacy.accountant {cfg.accountant!r}")
+        self._previous: dict[str, Any] = copy.deepcopy(dict(state)) if state else {}
+        stored_sigma = self._previous.get("noise_multiplier")
+        if stored_sigma is None:
+            self.noise_multiplier = plan_noise_multiplier(cfg, self.sample_rate, self.steps_per_epoch)
+            log.info("site %s: DP-SGD noise multiplier %.4f (q=%.4g, %s)", site, self.noise_multiplier,
+                     self.sample_rate, f"target eps {cfg.target_epsilon} over {cfg.planned_epochs} epochs"
+                     if cfg.noise_multiplier is None else "fixed")
+        else:
+            self.noise_multiplier = float(stored_sigma)
+            self._warn_if_plan_changed()
+        self._history_before = [list(h) for h in self._previous.get("history", [])]
+        self.epsilon_before = epsilon_of(self._history_before, cfg.target_delta, cfg.accountant)
+        self._engine: Any = None
+        self._module: Any = None
+        self._prior_tracking: tuple[Any, bool] | None = None
+        self._steps = 0  # optimizer steps of this round (noise-only ones included)
+
+    # ---- plan / budget
+    def _warn_if_plan_changed(self) -> None:
+        plan = self._previous.get("plan", {})
+        now = {"target_epsilon": self.cfg.target_epsilon, "planned_epochs": self.cfg.planned_epochs,
+               "noise_multiplier": self.cfg.noise_multiplier}
+        changed = {k: (plan.get(k), v) for k, v in now.items() if k in plan and plan[k] != v}
+        if changed:
+            log.warning("site %s: privacy config changed since the noise was planned %s; the "
+                        "stored noise multiplier %.4f is kept and the budget check uses the "
+                        "current target", self.site, changed, self.noise_multiplier)
+
+    @property
+    def budget(self) -> float | None:
+        """The ε the site may not exceed (None: no cap, only with a fixed noise multiplier)."""
+        return None if self.cfg.target_epsilon is None else float(self.cfg.target_epsilon)
+
+    @property
+    def planned_steps(self) -> int:
+        """Optimizer steps this round will take (noise-only steps of empty draws included)."""
+        return self.epochs * self.steps_per_epoch
+
+    def predicted_epsilon(self) -> float:
+        """ε after this round's planned steps, on a copy of the history (nothing is spent)."""
+        hist = [*self._history_before, [self.noise_multiplier, self.sample_rate, self.planned_steps]]
+        return epsilon_of(hist, self.cfg.target_delta, self.cfg.accountant)
+
+    def check_budget(self) -> None:
+        """Raise ``PrivacyBudgetExceeded`` if this round would take ε past the budget."""
+        if self.budget is None:
+            return
+        predicted = self.predicted_epsilon()
+        if predicted > self.budget:
+            raise PrivacyBudgetExceeded(
+                f"site {self.site}: privacy budget exhausted - spent eps={self.epsilon_before:.3f} "
+                f"(delta={self.cfg.target_delta:g}) of the budget eps={self.budget:g}; this round "
+                f"({self.planned_steps} DP-SGD steps) would reach eps={predicted:.3f}. The site "
+                f"does not train. Continuing needs the data owner to raise privacy.target_epsilon."
+            )
+
+    # ---- the train_local seam
+    def wrap(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data: TensorData,
+        *,
+        batch_size: int,
+        generator: torch.Generator,
+        extra_grad: Callable[[], None] | None,
+    ) -> tuple[nn.Module, torch.optim.Optimizer, BatchFactory]:
+        """Privatise ``model`` (a fresh one per session) for this round; see common/train.py."""
+        if self._engine is not None:
+            raise RuntimeError("PrivacySession.wrap: a session privatises one model once; make a "
+                               "new session (and a fresh model) for the next round")
+        if batch_size != self.batch_size or len(data) != self.num_examples:
+            raise ValueError(f"site {self.site}: session planned for N={self.num_examples}, "
+                             f"B={self.batch_size} but training got N={len(data)}, B={batch_size}")
+        self.check_budget()
+        from opacus import PrivacyEngine
+
+        try:
+            engine = PrivacyEngine(accountant=self.cfg.accountant, secure_mode=self.cfg.secure_mode)
+        except ImportError as exc:
+            raise RuntimeError("privacy.secure_mode needs the torchcsprng package (not installed); "
+                               "turn secure_mode off for research runs") from exc
+        engine.accountant.load_state_dict({"history": [tuple(h) for h in self._history_before],
+                                           "mechanism": engine.accountant.mechanism()})
+        prior = getattr(model, "prior", None)
+        if prior is not None and hasattr(prior, "track_running_stats"):
+            # running feature statistics would mix images and leave the site un-noised
+            self._prior_tracking = (prior, bool(prior.track_running_stats))
+            prior.track_running_stats = False
+        device = next(model.parameters()).device
+        noise_gen = None
+        if not self.cfg.secure_mode:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            noise_gen = torch.Generator(device=device).manual_seed(seed)
+        index_loader = DataLoader(TensorDataset(torch.arange(len(data))), batch_size=batch_size,
+                                  generator=generator)
+        module, dp_opt, dp_loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=index_loader,
+            noise_multiplier=self.noise_multiplier, max_grad_norm=self.cfg.max_grad_norm,
+            poisson_sampling=True, noise_generator=noise_gen,
+        )
+        if len(dp_loader) != self.steps_per_epoch or dp_loader.sample_rate != self.sample_rate:
+            raise RuntimeError(f"Opacus sampler ({len(dp_loader)} steps, q={dp_loader.sample_rate}) "
+                               f"differs from the plan ({self.steps_per_epoch}, q={self.sample_rate})")
+        if extra_grad is not None:  # after noise and scaling, before the parameter update
+            account = dp_opt.step_hook
+
+            def hook(opt: Any) -> None:
+                account(opt)
+                extra_grad()
+
+            dp_opt.step_hook = hook
+        self._engine, self._optimizer, self._module = engine, dp_opt, module
+
+        def epoch() -> Iterator[dict[str, Tensor]]:
+            for (idx,) in dp_loader:
+                if idx.numel() == 0:
+                    self._noise_only_step()
+                    continue
+                yield _batch_of(data, idx)
+
+        return module, dp_opt, epoch
+
+    def close(self) -> None:
+        """Detach Opacus from the model (hooks, per-sample gradients) once training is over, so
+        the plain model can be evaluated or privatised again by a later session."""
+        if self._module is not None and hasattr(self._module, "to_standard_module"):
+            self._module.to_standard_module()
+        self._module = None
+        if self._prior_tracking is not None:
+            prior, tracking = self._prior_tracking
+            prior.track_running_stats = tracking
+            self._prior_tracking = None
+
+    def _noise_only_step(self) -> None:
+        """An empty Poisson draw: the step still releases noise (and is accounted)."""
+        opt = self._optimizer
+        opt.zero_grad(set_to_none=True)
+        for p in opt.params:
+            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        self.after_step()
+
+    def after_step(self) -> None:
+        """Count the step and check that the accountant saw it (one history step per update)."""
+        self._steps += 1
+        recorded = sum(int(h[2]) for h in self._engine.accountant.history)
+        expected = sum(int(h[2]) for h in self._history_before) + self._steps
+        if recorded != expected:
+            raise RuntimeError(f"site {self.site}: accountant recorded {recorded} steps, "
+                               f"expected {expected}: a DP step went unaccounted")
+
+    # ---- results
+    @property
+    def history(self) -> list[list[float]]:
+        if self._engine is None:
+            return [list(h) for h in self._history_before]
+        return [[float(s), float(q), int(n)] for s, q, n in self._engine.accountant.history]
+
+    def epsilon(self) -> float:
+        """Cumulative ε at ``target_delta`` over every round so far, this one included."""
+        if self._engine is None:
+            return self.epsilon_before
+        return epsilon_of(self.history, self.cfg.target_delta, self.cfg.accountant)
+
+    @property
+    def epsilon_this_round(self) -> float:
+        """Increase of the cumulative ε during this round (ε does not add up linearly, so this
+        is the round's share of the total, not the ε of the round on its own)."""
+        return self.epsilon() - self.epsilon_before
+
+    @property
+    def steps(self) -> int:
+        return self._steps
+
+    def metrics(self) -> dict[str, float]:
+        """The fixed per-round metric keys (``METRIC_KEYS``)."""
+        return {"epsilon": self.epsilon(), "epsilon_round": self.epsilon_this_round}
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-safe state to pass as ``state`` to the next round's session (and to save)."""
+        rounds = list(self._previous.get("rounds", []))
+        if self._steps:
+            rounds.append({"steps": self._steps, "epsilon": self.epsilon(),
+                           "epsilon_round": self.epsilon_this_round})
+        return {
+            "format": STATE_FORMAT,
+            "site": self.site,
+            "accountant": self.cfg.accountant,
+            "delta": self.cfg.target_delta,
+            "noise_multiplier": self.noise_multiplier,
+            "max_grad_norm": self.cfg.max_grad_norm,
+            "sample_rate": self.sample_rate,
+            "plan": self._previous.get("plan") or {
+                "target_epsilon": self.cfg.target_epsilon,
+                "planned_epochs": self.cfg.planned_epochs,
+                "noise_multiplier": self.cfg.noise_multiplier,
+            },
+            "history": self.history,
+            "epsilon": self.epsilon(),
+            "rounds": rounds,
+        }
