@@ -4,7 +4,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
+# Flower reads these once, at import: set them before any test imports flwr.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+
+import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,131 @@
+"""Flower ClientApp: converts Messages to and from client/runtime.py, nothing more.
+
+The same app runs in deployment (``app`` below, the FAB's clientapp component: identity from
+``--node-config``) and in simulation (``make_client_app(spec)``: identity from the partition id).
+
+What leaves the site: weights (ArrayRecord) and the fixed metric schemas of
+common/federation.py (numbers only), plus the site name and split sizes in the query reply.
+Any exception is logged here in full and replaced by ``SiteError`` whose text names only the
+site and the error class — Flower ships an exception's text to the server.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from importlib import metadata
+from typing import Any, Callable
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.runtime import (
+    RoundConfig,
+    SiteContext,
+    SiteError,
+    evaluate_round,
+    load_local_norms,
+    resolve_site,
+    save_local_norms,
+    site_info,
+    train_round,
+)
+from common.federation import RunSpec
+
+log = logging.getLogger(__name__)
+
+_NORMS, _NORMS_META = "fedbn-norms", "fedbn-meta"
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def app_version() -> str:
+    try:
+        return metadata.version("fedbus")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+Handler = Callable[[Message, Context, SiteContext, RoundConfig], Message]
+
+
+def make_client_app(spec: RunSpec | None = None) -> ClientApp:
+    """A ClientApp for the sites of ``spec`` (simulation) or for node_config-defined sites."""
+    app = ClientApp()
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return _guarded("query", _query, msg, context, spec)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return _guarded("train", _train, msg, context, spec)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return _guarded("evaluate", _evaluate, msg, context, spec)
+
+    return app
+
+
+def _guarded(kind: str, handler: Handler, msg: Message, context: Context, spec: RunSpec | None) -> Message:
+    """Run a handler; on failure log the details locally and raise a sanitised SiteError."""
+    site = _site_label(context, spec)
+    try:
+        config = msg.content.config_records.get("config") or ConfigRecord()
+        experiment = config.get("experiment")
+        ctx = resolve_site(context.node_config, spec, str(experiment) if experiment else None)
+        site = ctx.site.name
+        return handler(msg, context, ctx, RoundConfig.from_mapping(config))
+    except Exception as exc:  # noqa: BLE001 - everything must be sanitised before it leaves
+        log.error("site %s: %s failed", site, kind, exc_info=True)
+        raise SiteError(
+            f"site {site}: {kind} failed ({type(exc).__name__}); details are in the site's log"
+        ) from None
+
+
+def _site_label(context: Context, spec: RunSpec | None) -> str:
+    """Best-effort site name for error texts, before the full resolution (may itself fail)."""
+    name: Any = context.node_config.get("site")
+    if name is None and spec is not None:
+        pid = context.node_config.get("partition-id")
+        if isinstance(pid, int) and 0 <= pid < len(spec.sites):
+            name = spec.sites[pid].name
+    return str(name) if name is not None and _SAFE_NAME.match(str(name)) else "unnamed"
+
+
+def _query(msg: Message, context: Context, ctx: SiteContext, rc: RoundConfig) -> Message:
+    info = site_info(ctx, app_version())
+    return Message(RecordDict({"info": ConfigRecord(info)}), reply_to=msg)
+
+
+def _train(msg: Message, context: Context, ctx: SiteContext, rc: RoundConfig) -> Message:
+    global_state = msg.content["arrays"].to_torch_state_dict()
+    norms = _recall_norms(context, ctx, rc, rc.server_round - 1) if rc.strategy == "fedbn" else None
+    out = train_round(ctx, global_state, rc, norms)
+    if out.local_norms is not None:
+        save_local_norms(ctx.state_dir, rc.run_key, rc.server_round, out.local_norms)
+        context.state[_NORMS] = ArrayRecord(out.local_norms)
+        context.state[_NORMS_META] = ConfigRecord({"round": rc.server_round, "run-key": rc.run_key})
+    content = RecordDict({"arrays": ArrayRecord(out.reply_state), "metrics": MetricRecord(out.metrics)})
+    return Message(content, reply_to=msg)
+
+
+def _evaluate(msg: Message, context: Context, ctx: SiteContext, rc: RoundConfig) -> Message:
+    global_state = msg.content["arrays"].to_torch_state_dict()
+    norms = _recall_norms(context, ctx, rc, rc.server_round) if rc.strategy == "fedbn" else None
+    metrics = evaluate_round(ctx, global_state, rc, norms)
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def _recall_norms(context: Context, ctx: SiteContext, rc: RoundConfig, up_to_round: int) -> dict[str, Any] | None:
+    """FedBN: this site's norm layers from the newest round <= up_to_round. ``context.state``
+    first (simulation, long-lived SuperNode), else the site-local file (deployment starts a new
+    process per message; it also survives a SuperNode restart)."""
+    meta = context.state.config_records.get(_NORMS_META)
+    if meta is not None and meta.get("run-key") == rc.run_key and int(meta.get("round", -1)) <= up_to_round:
+        return context.state[_NORMS].to_torch_state_dict()
+    found = load_local_norms(ctx.state_dir, rc.run_key, up_to_round)
+    return found[1] if found else None
+
+
+#: Deployment entry point (pyproject ``[tool.flwr.app.components] clientapp``).
+app = make_client_app()

@@ -1,0 +1,260 @@
+"""Site-side work for one Flower message, in plain Python/torch types (client/app.py converts).
+
+Resolves which hospital this node is and where its data lies, runs local training or
+evaluation through ``common/`` and keeps FedBN's site-local normalisation layers on disk.
+Identity comes from ``node_config``: in deployment the SuperNode's ``--node-config`` keys
+(NODE_KEYS); in simulation Flower sets only ``partition-id``/``num-partitions``, which index
+``RunSpec.sites``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from common.config import ConfigError, ExperimentConfig, from_dict, load_experiment, replace
+from common.device import resolve_device, set_threads
+from common.evaluate import evaluate
+from common.federation import (
+    RunSpec,
+    SiteSpec,
+    build_experiment_model,
+    eval_metrics,
+    norm_keys,
+    site_seed,
+    state_is_finite,
+    train_metrics,
+)
+from common.sitedata import load_site_tensors
+from common.train import train_local
+
+log = logging.getLogger(__name__)
+
+#: node_config keys understood in deployment (values are TOML literals on the command line).
+NODE_KEYS = (
+    "site", "data-path", "data-format", "synthetic-centre", "synthetic-n", "cache-dir",
+    "state-dir", "experiment-config", "device", "num-threads",
+)
+_FEDBN_KEEP = 2  # norm-state files kept per run: the current and the previous round
+
+
+class SiteError(RuntimeError):
+    """The only exception text that leaves a site: error class and site name, no paths."""
+
+
+@dataclass(frozen=True)
+class SiteContext:
+    """A resolved site: its data, the experiment to run, and where site-local state lives."""
+
+    site: SiteSpec
+    experiment: ExperimentConfig
+    cache_dir: str | None
+    state_dir: Path
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """What the server asks for in one message (``ConfigRecord`` "config")."""
+
+    server_round: int = 0
+    local_epochs: int = 1
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.0
+    run_key: str = "default"
+
+    @classmethod
+    def from_mapping(cls, config: Mapping[str, Any]) -> "RoundConfig":
+        run_key = str(config.get("run-key", "default"))
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_key):
+            raise ConfigError(f"server config: invalid run-key {run_key!r}")
+        return cls(
+            server_round=int(config.get("server-round", 0)),
+            local_epochs=int(config.get("local-epochs", 1)),
+            strategy=str(config.get("strategy", "fedavg")),
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
+            run_key=run_key,
+        )
+
+
+def resolve_site(
+    node_config: Mapping[str, Any],
+    spec: RunSpec | None = None,
+    server_experiment: str | None = None,
+) -> SiteContext:
+    """Which site this node is, from node_config (deployment) or partition-id (simulation).
+
+    The experiment is the one the server sent (``server_experiment``, JSON of
+    ``to_dict(ExperimentConfig)``) so every site builds the same model; else the spec's, else
+    node_config "experiment-config", else defaults. Site-local settings always win: device and
+    threads from node_config; ``pretrained_path`` is dropped (weights arrive in the message,
+    and a server must not make a site open files of its choosing).
+    """
+    if "partition-id" in node_config and "site" not in node_config:
+        if spec is None:
+            raise ConfigError("simulation node without a RunSpec: pass spec to make_client_app")
+        pid, parts = int(node_config["partition-id"]), int(node_config.get("num-partitions", -1))
+        if parts != len(spec.sites) or not 0 <= pid < len(spec.sites):
+            raise ConfigError(
+                f"simulation has {parts} supernodes but the spec lists {len(spec.sites)} sites"
+            )
+        site = spec.sites[pid]
+        cache_dir = spec.cache_dir
+        state_dir = Path(spec.run_dir) / "site-state" / site.name
+    elif "site" in node_config:
+        site = SiteSpec(
+            name=str(node_config["site"]),
+            data_path=_opt_str(node_config.get("data-path")),
+            data_format=str(node_config.get("data-format", "auto")),
+            synthetic_centre=_opt_str(node_config.get("synthetic-centre")),
+            synthetic_n=int(node_config.get("synthetic-n", 64)),
+        )
+        cache_dir = _opt_str(node_config.get("cache-dir")) or (spec.cache_dir if spec else None)
+        state_dir = Path(
+            _opt_str(node_config.get("state-dir"))
+            or Path.home() / ".cache" / "fedbus" / "site-state" / site.name
+        )
+    else:
+        raise ConfigError(f"node_config names no site: give 'site' (and 'data-path'); known keys {NODE_KEYS}")
+
+    if server_experiment:
+        experiment = from_dict(ExperimentConfig, json.loads(server_experiment), "server experiment")
+    elif spec is not None:
+        experiment = spec.experiment
+    else:
+        experiment = load_experiment(_opt_str(node_config.get("experiment-config")))
+    overrides: dict[str, Any] = {"model.pretrained_path": None, "train.progress": False}
+    if node_config.get("device"):
+        overrides["train.device"] = str(node_config["device"])
+    if node_config.get("num-threads"):
+        overrides["train.num_threads"] = int(node_config["num-threads"])
+    return SiteContext(site, replace(experiment, **overrides), cache_dir, state_dir)
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value in (None, "") else str(value)
+
+
+def site_info(ctx: SiteContext, app_version: str) -> dict[str, Any]:
+    """Query reply: the site's name and split sizes (counts only)."""
+    train, val = load_site_tensors(ctx.site, ctx.experiment.data, ctx.cache_dir)
+    return {"site": ctx.site.name, "num-train": len(train), "num-val": len(val), "app-version": app_version}
+
+
+def _model(ctx: SiteContext, global_state: Mapping[str, torch.Tensor], local_norms: Mapping[str, torch.Tensor] | None) -> torch.nn.Module:
+    """Fresh model holding the global weights, with this site's own norm layers when FedBN."""
+    exp = ctx.experiment
+    model = build_experiment_model(exp)
+    model.load_state_dict(dict(global_state), strict=True)
+    if local_norms:
+        missing = set(local_norms) - set(model.state_dict())
+        if missing:
+            raise ValueError(f"stored FedBN state has unknown keys {sorted(missing)[:3]}")
+        model.load_state_dict(dict(local_norms), strict=False)
+    return model
+
+
+@dataclass
+class TrainOutcome:
+    reply_state: dict[str, torch.Tensor]  # what goes back to the server
+    local_norms: dict[str, torch.Tensor] | None  # FedBN: what stays at the site
+    metrics: dict[str, float]
+
+
+def train_round(
+    ctx: SiteContext,
+    global_state: Mapping[str, torch.Tensor],
+    rc: RoundConfig,
+    local_norms: Mapping[str, torch.Tensor] | None = None,
+    privacy: Any = None,
+) -> TrainOutcome:
+    """Local training from the global weights; seed derived from (seed, round, site) so a resumed
+    run repeats it exactly. ``privacy`` is the seam for DP-SGD (None: off, epsilon UNDEFINED)."""
+    exp = ctx.experiment
+    set_threads(exp.train.num_threads)
+    train, _val = load_site_tensors(ctx.site, exp.data, ctx.cache_dir)
+    if len(train) == 0:
+        raise ValueError("no training images at this site")
+    fedbn = rc.strategy == "fedbn"
+    model = _model(ctx, global_state, local_norms if fedbn else None)
+    start_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    seed = site_seed(exp.train.seed, rc.server_round, ctx.site.name)
+    train_cfg = replace(exp.train, epochs=rc.local_epochs, seed=seed)
+    mu = rc.proximal_mu if rc.strategy == "fedprox" else 0.0
+    device = resolve_device(exp.train.device)
+    result = train_local(  # proximal_mu is explicit: None would fall back to train.proximal_mu
+        model, train, train_cfg, exp.loss,
+        global_state=start_state if mu > 0 else None, proximal_mu=mu,
+        privacy=privacy, device=device, augment=exp.data.augment, desc=ctx.site.name,
+    )
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if not state_is_finite(state):
+        raise FloatingPointError("local training diverged (non-finite weights)")
+    kept: dict[str, torch.Tensor] | None = None
+    if fedbn:
+        nkeys = norm_keys(model)
+        kept = {k: v for k, v in state.items() if k in nkeys}
+        state = {k: v for k, v in state.items() if k not in nkeys}
+    metrics = train_metrics(
+        result.num_examples, result.loss, result.parts, result.steps, result.seconds,
+        epsilon=None,
+    )
+    log.info("site %s round %d: trained on %d images, loss %.4f (%.1fs)", ctx.site.name,
+             rc.server_round, result.num_examples, result.loss, result.seconds)
+    return TrainOutcome(state, kept, metrics)
+
+
+def evaluate_round(
+    ctx: SiteContext,
+    global_state: Mapping[str, torch.Tensor],
+    rc: RoundConfig,
+    local_norms: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Global model (with this site's norm layers under FedBN) on the site's validation split."""
+    exp = ctx.experiment
+    set_threads(exp.train.num_threads)
+    _train, val = load_site_tensors(ctx.site, exp.data, ctx.cache_dir)
+    t0 = time.perf_counter()
+    if len(val) == 0:  # tiny site: nothing to score; every metric UNDEFINED, counts 0
+        return eval_metrics({"n_images": 0, "n_lesion": 0}, 0, time.perf_counter() - t0)
+    model = _model(ctx, global_state, local_norms if rc.strategy == "fedbn" else None)
+    result = evaluate(model, val, batch_size=exp.train.batch_size, device=resolve_device(exp.train.device))
+    n_malignant = int(val.malignant.sum().item())
+    return eval_metrics(result.summary, n_malignant, time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------ FedBN site-local state on disk
+def _norm_dir(state_dir: Path, run_key: str) -> Path:
+    return state_dir / run_key / "fedbn"
+
+
+def save_local_norms(state_dir: Path, run_key: str, server_round: int, norms: Mapping[str, torch.Tensor]) -> Path:
+    """Atomically store this round's norm layers; keep the newest ``_FEDBN_KEEP`` rounds so a
+    server resuming from the previous round still finds the state it needs."""
+    folder = _norm_dir(state_dir, run_key)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"round_{server_round:05d}.pt"
+    tmp = path.with_suffix(".tmp")
+    torch.save({k: v.detach().cpu() for k, v in norms.items()}, tmp)
+    tmp.replace(path)
+    for old in sorted(folder.glob("round_*.pt"))[:-_FEDBN_KEEP]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_local_norms(state_dir: Path, run_key: str, up_to_round: int) -> tuple[int, dict[str, torch.Tensor]] | None:
+    """The newest stored norm layers from a round <= ``up_to_round`` (None: none yet)."""
+    folder = _norm_dir(state_dir, run_key)
+    best: tuple[int, Path] | None = None
+    for path in folder.glob("round_*.pt"):
+        r = int(path.stem.split("_")[1])
+        if r <= up_to_round and (best is None or r > best[0]):
+            best = (r, path)
+    if best is None:
+        return None
+    return best[0], torch.load(best[1], map_location="cpu", weights_only=True)

@@ -1,0 +1,304 @@
+"""Federation run description and the framework-free pieces the Flower apps share.
+
+A federated run is fully described by a ``RunSpec`` (experiment + federation settings + sites +
+run folder), so the same object drives deployment (server CLI writes it as YAML) and simulation
+(sim/ builds it in Python). The fixed metric schemas live here too: Flower skips aggregation when
+sites report different metric keys, so every site always reports exactly these keys, with
+sentinels instead of NaN.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import yaml
+from torch import nn
+
+from common.config import ConfigError, ExperimentConfig, from_dict, load_yaml, to_dict
+from common.model import build_model
+
+STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedbn", "fedadam", "fedmedian")
+#: Site label of the federation-wide (aggregated) rows in metrics files; not a valid site name.
+AGGREGATE_SITE = "all-sites"
+#: Value reported for a metric that is undefined at a site (e.g. AUC with one class present).
+UNDEFINED = -1.0
+
+_SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Round structure and aggregation. ``proximal_mu`` only acts with strategy "fedprox";
+    ``server_lr`` only with "fedadam"; ``min_sites`` is the quorum below which no round starts."""
+
+    rounds: int = 3
+    local_epochs: int = 1
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_sites: int = 2
+    round_timeout_s: float = 600.0
+    quorum_timeout_s: float = 300.0
+    server_lr: float = 0.01
+    central_eval: bool = True
+    checkpoint_every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"federation.strategy: {self.strategy!r} not one of {STRATEGIES}")
+        for name in ("rounds", "local_epochs", "min_sites", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"federation.{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("fraction_train", "fraction_evaluate"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ConfigError(f"federation.{name}: must be in (0, 1], got {getattr(self, name)}")
+        for name in ("round_timeout_s", "quorum_timeout_s", "server_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"federation.{name}: must be > 0, got {getattr(self, name)}")
+        if self.proximal_mu < 0:
+            raise ConfigError(f"federation.proximal_mu: must be >= 0, got {self.proximal_mu}")
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """One hospital: real data at ``data_path`` (read with ``common.data.load_site``) or a
+    synthetic centre (``common.data.synthetic``) of ``synthetic_n`` cases — exactly one of them."""
+
+    name: str
+    data_path: str | None = None
+    data_format: str = "auto"
+    synthetic_centre: str | None = None
+    synthetic_n: int = 64
+
+    def __post_init__(self) -> None:
+        if not _SITE_NAME.match(self.name) or self.name.lower() == AGGREGATE_SITE:
+            raise ConfigError(
+                f"site name {self.name!r}: use 1-64 letters, digits, '_', '.', '-' "
+                f"(not {AGGREGATE_SITE!r})"
+            )
+        if (self.data_path is None) == (self.synthetic_centre is None):
+            raise ConfigError(
+                f"site {self.name!r}: give exactly one of data_path or synthetic_centre"
+            )
+        if self.synthetic_n < 1:
+            raise ConfigError(f"site {self.name!r}: synthetic_n must be >= 1")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a federated run needs. ``sites`` are the training sites (their order is the
+    simulation partition id); ``central_test`` are held-out centres the server evaluates each
+    round; ``cache_dir`` holds preprocessed tensors (never leaves the machine it is on)."""
+
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    sites: tuple[SiteSpec, ...] = ()
+    run_dir: str = "runs/federation"
+    central_test: tuple[SiteSpec, ...] = ()
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.sites] + [s.name for s in self.central_test]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"run spec: duplicate site name(s) {dupes}")
+
+    def site(self, name: str) -> SiteSpec:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+def spec_from_dict(data: Mapping[str, Any], where: str = "run spec") -> RunSpec:
+    """Parse a mapping (e.g. YAML) into a RunSpec; every error names ``where``."""
+    try:
+        return from_dict(RunSpec, data, where)
+    except ConfigError as exc:
+        text = str(exc)
+        raise ConfigError(text if text.startswith(where) else f"{where}: {text}") from None
+
+
+def load_run_spec(yaml_path: str | Path) -> RunSpec:
+    """Read a RunSpec YAML. Relative paths (sites' ``data_path``, ``run_dir``, ``cache_dir``,
+    ``experiment.model.pretrained_path``) are resolved against the YAML's folder, so a spec file
+    works from any working directory."""
+    path = Path(yaml_path)
+    spec = spec_from_dict(load_yaml(path), str(path))
+    base = path.resolve().parent
+
+    def absolute(p: str | None) -> str | None:
+        return p if p is None or Path(p).is_absolute() else str(base / p)
+
+    def fix(site: SiteSpec) -> SiteSpec:
+        return dataclasses.replace(site, data_path=absolute(site.data_path))
+
+    model = dataclasses.replace(spec.experiment.model, pretrained_path=absolute(spec.experiment.model.pretrained_path))
+    return dataclasses.replace(
+        spec,
+        experiment=dataclasses.replace(spec.experiment, model=model),
+        sites=tuple(fix(s) for s in spec.sites),
+        central_test=tuple(fix(s) for s in spec.central_test),
+        run_dir=absolute(spec.run_dir),
+        cache_dir=absolute(spec.cache_dir),
+    )
+
+
+def run_spec_to_dict(spec: RunSpec) -> dict[str, Any]:
+    """Plain YAML-safe dict; ``spec_from_dict(run_spec_to_dict(s)) == s``."""
+    return to_dict(spec)
+
+
+def save_run_spec(spec: RunSpec, path: str | Path) -> None:
+    """Write the spec as YAML (the run folder's resolved ``config.yaml``)."""
+    text = yaml.safe_dump(run_spec_to_dict(spec), sort_keys=False)
+    Path(path).write_text(text, encoding="utf-8")
+
+
+def site_seed(seed: int, server_round: int, site: str) -> int:
+    """Seed for one site's local training in one round: stable across processes and restarts
+    (crc32, not Python's salted ``hash``), so a resumed run repeats the same local updates."""
+    return zlib.crc32(f"{seed}/{server_round}/{site}".encode()) & 0x7FFFFFFF
+
+
+def build_experiment_model(exp: ExperimentConfig) -> nn.Module:
+    """The experiment's network, built identically by the server (initial weights) and sites."""
+    return build_model(exp.model, exp.loss.features, sign_constrained=exp.loss.sign_constrained)
+
+
+_NORM_TYPES = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._NormBase)
+
+
+def norm_keys(model: nn.Module) -> frozenset[str]:
+    """State-dict keys of normalisation layers (GroupNorm/LayerNorm/BatchNorm/InstanceNorm):
+    the parameters FedBN keeps local to each site."""
+    keys: set[str] = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, _NORM_TYPES):
+            for name in module.state_dict().keys():
+                keys.add(f"{prefix}.{name}" if prefix else name)
+    return frozenset(keys)
+
+
+# ---------------------------------------------------------------- fixed metric schemas
+#: Keys of every train reply. Losses are means over the last local epoch ("train_loss" is the
+#: multi-task total, "proximal" the FedProx term); "epsilon" is the DP budget spent so far
+#: (UNDEFINED when DP is off).
+TRAIN_METRIC_KEYS: tuple[str, ...] = (
+    "num-examples", "train_loss", "seg", "cls", "consistency", "prior_sup", "proximal",
+    "steps", "seconds", "epsilon",
+)
+#: Keys of every evaluate reply. Counts make each sentinel interpretable: dice/iou/hd95 are
+#: UNDEFINED when n_lesion == 0, sensitivity when n_malignant == 0, specificity when
+#: n_images == n_malignant, auc when either class is missing.
+EVAL_METRIC_KEYS: tuple[str, ...] = (
+    "num-examples", "dice", "iou", "hd95", "auc", "sensitivity", "specificity", "accuracy",
+    "n_images", "n_lesion", "n_malignant", "seconds",
+)
+
+
+def finite_or_undefined(value: Any) -> float:
+    """float(value), or UNDEFINED for None/NaN/inf (a MetricRecord must never hold NaN)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return UNDEFINED
+    return v if math.isfinite(v) else UNDEFINED
+
+
+def train_metrics(
+    num_examples: int, loss: float, parts: Mapping[str, float], steps: int, seconds: float,
+    epsilon: float | None = None,
+) -> dict[str, float]:
+    """The fixed train-reply schema from one site's local training."""
+    out = {
+        "num-examples": float(num_examples),
+        "train_loss": finite_or_undefined(loss),
+        "steps": float(steps),
+        "seconds": float(seconds),
+        "epsilon": finite_or_undefined(epsilon),
+    }
+    for key in ("seg", "cls", "consistency", "prior_sup"):
+        out[key] = finite_or_undefined(parts.get(key))
+    out["proximal"] = finite_or_undefined(parts.get("proximal", 0.0))  # FedProx term, 0 otherwise
+    return {k: out[k] for k in TRAIN_METRIC_KEYS}
+
+
+def eval_metrics(summary: Mapping[str, float], n_malignant: int, seconds: float) -> dict[str, float]:
+    """The fixed evaluate-reply schema from an ``EvalResult.summary``."""
+    n_images = int(summary.get("n_images", 0))
+    out = {k: finite_or_undefined(summary.get(k)) for k in EVAL_METRIC_KEYS}
+    out.update(
+        {
+            "num-examples": float(n_images),
+            "n_images": float(n_images),
+            "n_lesion": float(int(summary.get("n_lesion", 0))),
+            "n_malignant": float(n_malignant),
+            "seconds": float(seconds),
+        }
+    )
+    return out
+
+
+#: Weight of each evaluate metric when pooling sites: the count its per-site value averages over.
+_EVAL_WEIGHTS: dict[str, str] = {
+    "dice": "n_lesion", "iou": "n_lesion", "hd95": "n_lesion", "auc": "n_images",
+    "sensitivity": "n_malignant", "specificity": "n_benign", "accuracy": "n_images",
+}
+
+
+def aggregate_site_metrics(per_site: Mapping[str, Mapping[str, float]], phase: str) -> dict[str, float]:
+    """Federation-wide metrics from per-site replies. Evaluate: each metric is weighted by the
+    count it is a mean over (dice by n_lesion, sensitivity by n_malignant, ...) skipping
+    UNDEFINED sites, which makes dice/sensitivity/specificity/accuracy exactly the pooled
+    values; AUC is the image-weighted mean of site AUCs (pooled AUC needs the raw scores).
+    Train: losses weighted by num-examples; seconds and epsilon are the maximum over sites."""
+    sites = list(per_site.values())
+    if not sites:
+        return {}
+    out: dict[str, float] = {}
+    if phase == "train":
+        for key in TRAIN_METRIC_KEYS:
+            vals = [s[key] for s in sites]
+            if key in ("num-examples", "steps"):
+                out[key] = float(sum(vals))
+            elif key in ("seconds", "epsilon"):
+                out[key] = float(max(vals))
+            else:
+                out[key] = _weighted([(s[key], s["num-examples"]) for s in sites])
+        return out
+    for key in EVAL_METRIC_KEYS:
+        if key in _EVAL_WEIGHTS:
+            out[key] = _weighted([(s[key], _eval_weight(s, _EVAL_WEIGHTS[key])) for s in sites])
+        elif key == "seconds":
+            out[key] = float(max(s[key] for s in sites))
+        else:
+            out[key] = float(sum(s[key] for s in sites))
+    return out
+
+
+def _eval_weight(site: Mapping[str, float], count: str) -> float:
+    if count == "n_benign":
+        return site["n_images"] - site["n_malignant"]
+    return site[count]
+
+
+def _weighted(pairs: list[tuple[float, float]]) -> float:
+    """Weighted mean over pairs (value, weight), ignoring UNDEFINED values and zero weights."""
+    kept = [(v, w) for v, w in pairs if v != UNDEFINED and w > 0]
+    total = sum(w for _, w in kept)
+    return float(sum(v * w for v, w in kept) / total) if total > 0 else UNDEFINED
+
+
+def state_is_finite(state: Mapping[str, torch.Tensor]) -> bool:
+    """True when every floating tensor of a state dict is finite (diverged sites send nothing)."""
+    return all(
+        bool(torch.isfinite(t).all()) for t in state.values() if torch.is_floating_point(t)
+    )

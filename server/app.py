@@ -1,0 +1,299 @@
+"""Flower ServerApp: the federation's round loop, with quorum, per-site metrics and resume.
+
+Our own loop over ``grid.send_and_receive`` instead of ``Strategy.start`` because a hospital
+federation needs what ``start`` lacks: a query round that names the sites, a bounded wait for
+a quorum of sites (stock sampling waits forever), a checkpoint after each round and resume
+from it. Aggregation itself is Flower's (server/strategy.py).
+
+Deployment: ``app`` reads the run from ``context.run_config``: "run-spec" (path of a RunSpec
+YAML, e.g. written by flower-server), "resume" (bool); without "run-spec" a spec is built from
+the pyproject keys num-server-rounds, local-epochs, strategy, proximal-mu, image-size, run-dir.
+Simulation: ``make_server_app(spec)`` bakes the spec in (run_simulation ignores run_config).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import ExperimentConfig, replace, to_dict
+from common.device import resolve_device, seed_everything
+from common.evaluate import evaluate
+from common.federation import (
+    AGGREGATE_SITE,
+    FederationConfig,
+    RunSpec,
+    aggregate_site_metrics,
+    build_experiment_model,
+    eval_metrics,
+    load_run_spec,
+    norm_keys,
+)
+from common.sitedata import load_test_tensors
+from server.state import MetricRow, RunFolder, check_resumable
+from server.strategy import SiteRegistry, build_strategy
+
+log = logging.getLogger(__name__)
+_SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], None]
+
+
+class FederationStopped(RuntimeError):
+    """The run ended early (no quorum); the last checkpoint is intact and resumable."""
+
+
+def make_server_app(spec: RunSpec | None = None, *, resume: bool = False) -> ServerApp:
+    """ServerApp running ``spec`` (simulation) or the spec named by run_config (deployment)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_spec, do_resume = resolve_server_spec(spec, resume, context.run_config)
+        run_federation(grid, run_spec, resume=do_resume)
+
+    return app
+
+
+def resolve_server_spec(spec: RunSpec | None, resume: bool, run_config: Mapping[str, Any]) -> tuple[RunSpec, bool]:
+    """The spec to run and whether to resume (explicit arguments win over run_config)."""
+    resume = resume or str(run_config.get("resume", "false")).lower() in ("true", "1", "yes")
+    if spec is not None:
+        return spec, resume
+    if run_config.get("run-spec"):
+        return load_run_spec(str(run_config["run-spec"])), resume
+    fed_keys = {"num-server-rounds": "rounds", "local-epochs": "local_epochs",
+                "strategy": "strategy", "proximal-mu": "proximal_mu"}
+    fed = replace(FederationConfig(), **{f: run_config[k] for k, f in fed_keys.items() if k in run_config})
+    exp = ExperimentConfig()
+    if "image-size" in run_config:
+        exp = replace(exp, **{"data.image_size": run_config["image-size"]})
+    run_dir = str(run_config.get("run-dir") or f"runs/federation-{time.strftime('%Y%m%d-%H%M%S')}")
+    return RunSpec(experiment=exp, federation=fed, run_dir=run_dir), resume
+
+
+def run_federation(
+    grid: Grid,
+    spec: RunSpec,
+    *,
+    resume: bool = False,
+    poll_s: float = 1.0,
+    clock: Clock = time.monotonic,
+    sleep: Sleep = time.sleep,
+) -> RunFolder:
+    """Run (or resume) the federation described by ``spec`` on ``grid``; returns its folder.
+    Raises FederationStopped when fewer than ``min_sites`` sites are connected after
+    ``quorum_timeout_s`` at the start of a round."""
+    fed, exp = spec.federation, spec.experiment
+    folder = RunFolder(spec.run_dir)
+    start, state, run_key, strategy_state = _initial_state(folder, spec, resume)
+    folder.write_config(spec)
+    file_log, level = _attach_file_log(folder.path)
+    try:
+        rows: list[MetricRow] = []
+
+        def record(rnd: int, phase: str, site: str, metric: str, value: float) -> None:
+            rows.append(MetricRow(rnd, phase, site, metric, float(value)))
+
+        registry = SiteRegistry(s.name for s in spec.sites)
+        strategy = build_strategy(fed, registry=registry, recorder=record, seed=exp.train.seed,
+                                  norm_keys=norm_keys(build_experiment_model(exp)))
+        strategy.load_state_dict(strategy_state)  # type: ignore[attr-defined]
+        arrays = ArrayRecord(state)
+        base = {"experiment": json.dumps(to_dict(exp)), "run-key": run_key, "strategy": fed.strategy}
+        central = CentralTest(spec) if fed.central_eval and spec.central_test else None
+        saved = start
+        folder.write_status("running", saved)
+        for rnd in range(start + 1, fed.rounds + 1):
+            registry.clear_failed()
+            sites = gather_sites(grid, registry, fed, base, clock=clock, sleep=sleep, poll_s=poll_s)
+            if len(sites) < fed.min_sites:
+                text = (f"round {rnd}: {len(sites)} site(s) {list(sites)} connected after "
+                        f"{fed.quorum_timeout_s:.0f}s, {fed.min_sites} needed; stopping. The checkpoint "
+                        f"of round {saved} is kept; resume to continue.")
+                log.error(text)
+                folder.write_status("stopped", saved, text)
+                raise FederationStopped(text)
+            log.info("round %d/%d: %s with sites %s", rnd, fed.rounds, fed.strategy, list(sites))
+            t0 = clock()
+            train_cfg = ConfigRecord({**base, "local-epochs": fed.local_epochs})
+            replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, train_cfg, grid),
+                                            timeout=fed.round_timeout_s)
+            new_arrays, _ = strategy.aggregate_train(rnd, replies)
+            if new_arrays is None:
+                log.error("round %d: no site update could be aggregated; global model unchanged", rnd)
+            else:
+                arrays = new_arrays
+            record(rnd, "train", AGGREGATE_SITE, "wall_seconds", clock() - t0)
+            t0 = clock()
+            replies = grid.send_and_receive(
+                strategy.configure_evaluate(rnd, arrays, ConfigRecord(base), grid), timeout=fed.round_timeout_s)
+            strategy.aggregate_evaluate(rnd, replies)
+            record(rnd, "evaluate", AGGREGATE_SITE, "wall_seconds", clock() - t0)
+            if central is not None:
+                central.run(rnd, arrays.to_torch_state_dict(), record)
+            _log_round(rnd, rows)
+            folder.append_metrics(rows)
+            rows.clear()
+            if rnd % fed.checkpoint_every == 0 or rnd == fed.rounds:
+                folder.save(rnd, arrays.to_torch_state_dict(), spec, run_key, strategy.state_dict())  # type: ignore[attr-defined]
+                saved = rnd
+            folder.write_status("running", saved)
+        folder.write_status("finished", saved, f"{fed.rounds} rounds done")
+        log.info("federation finished: %d rounds, run folder %s", fed.rounds, folder.path)
+        return folder
+    finally:
+        logging.getLogger("server").removeHandler(file_log)
+        logging.getLogger("server").setLevel(level)
+        file_log.close()
+
+
+def _initial_state(folder: RunFolder, spec: RunSpec, resume: bool) -> tuple[int, dict[str, torch.Tensor], str, dict[str, Any]]:
+    """(last finished round, global weights, run key, strategy state): from the checkpoint when
+    resuming, else freshly initialised with the experiment seed."""
+    if folder.has_checkpoint():
+        if not resume:
+            raise FileExistsError(
+                f"{folder.checkpoint_path}: the run folder already holds a checkpoint; resume it or choose a new run_dir")
+        saved = folder.load(restore=True)
+        check_resumable(spec, saved.spec, str(folder.checkpoint_path))
+        dropped = folder.truncate_metrics(saved.round)
+        log.info("resuming %s after round %d (%d metric rows of unfinished rounds dropped)",
+                 folder.path, saved.round, dropped)
+        return saved.round, saved.state_dict, saved.run_key, saved.strategy_state
+    if resume:
+        log.warning("%s: no checkpoint to resume; starting a new run", folder.path)
+    seed_everything(spec.experiment.train.seed)
+    model = build_experiment_model(spec.experiment)
+    run_key = uuid.uuid4().hex[:12]  # scopes site-local state (FedBN norms) to this run
+    return 0, model.state_dict(), run_key, {}
+
+
+def _attach_file_log(run_dir: Path) -> tuple[logging.Handler, int]:
+    """Mirror the server's INFO+ log lines into ``run_dir/server.log`` for the duration of the
+    run; returns the handler and the logger's previous level (both undone by the caller)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "server.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    logger = logging.getLogger("server")
+    level = logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    return handler, level
+
+
+def gather_sites(
+    grid: Grid,
+    registry: SiteRegistry,
+    fed: FederationConfig,
+    base_config: Mapping[str, Any],
+    *,
+    clock: Clock = time.monotonic,
+    sleep: Sleep = time.sleep,
+    poll_s: float = 1.0,
+) -> dict[str, int]:
+    """Query new nodes for their site name and wait (at most ``quorum_timeout_s``) until
+    ``min_sites`` named sites are connected; returns {site: node id} of those connected."""
+    deadline = clock() + fed.quorum_timeout_s
+    next_note = clock()
+    while True:
+        connected = list(grid.get_node_ids())
+        new = [n for n in connected if n not in registry]
+        if new:
+            _query(grid, registry, new, base_config, connected, fed.round_timeout_s)
+        sites = registry.connected(connected)
+        now = clock()
+        if len(sites) >= fed.min_sites or now >= deadline:
+            return sites
+        if now >= next_note:
+            log.info("waiting for sites: %s connected, %d needed (giving up in %.0fs)",
+                     list(sites), fed.min_sites, deadline - now)
+            next_note = now + 10.0
+        sleep(min(poll_s, max(deadline - now, 0.0)))
+
+
+def _query(grid: Grid, registry: SiteRegistry, nodes: list[int], base_config: Mapping[str, Any],
+           connected: list[int], timeout: float) -> None:
+    content = RecordDict({"config": ConfigRecord(dict(base_config))})
+    messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+    answered: set[int] = set()
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        answered.add(node)
+        if reply.has_error():
+            log.error("node %d could not join: %s", node, reply.error.reason)
+            registry.failed.add(node)
+            continue
+        info = reply.content.config_records.get("info")
+        site = str(info.get("site", "")) if info is not None else ""
+        if not _SITE_NAME.match(site):
+            log.error("node %d sent no valid site name: ignored", node)
+            registry.refused.add(node)
+            continue
+        if registry.register(node, site, connected):
+            log.info("site %s joined (node %d): %s training / %s validation images, app %s", site, node,
+                     info.get("num-train"), info.get("num-val"), info.get("app-version"))
+    for node in set(nodes) - answered:
+        log.warning("node %d did not answer the site query within %.0fs", node, timeout)
+        registry.failed.add(node)
+
+
+class CentralTest:
+    """Server-side evaluation of the global model on held-out centres (``spec.central_test``),
+    all of their cases. Under FedBN the global norm layers are the initial ones."""
+
+    def __init__(self, spec: RunSpec) -> None:
+        self.spec = spec
+        self._data: dict[str, Any] = {}
+
+    def run(self, rnd: int, state_dict: Mapping[str, torch.Tensor],
+            record: Callable[[int, str, str, str, float], None]) -> dict[str, dict[str, float]]:
+        exp = self.spec.experiment
+        device = resolve_device(exp.train.device)
+        model = build_experiment_model(exp)
+        model.load_state_dict(dict(state_dict))
+        per_site: dict[str, dict[str, float]] = {}
+        for site in self.spec.central_test:
+            if site.name not in self._data:
+                self._data[site.name] = load_test_tensors(site, exp.data, self.spec.cache_dir)
+            data = self._data[site.name]
+            t0 = time.perf_counter()
+            result = evaluate(model, data, batch_size=exp.train.batch_size, device=device)
+            n_malignant = int(data.malignant.sum().item()) if len(data) else 0
+            per_site[site.name] = eval_metrics(result.summary, n_malignant, time.perf_counter() - t0)
+            for key, value in per_site[site.name].items():
+                record(rnd, "central", site.name, key, value)
+        for key, value in aggregate_site_metrics(per_site, "evaluate").items():
+            record(rnd, "central", AGGREGATE_SITE, key, value)
+        return per_site
+
+
+def _log_round(rnd: int, rows: list[MetricRow]) -> None:
+    """One line per phase and site, e.g. 'round 2 evaluate BUSI: dice 0.61 auc 0.80'."""
+    keys = {"train": ("train_loss", "seconds"), "evaluate": ("dice", "auc", "seconds"),
+            "central": ("dice", "auc")}
+    table: dict[tuple[str, str], dict[str, float]] = {}
+    for r in rows:
+        table.setdefault((r.phase, r.site), {})[r.metric] = r.value
+    for (phase, site), values in table.items():
+        shown = " ".join(f"{k} {values[k]:.4g}" for k in keys.get(phase, ()) if k in values)
+        if "failed" in values:
+            shown = "FAILED"
+        if shown:
+            log.info("round %d %s %s: %s", rnd, phase, site, shown)
+
+
+#: Deployment entry point (pyproject ``[tool.flwr.app.components] serverapp``).
+app = make_server_app()

@@ -1,0 +1,184 @@
+"""The run folder: checkpoint/resume and the metrics files (no Flower types here).
+
+Layout of ``run_dir``:
+  config.yaml     resolved RunSpec (written at start and on resume)
+  checkpoint.pt   newest finished round: global weights, round, run key, strategy state
+                  (FedAdam m/v), server RNG state, spec (common.checkpoint format, atomic)
+  metrics.csv     one row per (round, phase, site, metric, value); phase in train/evaluate/central
+  metrics.jsonl   the same rows as JSON lines
+  status.json     {"state": running|finished|stopped, "round": r, "message": ...}
+Rows are appended after each round *before* its checkpoint; on resume rows of rounds after the
+checkpoint are dropped so an interrupted round is not counted twice.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+
+from common.checkpoint import load_checkpoint, save_checkpoint
+from common.config import ConfigError
+from common.federation import RunSpec, run_spec_to_dict, save_run_spec, spec_from_dict
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT, CONFIG, STATUS = "checkpoint.pt", "config.yaml", "status.json"
+METRICS_CSV, METRICS_JSONL = "metrics.csv", "metrics.jsonl"
+METRIC_COLUMNS = ("round", "phase", "site", "metric", "value")
+PHASES = ("train", "evaluate", "central")
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    round: int
+    phase: str
+    site: str
+    metric: str
+    value: float
+
+
+@dataclass
+class Resumed:
+    """What a checkpoint restores."""
+
+    round: int
+    state_dict: dict[str, torch.Tensor]
+    run_key: str
+    strategy_state: dict[str, Any]
+    spec: RunSpec
+
+
+def capture_rng() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    """Inverse of capture_rng after a checkpoint round trip (tuples became lists, arrays tensors)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"])
+
+
+class RunFolder:
+    """Reads and writes one run folder."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / CHECKPOINT
+
+    def has_checkpoint(self) -> bool:
+        return self.checkpoint_path.is_file()
+
+    def write_config(self, spec: RunSpec) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        save_run_spec(spec, self.path / CONFIG)
+
+    def write_status(self, state: str, server_round: int, message: str = "") -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.path / f".{STATUS}.tmp"
+        tmp.write_text(json.dumps({"state": state, "round": server_round, "message": message}) + "\n")
+        tmp.replace(self.path / STATUS)
+
+    def read_status(self) -> dict[str, Any]:
+        return json.loads((self.path / STATUS).read_text())
+
+    # ----------------------------------------------------------------- checkpoint
+    def save(
+        self,
+        server_round: int,
+        state_dict: Mapping[str, torch.Tensor],
+        spec: RunSpec,
+        run_key: str,
+        strategy_state: Mapping[str, Any],
+    ) -> Path:
+        return save_checkpoint(
+            self.checkpoint_path, state_dict, run_spec_to_dict(spec),
+            round=server_round, run_key=run_key, strategy=spec.federation.strategy,
+            strategy_state=dict(strategy_state), rng=capture_rng(),
+        )
+
+    def load(self, restore: bool = True) -> Resumed:
+        """Read the checkpoint; ``restore`` also resets the server's RNGs to their saved state."""
+        ck = load_checkpoint(self.checkpoint_path)
+        extra = ck["extra"]
+        if restore:
+            restore_rng(extra["rng"])
+        return Resumed(
+            round=int(extra["round"]),
+            state_dict=ck["state_dict"],
+            run_key=str(extra["run_key"]),
+            strategy_state=extra.get("strategy_state", {}),
+            spec=spec_from_dict(ck["config"], str(self.checkpoint_path)),
+        )
+
+    # ----------------------------------------------------------------- metrics
+    def append_metrics(self, rows: Iterable[MetricRow]) -> None:
+        rows = list(rows)
+        if not rows:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        csv_path = self.path / METRICS_CSV
+        new = not csv_path.exists()
+        with csv_path.open("a", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            if new:
+                writer.writerow(METRIC_COLUMNS)
+            for r in rows:
+                writer.writerow((r.round, r.phase, r.site, r.metric, repr(float(r.value))))
+        with (self.path / METRICS_JSONL).open("a", encoding="utf-8") as fh:
+            for r in rows:
+                fh.write(json.dumps({c: getattr(r, c) for c in METRIC_COLUMNS}) + "\n")
+
+    def read_metrics(self) -> list[MetricRow]:
+        path = self.path / METRICS_CSV
+        if not path.exists():
+            return []
+        with path.open(newline="", encoding="utf-8") as fh:
+            return [
+                MetricRow(int(d["round"]), d["phase"], d["site"], d["metric"], float(d["value"]))
+                for d in csv.DictReader(fh)
+            ]
+
+    def truncate_metrics(self, after_round: int) -> int:
+        """Drop rows of rounds > after_round from both files; returns how many were dropped."""
+        rows = self.read_metrics()
+        kept = [r for r in rows if r.round <= after_round]
+        if len(kept) == len(rows):
+            return 0
+        for name in (METRICS_CSV, METRICS_JSONL):
+            (self.path / name).unlink(missing_ok=True)
+        self.append_metrics(kept)
+        return len(rows) - len(kept)
+
+
+#: Federation settings that change results; a resumed run must match the checkpoint in these.
+_RESULT_FIELDS = ("local_epochs", "strategy", "proximal_mu", "fraction_train", "server_lr")
+
+
+def check_resumable(current: RunSpec, saved: RunSpec, where: str) -> None:
+    """Refuse to continue a run under settings that would change its results (``rounds`` and
+    timeouts may differ: extending a run is the point of resuming)."""
+    diffs = [f"federation.{f}" for f in _RESULT_FIELDS
+             if getattr(current.federation, f) != getattr(saved.federation, f)]
+    if current.experiment != saved.experiment:
+        diffs.append("experiment")
+    if [s.name for s in current.sites] != [s.name for s in saved.sites]:
+        diffs.append("sites")
+    if diffs:
+        raise ConfigError(f"{where}: cannot resume, settings differ from the checkpoint: {diffs}")

@@ -1,0 +1,309 @@
+"""Flower strategies that know hospitals by name.
+
+Flower's ``flwr.serverapp.strategy`` classes do the aggregation (FedAvg, FedProx, FedAdam,
+FedMedian; FedBN is FedAvg over all but the normalisation layers). ``SiteAware`` adds what a
+multi-hospital run needs around them:
+
+* node selection that never blocks (stock ``sample_nodes`` waits forever for
+  ``min_available_nodes``; the round loop in server/app.py does a bounded quorum wait instead)
+  and is reproducible: sites are drawn by name with a seed from (seed, round), not node id;
+* per-site metric rows (``msg.metadata.src_node_id`` → site name via ``SiteRegistry``);
+* failed, vanished or malformed replies reported by site name and left out, so the round
+  completes with the rest (stock FedAvg skips the *whole* aggregation on one bad reply);
+* replies aggregated in site-name order and cast back to the global dtypes, so a resumed run
+  reproduces an uninterrupted one;
+* ``state_dict``/``load_state_dict`` for the server optimiser (FedAdam m, v) in checkpoints.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, Strategy
+
+from common.federation import (
+    AGGREGATE_SITE,
+    EVAL_METRIC_KEYS,
+    TRAIN_METRIC_KEYS,
+    FederationConfig,
+    aggregate_site_metrics,
+    site_seed,
+)
+
+log = logging.getLogger(__name__)
+
+#: (round, phase, site, metric, value) — server/state.py MetricRow fields.
+Recorder = Callable[[int, str, str, str, float], None]
+
+
+class SiteRegistry:
+    """node id ↔ site name, learned from query replies. With ``allowed`` names (the spec's
+    sites) an unexpected name is refused; a name already held by a *connected* node is refused
+    (a restarted SuperNode without authentication comes back under a new id: it replaces the
+    old id once that one is gone). Nodes whose query failed are retried after ``clear_failed``."""
+
+    def __init__(self, allowed: Iterable[str] | None = None) -> None:
+        self.allowed = set(allowed) if allowed else None
+        self._by_node: dict[int, str] = {}
+        self.refused: set[int] = set()
+        self.failed: set[int] = set()
+
+    def __contains__(self, node_id: int) -> bool:
+        return node_id in self._by_node or node_id in self.refused or node_id in self.failed
+
+    def clear_failed(self) -> None:
+        self.failed.clear()
+
+    def register(self, node_id: int, site: str, connected: Iterable[int]) -> bool:
+        if self.allowed is not None and site not in self.allowed:
+            log.error("node %d reports site %r, which is not in the run spec: ignored", node_id, site)
+            self.refused.add(node_id)
+            return False
+        live = set(connected)
+        for other, name in list(self._by_node.items()):
+            if name == site and other != node_id:
+                if other in live:
+                    log.error("site %s: a second node (%d) claims it: ignored", site, node_id)
+                    self.refused.add(node_id)
+                    return False
+                del self._by_node[other]
+                log.info("site %s reconnected as node %d", site, node_id)
+        self._by_node[node_id] = site
+        return True
+
+    def name(self, node_id: int) -> str:
+        return self._by_node.get(node_id, f"node-{node_id}")
+
+    def connected(self, node_ids: Iterable[int]) -> dict[str, int]:
+        """{site: node id} of the registered nodes among ``node_ids``, sorted by site."""
+        out = {self._by_node[n]: n for n in node_ids if n in self._by_node}
+        return dict(sorted(out.items()))
+
+
+class SiteAware:
+    """Mixin for a Flower message strategy; see the module docstring. Call ``attach`` after
+    construction."""
+
+    registry: SiteRegistry
+    recorder: Recorder
+    seed: int
+    norm_keys: frozenset[str] = frozenset()
+    current: dict[str, np.ndarray]
+
+    def attach(self, registry: SiteRegistry, recorder: Recorder, seed: int) -> "SiteAware":
+        self.registry, self.recorder, self.seed = registry, recorder, seed
+        self.current = {}
+        self._sent: dict[str, list[int]] = {"train": [], "evaluate": []}
+        self.last_site_metrics: dict[str, dict[str, dict[str, float]]] = {"train": {}, "evaluate": {}}
+        self.last_failures: dict[str, dict[str, str]] = {"train": {}, "evaluate": {}}
+        return self
+
+    # ------------------------------------------------------------------ selection
+    def select(self, server_round: int, phase: str, fraction: float, grid: Grid) -> list[int]:
+        """Connected registered sites, ``max(min nodes, floor(fraction·n))`` of them drawn by
+        name with a (seed, round, phase) seed; never waits."""
+        sites = self.registry.connected(grid.get_node_ids())
+        minimum = self.min_train_nodes if phase == "train" else self.min_evaluate_nodes  # type: ignore[attr-defined]
+        k = min(len(sites), max(minimum, math.floor(fraction * len(sites))))
+        rng = random.Random(site_seed(self.seed, server_round, phase))
+        chosen = sorted(rng.sample(sorted(sites), k))
+        log.info("round %d %s: sites %s", server_round, phase, chosen)
+        return [sites[s] for s in chosen]
+
+    def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                  nodes: list[int], message_type: str) -> list[Message]:
+        config["server-round"] = server_round
+        record = RecordDict({"arrays": arrays, "config": config})
+        return [Message(content=record, message_type=message_type, dst_node_id=n,
+                        group_id=str(server_round)) for n in nodes]
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.current = {k: a.numpy() for k, a in arrays.items()}
+        if hasattr(self, "current_arrays"):  # FedOpt family: delta_t is taken against these
+            self.current_arrays = {k: v for k, v in self.current.items() if k not in self.norm_keys}
+        if hasattr(self, "proximal_mu"):  # FedProx: the sites add the (squared) proximal term
+            config["proximal-mu"] = float(self.proximal_mu)
+        nodes = self.select(server_round, "train", self.fraction_train, grid)  # type: ignore[attr-defined]
+        self._sent["train"] = nodes
+        return self._messages(server_round, arrays, config, nodes, MessageType.TRAIN)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        nodes = self.select(server_round, "evaluate", self.fraction_evaluate, grid)  # type: ignore[attr-defined]
+        self._sent["evaluate"] = nodes
+        return self._messages(server_round, arrays, config, nodes, MessageType.EVALUATE)
+
+    # ------------------------------------------------------------------ screening
+    def expected_array_keys(self) -> set[str]:
+        return {k for k in self.current if k not in self.norm_keys}
+
+    def _screen(self, server_round: int, phase: str, replies: Iterable[Message]) -> list[Message]:
+        """Keep well-formed replies (sorted by site), record their metrics per site, and report
+        every failed, malformed or missing site by name."""
+        schema = TRAIN_METRIC_KEYS if phase == "train" else EVAL_METRIC_KEYS
+        failures: dict[str, str] = {}
+        valid: dict[str, Message] = {}
+        answered: set[int] = set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            answered.add(node)
+            site = self.registry.name(node)
+            if msg.has_error():
+                failures[site] = f"error reply: {msg.error.reason}"
+                continue
+            problem = _schema_problem(msg, schema, self.expected_array_keys() if phase == "train" else None)
+            if problem:
+                failures[site] = f"malformed reply ({problem})"
+                continue
+            valid[site] = msg
+        for node in self._sent.get(phase, []):
+            if node not in answered:
+                failures[self.registry.name(node)] = "no reply before the round timeout"
+        per_site: dict[str, dict[str, float]] = {}
+        for site, msg in sorted(valid.items()):
+            metrics = {k: float(v) for k, v in msg.content["metrics"].items()}  # type: ignore[arg-type]
+            per_site[site] = metrics
+            for key in schema:
+                self.recorder(server_round, phase, site, key, metrics[key])
+        for site, why in sorted(failures.items()):
+            log.warning("round %d %s: site %s left out: %s", server_round, phase, site, why)
+            self.recorder(server_round, phase, site, "failed", 1.0)
+        if per_site:
+            for key, value in aggregate_site_metrics(per_site, phase).items():
+                self.recorder(server_round, phase, AGGREGATE_SITE, key, value)
+        self.recorder(server_round, phase, AGGREGATE_SITE, "sites_ok", float(len(per_site)))
+        self.last_site_metrics[phase], self.last_failures[phase] = per_site, failures
+        return [valid[s] for s in sorted(valid)]
+
+    # ------------------------------------------------------------------ aggregation
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid = self._screen(server_round, "train", replies)
+        if not valid:
+            return None, None
+        arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
+        if arrays is None:
+            return None, metrics
+        merged = dict(self.current)  # FedBN: the keys nobody sent keep their global value
+        for key, array in arrays.items():
+            merged[key] = array.numpy().astype(self.current[key].dtype, copy=False)
+        # np.asarray(order="C") keeps 0-d arrays 0-d (np.ascontiguousarray would make them 1-d)
+        return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in merged.items()}), metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        valid = self._screen(server_round, "evaluate", replies)
+        return super().aggregate_evaluate(server_round, valid) if valid else None  # type: ignore[misc]
+
+    # ------------------------------------------------------------------ server state
+    def state_dict(self) -> dict[str, Any]:
+        """Server-optimiser state for checkpoints (FedAdam first/second moments), as tensors:
+        they survive ``torch.load(weights_only=True)`` with their shapes, 0-d included."""
+        out: dict[str, Any] = {}
+        for name in ("m_t", "v_t"):
+            value = getattr(self, name, None)
+            if value:
+                out[name] = {k: torch.from_numpy(np.array(v)) for k, v in value.items()}
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in ("m_t", "v_t"):
+            if name in state:
+                setattr(self, name, {k: _numpy(v) for k, v in state[name].items()})
+
+
+def _numpy(value: Any) -> np.ndarray:
+    return value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+
+def _schema_problem(msg: Message, schema: tuple[str, ...], array_keys: set[str] | None) -> str:
+    """Why a reply can't be aggregated ('' when it can): wrong record counts or keys, NaN."""
+    content = msg.content
+    if "metrics" not in content.metric_records or len(content.metric_records) != 1:
+        return "expected one MetricRecord 'metrics'"
+    metrics = content["metrics"]
+    if set(metrics.keys()) != set(schema):
+        return f"metric keys differ from the schema: {sorted(set(metrics.keys()) ^ set(schema))}"
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in metrics.values()):
+        return "non-finite or non-scalar metric"
+    if array_keys is not None:
+        if len(content.array_records) != 1 or "arrays" not in content.array_records:
+            return "expected one ArrayRecord 'arrays'"
+        got = set(content["arrays"].keys())
+        if got != array_keys:
+            return f"{len(got ^ array_keys)} array keys differ from the global model's"
+    return ""
+
+
+def _metrics_fn(phase: str) -> Callable[[list[RecordDict], str], MetricRecord]:
+    """Flower's metric aggregation replaced by the count-weighted pooling of common/federation."""
+
+    def aggregate(records: list[RecordDict], _weight_key: str) -> MetricRecord:
+        per_site = {str(i): {k: float(v) for k, v in r["metrics"].items()} for i, r in enumerate(records)}  # type: ignore[arg-type]
+        return MetricRecord(aggregate_site_metrics(per_site, phase))
+
+    return aggregate
+
+
+class SiteFedAvg(SiteAware, FedAvg):
+    """FedAvg (McMahan et al. 2017), weighted by num-examples."""
+
+
+class SiteFedProx(SiteAware, FedProx):
+    """FedProx: FedAvg aggregation; the sites add (μ/2)·||w − w_global||² (config proximal-mu)."""
+
+
+class SiteFedAdam(SiteAware, FedAdam):
+    """FedAdam (Reddi et al. 2021): server Adam step on the averaged update; m, v checkpointed."""
+
+
+class SiteFedMedian(SiteAware, FedMedian):
+    """Coordinate-wise median of the site weights (robust to one outlying site)."""
+
+
+class SiteFedBN(SiteAware, FedAvg):
+    """FedBN (Li et al. 2021): sites keep their normalisation layers; the rest is FedAvg.
+    The global model's norm layers stay at their initial values (GroupNorm: identity affine)."""
+
+
+_CLASSES: dict[str, type] = {
+    "fedavg": SiteFedAvg, "fedprox": SiteFedProx, "fedadam": SiteFedAdam,
+    "fedmedian": SiteFedMedian, "fedbn": SiteFedBN,
+}
+
+
+def build_strategy(
+    fed: FederationConfig,
+    *,
+    registry: SiteRegistry,
+    recorder: Recorder,
+    seed: int,
+    norm_keys: frozenset[str] = frozenset(),
+) -> Strategy:
+    """The configured strategy; ``norm_keys`` (from common.federation.norm_keys) for FedBN."""
+    common: dict[str, Any] = dict(
+        fraction_train=fed.fraction_train,
+        fraction_evaluate=fed.fraction_evaluate,
+        # at least min_sites per round when that many are connected; unlike stock FedAvg these
+        # are never waited for here (the round loop waits for the quorum, boundedly)
+        min_train_nodes=fed.min_sites,
+        min_evaluate_nodes=fed.min_sites,
+        min_available_nodes=fed.min_sites,
+        train_metrics_aggr_fn=_metrics_fn("train"),
+        evaluate_metrics_aggr_fn=_metrics_fn("evaluate"),
+    )
+    if fed.strategy == "fedprox":
+        common["proximal_mu"] = fed.proximal_mu
+    if fed.strategy == "fedadam":
+        common["eta"] = fed.server_lr
+    strategy = _CLASSES[fed.strategy](**common)
+    strategy.attach(registry, recorder, seed)
+    if fed.strategy == "fedbn":
+        strategy.norm_keys = frozenset(norm_keys)
+    return strategy
