@@ -7,6 +7,11 @@ What leaves the site: weights (ArrayRecord) and the fixed metric schemas of
 common/federation.py (numbers only), plus the site name and split sizes in the query reply.
 Any exception is logged here in full and replaced by ``SiteError`` whose text names only the
 site and the error class — Flower ships an exception's text to the server.
+
+DP-SGD (``experiment.privacy.enabled``, the site's own ``privacy-config`` when it gives one):
+each train message runs a ``PrivacySession`` that continues the site's accountant from the
+more-spent of ``context.state`` and ``<state-dir>/privacy/accountant.json`` (the file survives
+SuperNode restarts) and refuses, before any step, a round that would pass the budget.
 """
 from __future__ import annotations
 
@@ -24,16 +29,28 @@ from client.runtime import (
     SiteError,
     evaluate_round,
     load_local_norms,
+    privacy_state_path,
     resolve_site,
     save_local_norms,
     site_info,
     train_round,
 )
 from common.federation import RunSpec
+from common.privacy import (
+    PrivacyBudgetExceeded,
+    PrivacySession,
+    load_state,
+    most_spent,
+    save_state,
+    state_from_text,
+    state_to_text,
+)
+from common.sitedata import load_site_tensors
 
 log = logging.getLogger(__name__)
 
 _NORMS, _NORMS_META = "fedbn-norms", "fedbn-meta"
+_PRIVACY = "privacy-state"  # context.state ConfigRecord {"json": state_to_text(state)}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -75,6 +92,11 @@ def _guarded(kind: str, handler: Handler, msg: Message, context: Context, spec: 
         ctx = resolve_site(context.node_config, spec, str(experiment) if experiment else None)
         site = ctx.site.name
         return handler(msg, context, ctx, RoundConfig.from_mapping(config))
+    except PrivacyBudgetExceeded as exc:  # expected stop, not a crash: the message says it all
+        log.error("%s", exc)
+        raise SiteError(
+            f"site {site}: {kind} refused ({type(exc).__name__}); details are in the site's log"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - everything must be sanitised before it leaves
         log.error("site %s: %s failed", site, kind, exc_info=True)
         raise SiteError(
@@ -100,7 +122,17 @@ def _query(msg: Message, context: Context, ctx: SiteContext, rc: RoundConfig) ->
 def _train(msg: Message, context: Context, ctx: SiteContext, rc: RoundConfig) -> Message:
     global_state = msg.content["arrays"].to_torch_state_dict()
     norms = _recall_norms(context, ctx, rc, rc.server_round - 1) if rc.strategy == "fedbn" else None
-    out = train_round(ctx, global_state, rc, norms)
+    session = _privacy_session(context, ctx, rc)
+    if session is None:
+        out = train_round(ctx, global_state, rc, norms)
+    else:
+        session.check_budget()  # PrivacyBudgetExceeded: refuse before any step
+        try:
+            out = train_round(ctx, global_state, rc, norms, privacy=session)
+        finally:  # steps taken are accounted even if the round then fails
+            session.close()
+            if session.steps:
+                _store_privacy_state(context, ctx, session.state_dict())
     if out.local_norms is not None:
         save_local_norms(ctx.state_dir, rc.run_key, rc.server_round, out.local_norms)
         context.state[_NORMS] = ArrayRecord(out.local_norms)
@@ -114,6 +146,30 @@ def _evaluate(msg: Message, context: Context, ctx: SiteContext, rc: RoundConfig)
     norms = _recall_norms(context, ctx, rc, rc.server_round) if rc.strategy == "fedbn" else None
     metrics = evaluate_round(ctx, global_state, rc, norms)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def _privacy_session(context: Context, ctx: SiteContext, rc: RoundConfig) -> PrivacySession | None:
+    """This round's DP-SGD session (None: DP off), continuing the site's accountant."""
+    exp = ctx.experiment
+    if not exp.privacy.enabled:
+        return None
+    train, _val = load_site_tensors(ctx.site, exp.data, ctx.cache_dir)
+    if len(train) == 0:
+        raise ValueError("no training images at this site")
+    record = context.state.config_records.get(_PRIVACY)
+    in_memory = state_from_text(str(record["json"]), "context.state privacy") if record else None
+    if in_memory is not None and in_memory.get("site") != ctx.site.name:
+        in_memory = None  # not this site's ledger
+    state = most_spent(in_memory, load_state(privacy_state_path(ctx.state_dir)))
+    return PrivacySession(exp.privacy, num_examples=len(train), batch_size=exp.train.batch_size,
+                          epochs=rc.local_epochs, state=state, site=ctx.site.name)
+
+
+def _store_privacy_state(context: Context, ctx: SiteContext, state: dict[str, Any]) -> None:
+    save_state(privacy_state_path(ctx.state_dir), state)
+    context.state[_PRIVACY] = ConfigRecord({"json": state_to_text(state)})
+    log.info("site %s: DP-SGD eps=%.4f spent so far (delta=%g)", ctx.site.name,
+             float(state["epsilon"]), float(state["delta"]))
 
 
 def _recall_norms(context: Context, ctx: SiteContext, rc: RoundConfig, up_to_round: int) -> dict[str, Any] | None:

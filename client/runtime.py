@@ -8,6 +8,7 @@ Identity comes from ``node_config``: in deployment the SuperNode's ``--node-conf
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -18,7 +19,15 @@ from typing import Any, Mapping
 
 import torch
 
-from common.config import ConfigError, ExperimentConfig, from_dict, load_experiment, replace
+from common.config import (
+    ConfigError,
+    ExperimentConfig,
+    PrivacyConfig,
+    from_dict,
+    load_experiment,
+    load_yaml,
+    replace,
+)
 from common.device import resolve_device, set_threads
 from common.evaluate import evaluate
 from common.federation import (
@@ -31,6 +40,7 @@ from common.federation import (
     state_is_finite,
     train_metrics,
 )
+from common.privacy import PrivacySession
 from common.sitedata import load_site_tensors
 from common.train import train_local
 
@@ -39,7 +49,7 @@ log = logging.getLogger(__name__)
 #: node_config keys understood in deployment (values are TOML literals on the command line).
 NODE_KEYS = (
     "site", "data-path", "data-format", "synthetic-centre", "synthetic-n", "cache-dir",
-    "state-dir", "experiment-config", "device", "num-threads",
+    "state-dir", "experiment-config", "device", "num-threads", "privacy-config",
 )
 _FEDBN_KEEP = 2  # norm-state files kept per run: the current and the previous round
 
@@ -93,7 +103,9 @@ def resolve_site(
     ``to_dict(ExperimentConfig)``) so every site builds the same model; else the spec's, else
     node_config "experiment-config", else defaults. Site-local settings always win: device and
     threads from node_config; ``pretrained_path`` is dropped (weights arrive in the message,
-    and a server must not make a site open files of its choosing).
+    and a server must not make a site open files of its choosing); with node_config
+    "privacy-config" (a YAML holding a ``privacy:`` mapping) the site's DP settings replace the
+    server's entirely, so a coordinator can neither raise a hospital's budget nor switch its DP off.
     """
     if "partition-id" in node_config and "site" not in node_config:
         if spec is None:
@@ -133,7 +145,24 @@ def resolve_site(
         overrides["train.device"] = str(node_config["device"])
     if node_config.get("num-threads"):
         overrides["train.num_threads"] = int(node_config["num-threads"])
+    privacy_file = _opt_str(node_config.get("privacy-config"))
+    if privacy_file:
+        experiment = dataclasses.replace(experiment, privacy=load_site_privacy(privacy_file))
     return SiteContext(site, replace(experiment, **overrides), cache_dir, state_dir)
+
+
+def load_site_privacy(path: str | Path) -> PrivacyConfig:
+    """The site's own ``privacy:`` section; a file without one is an error (naming the file),
+    not a silent fall-back to the defaults (which have DP off)."""
+    data = load_yaml(path).get("privacy")
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: needs a 'privacy:' mapping (the site's DP-SGD settings)")
+    return from_dict(PrivacyConfig, data, f"{path}: privacy")
+
+
+def privacy_state_path(state_dir: Path) -> Path:
+    """The site-local accountant file (one per site: the budget covers every run on its data)."""
+    return Path(state_dir) / "privacy" / "accountant.json"
 
 
 def _opt_str(value: Any) -> str | None:
@@ -171,10 +200,11 @@ def train_round(
     global_state: Mapping[str, torch.Tensor],
     rc: RoundConfig,
     local_norms: Mapping[str, torch.Tensor] | None = None,
-    privacy: Any = None,
+    privacy: PrivacySession | None = None,
 ) -> TrainOutcome:
     """Local training from the global weights; seed derived from (seed, round, site) so a resumed
-    run repeats it exactly. ``privacy`` is the seam for DP-SGD (None: off, epsilon UNDEFINED)."""
+    run repeats it exactly. ``privacy``: a ``common.privacy.PrivacySession`` for DP-SGD, whose
+    cumulative ε and this round's share are reported (None: DP off, both UNDEFINED)."""
     exp = ctx.experiment
     set_threads(exp.train.num_threads)
     train, _val = load_site_tensors(ctx.site, exp.data, ctx.cache_dir)
@@ -200,9 +230,10 @@ def train_round(
         nkeys = norm_keys(model)
         kept = {k: v for k, v in state.items() if k in nkeys}
         state = {k: v for k, v in state.items() if k not in nkeys}
+    spent = privacy.metrics() if privacy is not None else {}
     metrics = train_metrics(
         result.num_examples, result.loss, result.parts, result.steps, result.seconds,
-        epsilon=None,
+        epsilon=spent.get("epsilon"), epsilon_round=spent.get("epsilon_round"),
     )
     log.info("site %s round %d: trained on %d images, loss %.4f (%.1fs)", ctx.site.name,
              rc.server_round, result.num_examples, result.loss, result.seconds)

@@ -189,11 +189,12 @@ def norm_keys(model: nn.Module) -> frozenset[str]:
 
 # ---------------------------------------------------------------- fixed metric schemas
 #: Keys of every train reply. Losses are means over the last local epoch ("train_loss" is the
-#: multi-task total, "proximal" the FedProx term); "epsilon" is the DP budget spent so far
-#: (UNDEFINED when DP is off).
+#: multi-task total, "proximal" the FedProx term); "epsilon" is the site's cumulative DP-SGD ε
+#: over every round so far and "epsilon_round" this round's increase of it (both UNDEFINED when
+#: DP is off).
 TRAIN_METRIC_KEYS: tuple[str, ...] = (
     "num-examples", "train_loss", "seg", "cls", "consistency", "prior_sup", "proximal",
-    "steps", "seconds", "epsilon",
+    "steps", "seconds", "epsilon", "epsilon_round",
 )
 #: Keys of every evaluate reply. Counts make each sentinel interpretable: dice/iou/hd95 are
 #: UNDEFINED when n_lesion == 0, sensitivity when n_malignant == 0, specificity when
@@ -215,15 +216,17 @@ def finite_or_undefined(value: Any) -> float:
 
 def train_metrics(
     num_examples: int, loss: float, parts: Mapping[str, float], steps: int, seconds: float,
-    epsilon: float | None = None,
+    epsilon: float | None = None, epsilon_round: float | None = None,
 ) -> dict[str, float]:
-    """The fixed train-reply schema from one site's local training."""
+    """The fixed train-reply schema from one site's local training (epsilon/epsilon_round:
+    None when DP is off)."""
     out = {
         "num-examples": float(num_examples),
         "train_loss": finite_or_undefined(loss),
         "steps": float(steps),
         "seconds": float(seconds),
         "epsilon": finite_or_undefined(epsilon),
+        "epsilon_round": finite_or_undefined(epsilon_round),
     }
     for key in ("seg", "cls", "consistency", "prior_sup"):
         out[key] = finite_or_undefined(parts.get(key))
@@ -259,7 +262,8 @@ def aggregate_site_metrics(per_site: Mapping[str, Mapping[str, float]], phase: s
     count it is a mean over (dice by n_lesion, sensitivity by n_malignant, ...) skipping
     UNDEFINED sites, which makes dice/sensitivity/specificity/accuracy exactly the pooled
     values; AUC is the image-weighted mean of site AUCs (pooled AUC needs the raw scores).
-    Train: losses weighted by num-examples; seconds and epsilon are the maximum over sites."""
+    Train: losses weighted by num-examples; seconds, epsilon and epsilon_round are the maximum
+    over sites (the weakest guarantee of the federation)."""
     sites = list(per_site.values())
     if not sites:
         return {}
@@ -269,7 +273,7 @@ def aggregate_site_metrics(per_site: Mapping[str, Mapping[str, float]], phase: s
             vals = [s[key] for s in sites]
             if key in ("num-examples", "steps"):
                 out[key] = float(sum(vals))
-            elif key in ("seconds", "epsilon"):
+            elif key in ("seconds", "epsilon", "epsilon_round"):
                 out[key] = float(max(vals))
             else:
                 out[key] = _weighted([(s[key], s["num-examples"]) for s in sites])

@@ -87,7 +87,7 @@ def _weighted_metrics(results: list[tuple[int, dict[str, Scalar]]]) -> dict[str,
         vals = [(float(m[key]), n) for n, m in results if isinstance(m[key], (int, float))]
         if key in ("num-examples", "n_images", "n_lesion", "n_malignant", "steps"):
             out[key] = float(sum(v for v, _ in vals))
-        elif key in ("epsilon", "seconds"):
+        elif key in ("epsilon", "epsilon_round", "seconds"):
             out[key] = float(max(v for v, _ in vals))
         elif total > 0:
             out[key] = float(sum(v * n for v, n in vals) / total)

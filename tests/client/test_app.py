@@ -24,7 +24,7 @@ from common.federation import (
     norm_keys,
 )
 from common.sitedata import clear_memo
-from tests.server.local_grid import task_identity, tiny_spec
+from tests.server.local_grid import LocalGrid, task_identity, tiny_spec
 
 
 @pytest.fixture(autouse=True)
@@ -47,13 +47,14 @@ def _sim(pid: int, spec: RunSpec) -> Context:
     return _context({"partition-id": pid, "num-partitions": len(spec.sites)}, node_id=100 + pid)
 
 
-def _msg(kind: str, spec: RunSpec, state: dict[str, torch.Tensor] | None = None, **config: Any) -> Message:
+def _msg(kind: str, spec: RunSpec, state: dict[str, torch.Tensor] | None = None, *,
+         dst_node_id: int = 100, **config: Any) -> Message:
     cfg = {"experiment": json.dumps(to_dict(spec.experiment)), "run-key": "testrun",
            "strategy": "fedavg", "server-round": 1, "local-epochs": 1, **config}
     content = RecordDict({"config": ConfigRecord(cfg)})
     if state is not None:
         content["arrays"] = ArrayRecord(state)
-    return Message(content=content, dst_node_id=100, message_type=kind)
+    return Message(content=content, dst_node_id=dst_node_id, message_type=kind)
 
 
 def _init(spec: RunSpec) -> dict[str, torch.Tensor]:
@@ -83,6 +84,7 @@ def test_train_reply_is_weights_plus_the_fixed_numeric_metrics(spec) -> None:
     assert tuple(reply.content["metrics"].keys()) == TRAIN_METRIC_KEYS
     _assert_numeric(reply.content["metrics"])
     assert reply.content["metrics"]["epsilon"] == UNDEFINED  # DP off
+    assert reply.content["metrics"]["epsilon_round"] == UNDEFINED
     new = reply.content["arrays"].to_torch_state_dict()
     assert list(new) == list(init)  # plain state_dict keys, none added or renamed
     assert any(not torch.equal(new[k], init[k]) for k in init)
@@ -185,3 +187,79 @@ def test_fedprox_term_keeps_local_weights_closer_to_the_global_ones(spec) -> Non
     free = distance(strategy="fedavg", **{"proximal-mu": 100.0})  # mu ignored unless fedprox
     prox = distance(strategy="fedprox", **{"proximal-mu": 100.0})
     assert prox < free
+
+
+# ------------------------------------------------------------------ DP-SGD at the site
+_SIGMA = 1.0
+
+
+def _dp_node(tmp_path: Path, **privacy: Any) -> dict[str, Any]:
+    """A deployed site whose own privacy-config enables DP-SGD (fixed sigma, optional cap)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cfg = tmp_path / "site_privacy.yaml"
+    cfg.write_text(json.dumps({"privacy": {"enabled": True, "noise_multiplier": _SIGMA,
+                                           "target_epsilon": None, "target_delta": 1e-3, **privacy}}))
+    return {"site": "Hosp1", "synthetic-centre": "SynES1", "synthetic-n": 16,
+            "state-dir": str(tmp_path / "state"), "privacy-config": str(cfg)}
+
+
+def _expected_epsilon(app: Any, spec: RunSpec, node: dict[str, Any], rounds: int) -> float:
+    """epsilon after ``rounds`` one-epoch rounds, from the site's N and B by the accountant."""
+    from common.privacy import epsilon_of, poisson_rate
+
+    n = app(_msg(MessageType.QUERY, spec), _context(node)).content["info"]["num-train"]
+    q, steps = poisson_rate(n, spec.experiment.train.batch_size)
+    return epsilon_of([[_SIGMA, q, steps * rounds]], 1e-3)
+
+
+def test_dp_site_reports_growing_epsilon_and_sends_plain_keys(spec, tmp_path) -> None:
+    app = make_client_app()
+    node, init = _dp_node(tmp_path), _init(spec)
+    assert not spec.experiment.privacy.enabled  # the server sends DP off; the site's file wins
+    ctx = _context(node)
+    replies = [app(_msg(MessageType.TRAIN, spec, init, **{"server-round": r}), ctx) for r in (1, 2)]
+    eps = [r.content["metrics"]["epsilon"] for r in replies]
+    eps_round = [r.content["metrics"]["epsilon_round"] for r in replies]
+    assert 0 < eps[0] < eps[1]
+    assert eps[0] == pytest.approx(_expected_epsilon(app, spec, node, 1), rel=1e-6)
+    assert eps[1] == pytest.approx(_expected_epsilon(app, spec, node, 2), rel=1e-6)
+    assert eps_round[0] == pytest.approx(eps[0]) and eps_round[1] == pytest.approx(eps[1] - eps[0])
+    for reply in replies:
+        assert tuple(reply.content["metrics"].keys()) == TRAIN_METRIC_KEYS
+        assert list(reply.content["arrays"].to_torch_state_dict()) == list(init)
+    assert "privacy-state" in ctx.state.config_records
+
+
+def test_dp_budget_continues_from_the_site_file_in_a_new_process(spec, tmp_path) -> None:
+    app = make_client_app()
+    node, init = _dp_node(tmp_path), _init(spec)
+    first = app(_msg(MessageType.TRAIN, spec, init), _context(node)).content["metrics"]["epsilon"]
+    assert (tmp_path / "state" / "privacy" / "accountant.json").is_file()
+    fresh = _context(node)  # new process: context.state is empty
+    second = app(_msg(MessageType.TRAIN, spec, init, **{"server-round": 2}), fresh).content["metrics"]
+    assert second["epsilon"] == pytest.approx(_expected_epsilon(app, spec, node, 2), rel=1e-6)
+    assert second["epsilon"] > first and second["epsilon_round"] < second["epsilon"]
+
+
+def test_dp_site_refuses_a_round_past_its_budget(spec, tmp_path) -> None:
+    app = make_client_app()
+    probe = _dp_node(tmp_path / "probe")
+    one, two = (_expected_epsilon(app, spec, probe, r) for r in (1, 2))
+    node, init = _dp_node(tmp_path, target_epsilon=(one + two) / 2), _init(spec)  # one round fits
+    grid = LocalGrid(app, {5: node})
+    ok = list(grid.send_and_receive([_msg(MessageType.TRAIN, spec, init, dst_node_id=5)]))[0]
+    assert not ok.has_error() and ok.content["metrics"]["epsilon"] == pytest.approx(one, rel=1e-6)
+    reply = list(grid.send_and_receive([_msg(MessageType.TRAIN, spec, init, dst_node_id=5,
+                                             **{"server-round": 2})]))[0]
+    assert reply.has_error() and not reply.has_content()
+    assert "site Hosp1" in reply.error.reason and "PrivacyBudgetExceeded" in reply.error.reason
+    assert str(tmp_path) not in reply.error.reason  # no paths leave the site
+    ledger = json.loads((tmp_path / "state" / "privacy" / "accountant.json").read_text())
+    assert ledger["epsilon"] == pytest.approx(one, rel=1e-6)  # the refused round spent nothing
+
+
+def test_site_privacy_config_without_a_privacy_section_is_an_error(spec, tmp_path) -> None:
+    node = _dp_node(tmp_path)
+    Path(node["privacy-config"]).write_text("train: {}\n")
+    with pytest.raises(SiteError, match=r"site Hosp1: query failed \(ConfigError\)"):
+        make_client_app()(_msg(MessageType.QUERY, spec), _context(node))
