@@ -76,6 +76,9 @@ class SiteSpec:
     data_format: str = "auto"
     synthetic_centre: str | None = None
     synthetic_n: int = 64
+    #: strict: any malformed file stops the site (deployment, after its data check); lenient:
+    #: malformed files are skipped and each is logged by name (experiments on public data).
+    strict: bool = True
 
     def __post_init__(self) -> None:
         if not _SITE_NAME.match(self.name) or self.name.lower() == AGGREGATE_SITE:

@@ -32,7 +32,7 @@ def site_cases(site: SiteSpec, data_cfg: DataConfig) -> list[Case]:
     (seeded with ``data_cfg.seed``; the centre's name varies the draw)."""
     if site.synthetic_centre is not None:
         return make_centre(site.synthetic_centre, site.synthetic_n, size=data_cfg.image_size, seed=data_cfg.seed)
-    return load_site(site.data_path, fmt=site.data_format)
+    return load_site(site.data_path, fmt=site.data_format, strict=site.strict)
 
 
 class _EmptyPart(Exception):
