@@ -101,6 +101,7 @@ class SiteAware:
         self.registry, self.recorder, self.seed = registry, recorder, seed
         self.current = {}
         self._sent: dict[str, list[int]] = {"train": [], "evaluate": []}
+        self._outbox: dict[str, list[Message]] = {}
         self.last_site_metrics: dict[str, dict[str, dict[str, float]]] = {"train": {}, "evaluate": {}}
         self.last_failures: dict[str, dict[str, str]] = {"train": {}, "evaluate": {}}
         return self
@@ -121,8 +122,20 @@ class SiteAware:
                   nodes: list[int], message_type: str) -> list[Message]:
         config["server-round"] = server_round
         record = RecordDict({"arrays": arrays, "config": config})
-        return [Message(content=record, message_type=message_type, dst_node_id=n,
-                        group_id=str(server_round)) for n in nodes]
+        messages = [Message(content=record, message_type=message_type, dst_node_id=n,
+                            group_id=str(server_round)) for n in nodes]
+        self._outbox[message_type] = messages  # the grid fills in their ids when it pushes them
+        return messages
+
+    def _reply_source(self, phase: str, msg: Message) -> int:
+        """The site a reply stands for. An error the SuperLink makes for a vanished node comes
+        from the SuperLink's own id (1), so such replies are traced back through the id of the
+        message they answer."""
+        node = msg.metadata.src_node_id
+        if node in self._sent.get(phase, []):
+            return node
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._outbox.get(phase, [])}
+        return sent.get(msg.metadata.reply_to_message_id, node)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -153,7 +166,7 @@ class SiteAware:
         valid: dict[str, Message] = {}
         answered: set[int] = set()
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self._reply_source(phase, msg)
             answered.add(node)
             site = self.registry.name(node)
             if msg.has_error():

@@ -136,6 +136,26 @@ def test_failed_malformed_and_silent_sites_are_named_and_the_round_completes() -
     assert "metric keys" in strat2.last_failures["train"]["B"]
 
 
+def test_superlink_error_for_a_vanished_node_is_named_after_that_site() -> None:
+    """A node that dies mid-round is answered for by the SuperLink itself (src node id 1,
+    reply_to = the instruction's id): the failure must carry the dead site's name."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+    strat, rows = _strategy()
+    sent = _configure(strat, {"w": [0.0], "norm": [1.0]})
+    for node, msg in sent.items():  # what the grid does when it pushes them
+        msg.metadata.__dict__["_message_id"] = f"id-{node}"
+    vanished = create_message_error_unavailable_res_message(sent[33].metadata, "NODE_UNAVAILABLE")
+    assert vanished.metadata.src_node_id == SUPERLINK_NODE_ID
+    replies = [_reply(sent[11], {"w": [2.0], "norm": [1.0]}, _train_metrics(2)),
+               _reply(sent[22], {"w": [4.0], "norm": [1.0]}, _train_metrics(2)), vanished]
+    arrays, _ = strat.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["w"].numpy(), [3.0])
+    assert {site for (_r, _p, site, metric, _v) in rows if metric == "failed"} == {"C"}
+    assert "error reply" in strat.last_failures["train"]["C"]
+
+
 def test_nan_metric_or_foreign_array_keys_are_malformed() -> None:
     strat, _ = _strategy()
     sent = _configure(strat, {"w": [0.0], "norm": [1.0]})

@@ -1,0 +1,285 @@
+"""``flower-client``: run one hospital's SuperNode.
+
+    flower-client --site udiat --config site.yaml          # check the data, then join
+    flower-client --site udiat --config site.yaml --check  # only check the data
+
+The site's data is checked first (``common.data.check.check_site``); invalid data prints the
+report and nothing starts. Then the SuperNode starts with the site's node_config, TLS and node
+authentication on (``--insecure`` only by explicit choice). With ``tuning.fast`` (default) our
+launcher runs the SuperNode with shortened polls next to one long-lived ClientApp worker
+(client/supernode.py); ``--stock`` runs the unmodified ``flower-supernode``. Everything is
+supervised here: SIGINT/SIGTERM stop both cleanly; if the SuperNode exits, so do we (systemd
+restarts us); a crashed worker is restarted a bounded number of times.
+
+Exit status: 0 stopped on request, 1 the SuperNode or worker failed, 2 invalid data or config.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from client.site_config import SiteConfig, load_site_config, site_config_from_dict
+from common.config import ConfigError
+from server.audit import AuditLog, process_identity
+from server.superlink import LogFollower, ManagedProcess, bin_path, ensure_secret, flwr_env, kv_config
+
+MAX_WORKER_RESTARTS = 5
+#: A SuperNode that had joined (logged its node id) and then exited — e.g. the coordinator came
+#: back with fresh state and no longer knows its node id — is restarted, at most
+#: MAX_SUPERNODE_RESTARTS times; one that never joined (key not registered, coordinator
+#: unreachable) is not: that needs a person (or systemd's restart policy).
+MAX_SUPERNODE_RESTARTS = 5
+JOINED_MARK = b"SuperNode ID:"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flower-client", description="Run a hospital's SuperNode.")
+    p.add_argument("--site", required=True, help="site name (must match the registered name)")
+    p.add_argument("--config", type=Path, default=os.environ.get("FEDBUS_SITE_CONFIG"),
+                   help="site YAML (default: $FEDBUS_SITE_CONFIG)")
+    p.add_argument("--check", action="store_true", help="only check the site's data and exit")
+    p.add_argument("--data", help="data folder or manifest (overrides data.path)")
+    p.add_argument("--format", help="data format (overrides data.format)")
+    p.add_argument("--superlink", help="coordinator Fleet API host:port")
+    p.add_argument("--ca-cert", help="federation CA certificate")
+    p.add_argument("--key", help="this site's private key (OpenSSH EC)")
+    p.add_argument("--state-dir", help="site state folder (logs, audit, FedBN state)")
+    p.add_argument("--runtime-port", type=int, help="local Runtime API port (unique per host)")
+    p.add_argument("--insecure", action="store_true",
+                   help="plaintext, no node authentication (loopback trials only)")
+    p.add_argument("--stock", action="store_true", help="stock SuperNode timing (no warm worker)")
+    p.add_argument("--quiet", action="store_true", help="do not echo the SuperNode log")
+    return p
+
+
+def resolve_config(args: argparse.Namespace) -> SiteConfig:
+    overrides: dict[str, Any] = {
+        "site": args.site, "data.path": args.data, "data.format": args.format,
+        "superlink": args.superlink, "ca_cert": args.ca_cert, "private_key": args.key,
+        "state_dir": args.state_dir, "runtime_port": args.runtime_port,
+        "insecure": True if args.insecure else None, "tuning.fast": False if args.stock else None,
+    }
+    if args.config is not None:
+        cfg = load_site_config(args.config, overrides)
+    else:  # everything from the command line
+        data: dict[str, Any] = {}
+        for key, value in overrides.items():
+            head, _, rest = key.partition(".")
+            if value is None:
+                continue
+            if rest:
+                data.setdefault(head, {})[rest] = value
+            else:
+                data[key] = value
+        cfg = site_config_from_dict(data, "command line")
+    if cfg.site != args.site:
+        raise ConfigError(f"{args.config}: configures site {cfg.site!r}, not {args.site!r}")
+    return cfg
+
+
+def check_data(cfg: SiteConfig) -> tuple[bool, dict[str, Any]]:
+    """Run the site check and print its report; returns (ok, summary for the audit log)."""
+    if cfg.data.synthetic_centre is not None:
+        print(f"site {cfg.site}: synthetic data ({cfg.data.synthetic_n} cases like "
+              f"{cfg.data.synthetic_centre}); data check skipped")
+        return True, {"synthetic": cfg.data.synthetic_centre, "n": cfg.data.synthetic_n}
+    from common.data.check import check_site
+    from common.records import DataError
+
+    assert cfg.data.path is not None
+    if not Path(cfg.data.path).exists():
+        print(f"site {cfg.site}: data path {cfg.data.path} does not exist", file=sys.stderr)
+        return False, {"error": "data path missing"}
+    try:
+        report = check_site(cfg.data.path, cfg.data.format)
+    except (DataError, ValueError) as exc:
+        print(f"site {cfg.site}: cannot read the data: {exc}", file=sys.stderr)
+        return False, {"error": type(exc).__name__}
+    print(report.format())
+    return report.ok, {"format": report.fmt, "cases": report.per_class,
+                       "errors": len(report.errors), "warnings": len(report.warnings)}
+
+
+def _key_permissions_ok(path: str) -> bool:
+    mode = Path(path).stat().st_mode
+    if mode & 0o077:
+        print(f"warning: private key {path} is readable by others (mode {oct(mode & 0o777)}); "
+              "chmod 600 it", file=sys.stderr)
+        return False
+    return True
+
+
+def supernode_args(cfg: SiteConfig) -> list[str]:
+    """Arguments for flower-supernode (shared by our launcher and the stock one)."""
+    args = ["--superlink", cfg.superlink, "--port", str(cfg.runtime_port),
+            "--node-config", kv_config(cfg.node_config())]
+    if cfg.insecure:
+        args.append("--insecure")
+    else:
+        args += ["--root-certificates", str(cfg.ca_cert),
+                 "--auth-supernode-private-key", str(cfg.private_key)]
+    if cfg.tuning.reconnect_timeout_s is not None:
+        args += ["--max-wait-time", str(cfg.tuning.reconnect_timeout_s)]
+    return args
+
+
+class Site:
+    """The SuperNode (and, fast, the worker) of one site, supervised."""
+
+    def __init__(self, cfg: SiteConfig, echo: bool = True) -> None:
+        self.cfg, self.state = cfg, cfg.state_path
+        self.logs = self.state / "logs"
+        self.env = flwr_env(self.state / "flwr-home", {"PYTHONUNBUFFERED": "1"})
+        if cfg.num_threads:
+            self.env["OMP_NUM_THREADS"] = str(cfg.num_threads)
+        self.audit = AuditLog(self.state / "audit.jsonl", actor=f"site:{cfg.site}")
+        self.follower = LogFollower() if echo else None
+        self.supernode: ManagedProcess | None = None
+        self.worker: ManagedProcess | None = None
+        self.secret: Path | None = None
+        self.restarts = 0
+        self.supernode_restarts = 0
+        self.supernode_started = 0.0
+        self.supernode_log_offset = 0
+        self.supernode_cmd: list[str] = []
+
+    def start(self) -> None:
+        cfg, py = self.cfg, sys.executable
+        args = supernode_args(cfg)
+        if cfg.tuning.fast:
+            self.secret = ensure_secret(self.state / "superexec.secret")
+            cmd = [py, "-m", "client.supernode", "supernode", "--idle-pull-s", str(cfg.tuning.idle_pull_s)]
+            if cfg.tuning.heartbeat_s:
+                cmd += ["--heartbeat-s", str(cfg.tuning.heartbeat_s)]
+            cmd += ["--", *args, "--isolation", "process",
+                    "--superexec-auth-secret-file", str(self.secret)]
+        else:
+            cmd = [bin_path("flower-supernode"), *args]
+        self.supernode_cmd = cmd
+        self.start_supernode()
+        if self.follower is not None:
+            self.follower.add(self.logs / "supernode.log", cfg.site)
+        if cfg.tuning.fast:
+            self.start_worker()
+        if self.follower is not None:
+            self.follower.start()
+
+    def start_supernode(self) -> None:
+        log = self.logs / "supernode.log"
+        self.supernode_log_offset = log.stat().st_size if log.exists() else 0
+        self.supernode = ManagedProcess(f"supernode-{self.cfg.site}", self.supernode_cmd,
+                                        self.logs / "supernode.log", env=self.env).start()
+        self.supernode_started = time.monotonic()
+
+    def start_worker(self) -> None:
+        cfg = self.cfg
+        cmd = [sys.executable, "-m", "client.supernode", "worker",
+               "--runtime-api-address", f"127.0.0.1:{cfg.runtime_port}",
+               "--secret-file", str(self.secret), "--site", cfg.site,
+               "--audit-log", str(self.state / "audit.jsonl"),
+               "--poll-s", str(cfg.tuning.worker_poll_s), "--parent-pid", str(os.getpid())]
+        if cfg.tuning.heartbeat_s:
+            cmd += ["--heartbeat-s", str(cfg.tuning.heartbeat_s)]
+        for h in cfg.allowed_fab_hashes:
+            cmd += ["--allow-fab-hash", h]
+        self.worker = ManagedProcess(f"worker-{cfg.site}", cmd, self.logs / "worker.log",
+                                     env=self.env).start()
+        if self.follower is not None:
+            self.follower.add(self.logs / "worker.log", f"{cfg.site}:worker")
+
+    def supervise(self, stop: list[str]) -> int:
+        """Block until a stop signal (returns 0) or the SuperNode exits (returns 1)."""
+        assert self.supernode is not None
+        while not stop:
+            code = self.supernode.poll()
+            if code is not None:
+                uptime = time.monotonic() - self.supernode_started
+                restart = self._supernode_joined() and self.supernode_restarts < MAX_SUPERNODE_RESTARTS
+                print(f"site {self.cfg.site}: SuperNode exited with code {code} after "
+                      f"{uptime:.0f}s{'; restarting' if restart else ''}", file=sys.stderr)
+                self.audit.append("supernode_exit", site=self.cfg.site, code=code,
+                                  uptime_s=round(uptime, 1), restart=restart)
+                if not restart:
+                    return 1
+                self.supernode_restarts += 1
+                self.supernode.stop(1.0)
+                self.start_supernode()
+            if self.worker is not None and self.worker.poll() is not None:
+                self.restarts += 1
+                self.audit.append("worker_exit", site=self.cfg.site, code=self.worker.poll(),
+                                  restart=self.restarts)
+                if self.restarts > MAX_WORKER_RESTARTS:
+                    print(f"site {self.cfg.site}: worker keeps failing; stopping", file=sys.stderr)
+                    return 1
+                self.worker.stop(1.0)
+                self.start_worker()
+            time.sleep(0.5)
+        return 0
+
+    def _supernode_joined(self) -> bool:
+        """Did the SuperNode that just exited get a node id from the SuperLink?"""
+        try:
+            with open(self.logs / "supernode.log", "rb") as fh:
+                fh.seek(self.supernode_log_offset)
+                return JOINED_MARK in fh.read()
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        for proc in (self.worker, self.supernode):
+            if proc is not None:
+                proc.stop(10.0)
+        if self.follower is not None:
+            self.follower.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = resolve_config(args)
+    except ConfigError as exc:
+        print(f"flower-client: {exc}", file=sys.stderr)
+        return 2
+    ok, summary = check_data(cfg)
+    if args.check or not ok:
+        if not ok:
+            print(f"site {cfg.site}: data check failed; not starting", file=sys.stderr)
+        return 0 if ok else 2
+    if cfg.insecure:
+        print("WARNING: --insecure: plaintext and no node authentication; loopback trials only",
+              file=sys.stderr)
+    elif cfg.private_key is not None:
+        _key_permissions_ok(cfg.private_key)
+    site = Site(cfg, echo=not args.quiet)
+    stop: list[str] = []
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop.append(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        version = metadata.version("fedbus")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    site.audit.append("site_start", site=cfg.site, superlink=cfg.superlink, tls=not cfg.insecure,
+                      fast=cfg.tuning.fast, version=version, data=summary, **process_identity())
+    code = 1
+    try:
+        site.start()
+        code = site.supervise(stop)
+    finally:
+        site.stop()
+        site.audit.append("site_stop", site=cfg.site, reason=stop[0] if stop else "supernode exit",
+                          code=code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

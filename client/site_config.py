@@ -1,0 +1,147 @@
+"""A hospital's site configuration (YAML) and what it turns into: the SuperNode's node_config.
+
+Example (deploy/site.example.yaml)::
+
+    site: udiat
+    superlink: fl.example.org:9093      # coordinator's Fleet API, host:port
+    ca_cert: /etc/fedbus/ca.crt         # the federation CA (public)
+    private_key: /etc/fedbus/udiat      # this site's OpenSSH EC key (SECRET, mode 0600)
+    data: {path: /data/udiat, format: auto}
+    cache_dir: /var/cache/fedbus/udiat
+    state_dir: /var/lib/fedbus/udiat
+    runtime_port: 9094
+
+Relative paths are resolved against the YAML's folder. Unknown keys are errors naming the file,
+so a typo cannot silently fall back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from common.config import ConfigError, from_dict, load_yaml
+from common.federation import SiteSpec
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """Where the site's images are: ``path`` read as ``format`` (a centre name, "manifest" or
+    "auto"), or a synthetic centre (trials and tests only)."""
+
+    path: str | None = None
+    format: str = "auto"
+    synthetic_centre: str | None = None
+    synthetic_n: int = 64
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Launcher timing. ``fast``: warm ClientApp worker plus shortened polls (client/supernode.py);
+    False: stock ``flower-supernode --isolation subprocess``."""
+
+    fast: bool = True
+    idle_pull_s: float = 0.5
+    worker_poll_s: float = 0.25
+    heartbeat_s: float | None = None  # None: Flower's 30 s; the SuperLink accepts 10..1800
+    reconnect_timeout_s: float | None = 3600.0  # give up reconnecting after this (None: never)
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    site: str
+    superlink: str = "127.0.0.1:9093"
+    ca_cert: str | None = None
+    private_key: str | None = None
+    insecure: bool = False
+    data: SiteData = field(default_factory=SiteData)
+    cache_dir: str | None = None
+    state_dir: str | None = None
+    runtime_port: int = 9094
+    device: str = "auto"
+    num_threads: int | None = None
+    experiment_config: str | None = None
+    allowed_fab_hashes: tuple[str, ...] = ()
+    tuning: Tuning = field(default_factory=Tuning)
+
+    def __post_init__(self) -> None:
+        SiteSpec(name=self.site, data_path=self.data.path or None,
+                 synthetic_centre=self.data.synthetic_centre)  # validates name and data choice
+        if not self.insecure and (self.ca_cert is None or self.private_key is None):
+            raise ConfigError(f"site {self.site}: TLS needs ca_cert and private_key "
+                              "(or insecure: true, for loopback trials only)")
+        if not 0 < self.runtime_port < 65536:
+            raise ConfigError(f"site {self.site}: runtime_port {self.runtime_port} out of range")
+        hb = self.tuning.heartbeat_s
+        if hb is not None and not 10.0 <= hb <= 1800.0:  # SuperLink's accepted range (flwr 1.41)
+            raise ConfigError(f"site {self.site}: tuning.heartbeat_s must be in [10, 1800], got {hb}")
+        if ":" not in self.superlink:
+            raise ConfigError(f"site {self.site}: superlink must be host:port, got {self.superlink!r}")
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir or Path.home() / ".local" / "state" / "fedbus" / self.site)
+
+    def site_spec(self) -> SiteSpec:
+        return SiteSpec(name=self.site, data_path=self.data.path, data_format=self.data.format,
+                        synthetic_centre=self.data.synthetic_centre, synthetic_n=self.data.synthetic_n)
+
+    def node_config(self) -> dict[str, Any]:
+        """The SuperNode's node_config (client/runtime.py NODE_KEYS); None values are left out."""
+        values: dict[str, Any] = {
+            "site": self.site,
+            "data-path": self.data.path,
+            "data-format": self.data.format,
+            "synthetic-centre": self.data.synthetic_centre,
+            "synthetic-n": self.data.synthetic_n if self.data.synthetic_centre else None,
+            "cache-dir": self.cache_dir,
+            "state-dir": str(self.state_path),
+            "experiment-config": self.experiment_config,
+            "device": self.device,
+            "num-threads": self.num_threads,
+        }
+        return {k: v for k, v in values.items() if v is not None}
+
+
+_PATH_FIELDS = ("ca_cert", "private_key", "cache_dir", "state_dir", "experiment_config")
+
+
+def _absolute(base: Path, value: str | None) -> str | None:
+    if value is None:
+        return None
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def site_config_from_dict(data: Mapping[str, Any], where: str, base: Path | None = None) -> SiteConfig:
+    """Parse and resolve relative paths against ``base`` (default: the working directory)."""
+    cfg = from_dict(SiteConfig, data, where)
+    base = (base or Path.cwd()).resolve()
+    changes: dict[str, Any] = {f: _absolute(base, getattr(cfg, f)) for f in _PATH_FIELDS}
+    if cfg.data.path is not None:
+        changes["data"] = dataclasses.replace(cfg.data, path=_absolute(base, cfg.data.path))
+    return dataclasses.replace(cfg, **changes)
+
+
+def load_site_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> SiteConfig:
+    """Read a site YAML; ``overrides`` (dotted keys, e.g. {"data.path": ...}) from the command
+    line replace YAML values before validation."""
+    path = Path(path)
+    data = load_yaml(path)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        head, _, rest = key.partition(".")
+        if rest:
+            data.setdefault(head, {})
+            if not isinstance(data[head], dict):
+                raise ConfigError(f"{path}: {head} must be a mapping")
+            data[head][rest] = value
+        else:
+            data[key] = value
+    try:
+        return site_config_from_dict(data, str(path), path.resolve().parent)
+    except ConfigError as exc:
+        text = str(exc)
+        raise ConfigError(text if text.startswith(str(path)) else f"{path}: {text}") from None

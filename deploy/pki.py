@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""Certificates and SuperNode keys for a fedbus federation, and site (de)registration.
+
+Needs only the Python ``cryptography`` package (installed with flwr) and, for register/revoke,
+the ``flwr`` CLI. Private keys are written with mode 0600 and never overwritten.
+
+  python deploy/pki.py ca      --out pki/                      # coordinator: CA (keep ca.key offline)
+  python deploy/pki.py server  --ca pki/ --out pki/ --host fl.example.org --ip 10.0.0.5
+  python deploy/pki.py site    udiat --out keys/               # at the hospital: keys/udiat(.pub)
+  python deploy/pki.py register udiat keys/udiat.pub --flwr-home STATE/flwr-home
+  python deploy/pki.py revoke   udiat --flwr-home STATE/flwr-home
+  python deploy/pki.py list     --flwr-home STATE/flwr-home
+
+The server certificate always carries DNS:localhost and IP:127.0.0.1 besides the given names,
+because the SuperLink's own ServerApp process reaches the Runtime API over loopback with TLS.
+SuperNode keys are EC P-384 in OpenSSH format: `flwr supernode register` refuses Ed25519.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import ipaddress
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CONNECTION = "fedbus"  # connection name flower-server writes into its FLWR_HOME/config.toml
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Create ``path`` with mode 0600; refuses to overwrite an existing key."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        raise FileExistsError(f"{path}: exists; remove it first to replace it")
+    path.write_bytes(data)
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn),
+                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedbus federation")])
+
+
+def make_ca(out: Path, cn: str = "fedbus federation CA", days: int = 3650) -> tuple[Path, Path]:
+    """Self-signed CA (EC P-384). Returns (ca.crt, ca.key)."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn)).issuer_name(_name(cn))
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA384())
+    )
+    crt_path, key_path = out / "ca.crt", out / "ca.key"
+    _write_private(key_path, key.private_bytes(serialization.Encoding.PEM,
+                                               serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    _write_public(crt_path, cert.public_bytes(serialization.Encoding.PEM))
+    return crt_path, key_path
+
+
+def make_server_cert(ca_dir: Path, out: Path, hosts: list[str], ips: list[str],
+                     days: int = 825) -> tuple[Path, Path]:
+    """Server certificate signed by the CA in ``ca_dir``. Returns (server.pem, server.key)."""
+    ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), password=None)
+    dns = list(dict.fromkeys(["localhost", *hosts]))
+    addrs = list(dict.fromkeys(["127.0.0.1", *ips]))
+    san = [x509.DNSName(h) for h in dns] + [x509.IPAddress(ipaddress.ip_address(i)) for i in addrs]
+    key = ec.generate_private_key(ec.SECP384R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(hosts[0] if hosts else "fedbus superlink"))
+        .issuer_name(ca_cert.subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(san), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),  # type: ignore[arg-type]
+                       critical=False)
+        .sign(ca_key, hashes.SHA384())  # type: ignore[arg-type]
+    )
+    crt_path, key_path = out / "server.pem", out / "server.key"
+    _write_private(key_path, key.private_bytes(serialization.Encoding.PEM,
+                                               serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    _write_public(crt_path, cert.public_bytes(serialization.Encoding.PEM))
+    return crt_path, key_path
+
+
+def make_site_key(site: str, out: Path) -> tuple[Path, Path]:
+    """EC P-384 OpenSSH key pair for one SuperNode. Returns (private key, public key .pub)."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                             serialization.NoEncryption())
+    pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                        serialization.PublicFormat.OpenSSH) + f" {site}\n".encode()
+    key_path, pub_path = out / site, out / f"{site}.pub"
+    _write_private(key_path, priv)
+    _write_public(pub_path, pub)
+    return key_path, pub_path
+
+
+def _flwr(args: list[str], flwr_home: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, FLWR_HOME=str(flwr_home), FLWR_TELEMETRY_ENABLED="0",
+               FLWR_DISABLE_UPDATE_CHECK="1")
+    flwr = Path(sys.executable).with_name("flwr")
+    cmd = [str(flwr) if flwr.exists() else "flwr", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=False)
+
+
+def list_sites(flwr_home: Path, connection: str = CONNECTION) -> list[dict]:
+    """Registered SuperNodes with their names. `flwr supernode list --format json` (1.41) drops
+    the names, so this asks the Control API directly, at the address in FLWR_HOME/config.toml."""
+    import hashlib
+    import tomllib
+
+    from flwr.proto.control_pb2 import ListNodesRequest
+    from flwr.supercore.control import ControlHttpClient
+    from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
+
+    conf = tomllib.loads((flwr_home / "config.toml").read_text())["superlink"][connection]
+    insecure = bool(conf.get("insecure", False))
+    client = ControlHttpClient.from_server_address(
+        server_address=conf["address"], insecure=insecure,
+        root_certificates=None if insecure else conf.get("root-certificates"),
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr CLI")])
+    try:
+        nodes = client.ListNodes(ListNodesRequest()).nodes_info
+    finally:
+        client.close()
+    return [{"node-id": int(n.node_id), "name": n.name, "status": n.status,
+             "key-sha256": hashlib.sha256(bytes(n.public_key)).hexdigest()[:16]} for n in nodes]
+
+
+def register(site: str, pub: Path, flwr_home: Path, connection: str = CONNECTION) -> str:
+    res = _flwr(["supernode", "register", str(pub), connection, "--name", site,
+                 "--format", "json"], flwr_home)
+    if res.returncode != 0:
+        raise RuntimeError(f"registering {site} failed: {res.stdout}{res.stderr}")
+    return res.stdout
+
+
+def revoke(site: str, flwr_home: Path, connection: str = CONNECTION) -> list[int]:
+    """Unregister every node registered under ``site``; returns their node ids."""
+    ids = [n["node-id"] for n in list_sites(flwr_home, connection)
+           if n["name"] == site and n["status"] != "unregistered"]
+    if not ids:
+        raise LookupError(f"no SuperNode registered under the name {site!r}")
+    for node_id in ids:
+        res = _flwr(["supernode", "unregister", str(node_id), connection], flwr_home)
+        if res.returncode != 0:
+            raise RuntimeError(f"unregistering {site} ({node_id}) failed: {res.stdout}{res.stderr}")
+    return ids
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("ca", help="create the federation CA")
+    a.add_argument("--out", type=Path, required=True)
+    a.add_argument("--days", type=int, default=3650)
+    s = sub.add_parser("server", help="create the SuperLink TLS certificate")
+    s.add_argument("--ca", type=Path, required=True, help="folder with ca.crt and ca.key")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--host", action="append", default=[], help="DNS name (repeatable)")
+    s.add_argument("--ip", action="append", default=[], help="IP address (repeatable)")
+    s.add_argument("--days", type=int, default=825)
+    k = sub.add_parser("site", help="create a site's SuperNode key pair (run at the hospital)")
+    k.add_argument("site")
+    k.add_argument("--out", type=Path, required=True)
+    for name in ("register", "revoke", "list"):
+        r = sub.add_parser(name, help=f"{name} site(s) on a running SuperLink")
+        if name != "list":
+            r.add_argument("site")
+        if name == "register":
+            r.add_argument("public_key", type=Path)
+        r.add_argument("--flwr-home", type=Path, required=True,
+                       help="flower-server's Flower home (STATE_DIR/flwr-home)")
+        r.add_argument("--connection", default=CONNECTION)
+    args = p.parse_args(argv)
+    try:
+        return _run(args)
+    except (OSError, LookupError, RuntimeError, ValueError) as exc:
+        print(f"pki.py {args.cmd}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.cmd == "ca":
+        print(*make_ca(args.out, days=args.days), sep="\n")
+    elif args.cmd == "server":
+        print(*make_server_cert(args.ca, args.out, args.host, args.ip, days=args.days), sep="\n")
+    elif args.cmd == "site":
+        key, pub = make_site_key(args.site, args.out)
+        print(f"private key (keep at the site): {key}\npublic key (send to coordinator): {pub}")
+    elif args.cmd == "register":
+        print(register(args.site, args.public_key, args.flwr_home, args.connection))
+    elif args.cmd == "revoke":
+        print("unregistered node ids:", revoke(args.site, args.flwr_home, args.connection))
+    else:
+        print(json.dumps(list_sites(args.flwr_home, args.connection), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
