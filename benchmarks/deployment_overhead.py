@@ -12,9 +12,12 @@ imports, data loading, (de)serialisation, TLS. Round 1 is reported but left out 
 
     python benchmarks/deployment_overhead.py [--rounds 4] [--modes stock,ours] [--work-dir DIR]
 
-Modes: stock (stock SuperExec + per-message flwr-clientapp, SQLite state and payloads),
-ours (warm worker, short polls, SQLite state, payloads in memory), ours-sqlite-payloads (ours
-with payloads in SQLite too), ours-memory (ours with all SuperLink state in memory).
+Modes: stock (stock SuperExec + per-message flwr-clientapp, SQLite state and payloads, one
+object per tensor), ours (warm worker, short polls, SQLite state, payloads in memory, weights
+packed into one vector per message), ours-unpacked (ours with one object per tensor),
+ours-sqlite-payloads (ours with payloads in SQLite too), ours-memory (ours with all SuperLink
+state in memory). ``--model default`` uses the default network (85 tensors, 0.56 M parameters)
+instead of the tiny one (41 tensors). Rows go to ``--out`` (CSV).
 """
 from __future__ import annotations
 
@@ -35,11 +38,13 @@ sys.path.insert(0, str(REPO))
 from server.superlink import ManagedProcess, bin_path, flwr_env, free_port  # noqa: E402
 
 SITES = {"udiat": "SynES1", "busi": "SynEG", "bus-uclm": "SynES2"}  # synthetic stand-ins
+TINY_MODEL = {"base_channels": 4, "depth": 2}
 MODES = {  # coordinator settings; sites use tuning.fast = settings["fast"]
-    "stock": {"fast": False, "database": "state.db", "payloads_in_memory": False},
-    "ours": {"fast": True, "database": "state.db", "payloads_in_memory": True},
-    "ours-sqlite-payloads": {"fast": True, "database": "state.db", "payloads_in_memory": False},
-    "ours-memory": {"fast": True, "database": ":memory:", "payloads_in_memory": True},
+    "stock": {"fast": False, "database": "state.db", "payloads_in_memory": False, "packed": False},
+    "ours": {"fast": True, "database": "state.db", "payloads_in_memory": True, "packed": True},
+    "ours-unpacked": {"fast": True, "database": "state.db", "payloads_in_memory": True, "packed": False},
+    "ours-sqlite-payloads": {"fast": True, "database": "state.db", "payloads_in_memory": False, "packed": True},
+    "ours-memory": {"fast": True, "database": ":memory:", "payloads_in_memory": True, "packed": True},
 }
 
 
@@ -56,17 +61,18 @@ def _pki(root: Path) -> Path:
 
 
 def run_mode(mode: str, root: Path, pki: Path, rounds: int, images: int, timeout: float,
-             app_dir: Path | None = None) -> list[dict]:
+             app_dir: Path | None = None, model: str = "tiny") -> list[dict]:
     """One federation run in ``mode``; returns per-round timing rows."""
     root.mkdir(parents=True)
     port, settings = free_port(), MODES[mode]
     run_dir = root / "run"
     spec = {
         "experiment": {"data": {"image_size": 32, "val_fraction": 0.25, "augment": False},
-                       "model": {"base_channels": 4, "depth": 2},
+                       "model": TINY_MODEL if model == "tiny" else {},
                        "train": {"batch_size": 8, "device": "cpu", "num_threads": 1, "progress": False}},
         "federation": {"strategy": "fedavg", "rounds": rounds, "local_epochs": 1, "min_sites": 3,
-                       "quorum_timeout_s": 120, "round_timeout_s": 300, "central_eval": False},
+                       "quorum_timeout_s": 120, "round_timeout_s": 300, "central_eval": False,
+                       "packed_weights": settings["packed"]},
         "sites": [{"name": n, "synthetic_centre": c, "synthetic_n": images} for n, c in SITES.items()],
         "run_dir": str(run_dir),
     }
@@ -136,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", type=Path, default=None)
     p.add_argument("--timeout", type=float, default=900.0, help="per mode, seconds")
     p.add_argument("--app-dir", type=Path, default=None, help="Flower app to submit (default: this repo)")
+    p.add_argument("--model", choices=["tiny", "default"], default="tiny")
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "benchmarks" / "deployment_overhead.csv")
     args = p.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = set(modes) - set(MODES)
@@ -144,9 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="fedbus-overhead-"))
     pki = _pki(work / "pki")
     means: dict[str, float] = {}
+    all_rows: list[dict] = []
     for mode in modes:
         t0 = time.perf_counter()
-        timings = run_mode(mode, work / mode, pki, args.rounds, args.images, args.timeout, args.app_dir)
+        timings = run_mode(mode, work / mode, pki, args.rounds, args.images, args.timeout, args.app_dir,
+                           args.model)
+        all_rows += [{"mode": mode, "model": args.model, **t} for t in timings]
         print(f"\n{mode}: {len(timings)} rounds in {time.perf_counter() - t0:.0f}s end to end")
         print(f"{'round':>5} {'wall s':>8} {'compute s':>10} {'overhead s':>11}")
         for t in timings:
@@ -159,7 +170,12 @@ def main(argv: list[str] | None = None) -> int:
             if mode != "stock" and value > 0:
                 print(f"\noverhead stock / {mode}: {means['stock']:.2f}s / {value:.2f}s = "
                       f"{means['stock'] / value:.1f}x")
-    print(f"\nwork folder (logs, run folders): {work}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["mode", "model", "round", "wall", "compute", "overhead"])
+        writer.writeheader()
+        writer.writerows(all_rows)
+    print(f"\nrows: {args.out}\nwork folder (logs, run folders): {work}")
     return 0
 
 

@@ -20,7 +20,9 @@ import re
 from importlib import metadata
 from typing import Any, Callable
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.runtime import (
@@ -36,6 +38,7 @@ from client.runtime import (
     train_round,
 )
 from common.federation import RunSpec
+from common.packing import PACKED_KEY, layout_from_json, pack, unpack
 from common.privacy import (
     PrivacyBudgetExceeded,
     PrivacySession,
@@ -120,7 +123,7 @@ def _query(msg: Message, context: Context, ctx: SiteContext, rc: RoundConfig) ->
 
 
 def _train(msg: Message, context: Context, ctx: SiteContext, rc: RoundConfig) -> Message:
-    global_state = msg.content["arrays"].to_torch_state_dict()
+    global_state = _global_state(msg)
     norms = _recall_norms(context, ctx, rc, rc.server_round - 1) if rc.strategy == "fedbn" else None
     session = _privacy_session(context, ctx, rc)
     if session is None:
@@ -137,12 +140,30 @@ def _train(msg: Message, context: Context, ctx: SiteContext, rc: RoundConfig) ->
         save_local_norms(ctx.state_dir, rc.run_key, rc.server_round, out.local_norms)
         context.state[_NORMS] = ArrayRecord(out.local_norms)
         context.state[_NORMS_META] = ConfigRecord({"round": rc.server_round, "run-key": rc.run_key})
-    content = RecordDict({"arrays": ArrayRecord(out.reply_state), "metrics": MetricRecord(out.metrics)})
+    content = RecordDict({"arrays": _reply_arrays(msg, out.reply_state), "metrics": MetricRecord(out.metrics)})
     return Message(content, reply_to=msg)
 
 
+def _global_state(msg: Message) -> dict[str, torch.Tensor]:
+    """The instruction's weights per tensor (unpacked when the server packed them)."""
+    arrays = msg.content["arrays"]
+    if PACKED_KEY not in arrays:
+        return arrays.to_torch_state_dict()
+    layout = layout_from_json(str(msg.content["config"]["packing"]))
+    state = unpack({k: a.numpy() for k, a in arrays.items()}, layout)
+    return {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
+
+
+def _reply_arrays(msg: Message, state: dict[str, torch.Tensor]) -> ArrayRecord:
+    """Weights for the reply, packed like the instruction was."""
+    if PACKED_KEY not in msg.content["arrays"]:
+        return ArrayRecord(state)
+    flat, _layout = pack({k: v.detach().cpu().numpy() for k, v in state.items()})
+    return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in flat.items()})
+
+
 def _evaluate(msg: Message, context: Context, ctx: SiteContext, rc: RoundConfig) -> Message:
-    global_state = msg.content["arrays"].to_torch_state_dict()
+    global_state = _global_state(msg)
     norms = _recall_norms(context, ctx, rc, rc.server_round) if rc.strategy == "fedbn" else None
     metrics = evaluate_round(ctx, global_state, rc, norms)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -49,6 +49,7 @@ class FederationConfig:
     server_lr: float = 0.01
     central_eval: bool = True
     checkpoint_every: int = 1
+    packed_weights: bool = True  # one float32 vector per message (common/packing.py)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:

@@ -21,6 +21,8 @@ code of flwr 1.41, ``serverapp/strategy/dp_*_clipping.py``):
   it). Fewer replies than configured also mean less noise than the guarantee needs.
 - The client-side mods need exactly one ArrayRecord and one ConfigRecord in the message and
   **reply array keys identical to the sent keys**: no FedBN (sites withhold norm layers).
+- The wrappers compare reply and sent arrays key by key, so weights must travel per tensor:
+  ``federation.packed_weights: false`` (common/packing.py).
 - Adaptive clipping spends part of σ on the clipped-count query: with the default
   ``clipped_count_stddev = n/20`` and our 3–4 sites, any σ ≥ 2·n/20 (0.3 for 3 sites) is refused;
   give ``clipped_count_stddev`` explicitly.

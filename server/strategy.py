@@ -12,7 +12,9 @@ multi-hospital run needs around them:
   completes with the rest (stock FedAvg skips the *whole* aggregation on one bad reply);
 * replies aggregated in site-name order and cast back to the global dtypes, so a resumed run
   reproduces an uninterrupted one;
-* ``state_dict``/``load_state_dict`` for the server optimiser (FedAdam m, v) in checkpoints.
+* ``state_dict``/``load_state_dict`` for the server optimiser (FedAdam m, v) in checkpoints;
+* weights packed into one float32 vector per message (common/packing.py: Flower moves every
+  tensor as its own object), unpacked again before aggregation.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from common.federation import (
     aggregate_site_metrics,
     site_seed,
 )
+from common.packing import PACKED_KEY, layout_of, layout_to_json, pack, unpack
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +100,8 @@ class SiteAware:
     norm_keys: frozenset[str] = frozenset()
     current: dict[str, np.ndarray]
 
-    def attach(self, registry: SiteRegistry, recorder: Recorder, seed: int) -> "SiteAware":
-        self.registry, self.recorder, self.seed = registry, recorder, seed
+    def attach(self, registry: SiteRegistry, recorder: Recorder, seed: int, packed: bool = True) -> "SiteAware":
+        self.registry, self.recorder, self.seed, self.packed = registry, recorder, seed, packed
         self.current = {}
         self._sent: dict[str, list[int]] = {"train": [], "evaluate": []}
         self._outbox: dict[str, list[Message]] = {}
@@ -121,6 +124,10 @@ class SiteAware:
     def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                   nodes: list[int], message_type: str) -> list[Message]:
         config["server-round"] = server_round
+        if self.packed:
+            flat, layout = pack({k: a.numpy() for k, a in arrays.items()})
+            config["packing"] = layout_to_json(layout)
+            arrays = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in flat.items()})
         record = RecordDict({"arrays": arrays, "config": config})
         messages = [Message(content=record, message_type=message_type, dst_node_id=n,
                             group_id=str(server_round)) for n in nodes]
@@ -172,7 +179,8 @@ class SiteAware:
             if msg.has_error():
                 failures[site] = f"error reply: {msg.error.reason}"
                 continue
-            problem = _schema_problem(msg, schema, self.expected_array_keys() if phase == "train" else None)
+            problem = self._unpack_reply(msg) if phase == "train" else ""
+            problem = problem or _schema_problem(msg, schema, self.expected_array_keys() if phase == "train" else None)
             if problem:
                 failures[site] = f"malformed reply ({problem})"
                 continue
@@ -195,6 +203,19 @@ class SiteAware:
         self.recorder(server_round, phase, AGGREGATE_SITE, "sites_ok", float(len(per_site)))
         self.last_site_metrics[phase], self.last_failures[phase] = per_site, failures
         return [valid[s] for s in sorted(valid)]
+
+    def _unpack_reply(self, msg: Message) -> str:
+        """Replace a packed reply's weights by per-tensor arrays, in place; a problem text
+        when the vector does not fit the global model's layout."""
+        if "arrays" not in msg.content.array_records or PACKED_KEY not in msg.content["arrays"]:
+            return ""
+        expected = {k: self.current[k] for k in self.expected_array_keys()}
+        try:
+            state = unpack({k: a.numpy() for k, a in msg.content["arrays"].items()}, layout_of(expected))
+        except ValueError as exc:
+            return str(exc)
+        msg.content["arrays"] = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in state.items()})
+        return ""
 
     # ------------------------------------------------------------------ aggregation
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -316,7 +337,7 @@ def build_strategy(
     if fed.strategy == "fedadam":
         common["eta"] = fed.server_lr
     strategy = _CLASSES[fed.strategy](**common)
-    strategy.attach(registry, recorder, seed)
+    strategy.attach(registry, recorder, seed, packed=fed.packed_weights)
     if fed.strategy == "fedbn":
         strategy.norm_keys = frozenset(norm_keys)
     return strategy

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -88,6 +89,27 @@ def test_train_reply_is_weights_plus_the_fixed_numeric_metrics(spec) -> None:
     new = reply.content["arrays"].to_torch_state_dict()
     assert list(new) == list(init)  # plain state_dict keys, none added or renamed
     assert any(not torch.equal(new[k], init[k]) for k in init)
+
+
+def test_packed_instruction_gets_a_packed_reply_with_the_same_training(spec) -> None:
+    """The server sends one flat vector (common/packing.py); the site trains exactly as on
+    per-tensor weights and packs its reply the same way."""
+    from flwr.app import Array
+
+    from common.packing import PACKED_KEY, layout_of, layout_to_json, pack, unpack
+
+    app = make_client_app(spec)
+    init = _init(spec)
+    flat, layout = pack({k: v.numpy() for k, v in init.items()})
+    msg = _msg(MessageType.TRAIN, spec, None, packing=layout_to_json(layout))
+    msg.content["arrays"] = ArrayRecord({k: Array(v) for k, v in flat.items()})
+    reply = app(msg, _sim(0, spec)).content["arrays"]
+    assert PACKED_KEY in reply and len(reply) == len(flat)
+    packed_back = unpack({k: a.numpy() for k, a in reply.items()}, layout_of({k: v.numpy() for k, v in init.items()}))
+    plain = app(_msg(MessageType.TRAIN, spec, init), _sim(0, spec)).content["arrays"].to_torch_state_dict()
+    assert set(packed_back) == set(plain)
+    for k in plain:
+        np.testing.assert_array_equal(packed_back[k], plain[k].numpy())
 
 
 def test_local_training_is_deterministic_per_round_and_site(spec) -> None:

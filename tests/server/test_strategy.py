@@ -156,6 +156,29 @@ def test_superlink_error_for_a_vanished_node_is_named_after_that_site() -> None:
     assert "error reply" in strat.last_failures["train"]["C"]
 
 
+def test_packed_replies_are_unpacked_aggregated_and_checked_against_the_layout() -> None:
+    from flwr.app import Array
+
+    from common.packing import PACKED_KEY, pack
+
+    strat, _rows = _strategy("fedbn")  # "norm" stays at the sites: replies pack "w" only
+    sent = _configure(strat, {"w": [0.0, 0.0], "norm": [1.0]})
+    assert set(sent[11].content["arrays"].keys()) == {PACKED_KEY}
+    assert "packing" in sent[11].content["config"]
+
+    def packed_reply(instr: Message, w: list[float]) -> Message:
+        flat, _ = pack({"w": np.array(w, np.float32)})
+        content = RecordDict({"metrics": MetricRecord(_train_metrics(2)),
+                              "arrays": ArrayRecord({k: Array(v) for k, v in flat.items()})})
+        return Message(content, reply_to=instr)
+
+    arrays, _ = strat.aggregate_train(1, [packed_reply(sent[11], [2.0, 4.0]), packed_reply(sent[22], [4.0, 8.0]),
+                                          packed_reply(sent[33], [1.0])])  # C: wrong length
+    np.testing.assert_allclose(arrays["w"].numpy(), [3.0, 6.0])
+    np.testing.assert_allclose(arrays["norm"].numpy(), [1.0])
+    assert "layout needs 2" in strat.last_failures["train"]["C"]
+
+
 def test_nan_metric_or_foreign_array_keys_are_malformed() -> None:
     strat, _ = _strategy()
     sent = _configure(strat, {"w": [0.0], "norm": [1.0]})
