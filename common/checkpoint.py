@@ -74,7 +74,7 @@ def _plain(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
     if isinstance(value, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(value))
+        return torch.from_numpy(np.array(value, order="C"))  # ascontiguousarray makes 0-d arrays 1-d
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, Path):

@@ -14,6 +14,7 @@ def test_round_trip_with_config_provenance_and_extra(tmp_path: Path):
     path = save_checkpoint(
         tmp_path / "sub" / "ckpt.pt", state, cfg,
         round=4, data_fingerprint="abc123", scores=np.array([0.5, 0.75]), where=tmp_path,
+        scalar=np.array(0.25),
     )
     ck = load_checkpoint(path)
     assert set(ck) == {"state_dict", "config", "provenance", "extra"}
@@ -26,6 +27,7 @@ def test_round_trip_with_config_provenance_and_extra(tmp_path: Path):
     assert ck["extra"]["round"] == 4
     assert torch.allclose(ck["extra"]["scores"], torch.tensor([0.5, 0.75], dtype=torch.float64))
     assert ck["extra"]["where"] == str(tmp_path)
+    assert ck["extra"]["scalar"].shape == () and ck["extra"]["scalar"].item() == 0.25  # 0-d stays 0-d
     assert [p.name for p in path.parent.iterdir()] == ["ckpt.pt"]  # no temp file left
 
 
