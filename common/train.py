@@ -18,6 +18,8 @@ clips per sample and ``grad_clip`` is not applied.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import math
 import time
@@ -77,11 +79,42 @@ def balanced_pos_weight(malignant: Tensor) -> float:
     return neg / pos if pos > 0 and neg > 0 else 1.0
 
 
+def _unwrapped(cls: type, name: str) -> Callable | None:
+    """The innermost undecorated ``cls.name`` (torch's decorators use ``functools.wraps``;
+    ``step`` also carries the profiling hook the Optimizer puts on every class it builds),
+    or None when it is not decorated."""
+    method = getattr(cls, name, None)
+    inner = inspect.unwrap(method) if method is not None else None
+    return inner if inner is not method else None
+
+
+@functools.cache
+def _eager(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    """``cls`` without torch.optim's TorchDynamo guards, or ``cls`` itself if torch changed.
+
+    ``add_param_group``/``zero_grad`` (``torch._disable_dynamo``) and ``step``
+    (``_use_grad_for_differentiable``) import ``torch._dynamo`` on first use: 1.5-2.5 s on a
+    loaded 2-core machine, paid by every fresh process that trains (a simulated site's first
+    round, each deployed round). Nothing here is compiled, so the guards do nothing; the update
+    arithmetic is torch's own (``benchmarks/sim_overhead.py`` measures the first round)."""
+    methods = {n: _unwrapped(cls, n) for n in ("add_param_group", "zero_grad", "step")}
+    if any(m is None for m in methods.values()):
+        return cls
+    step = methods["step"]
+
+    def eager_step(self: torch.optim.Optimizer, closure: Callable[[], float] | None = None) -> float | None:
+        with torch.no_grad():  # what the removed wrapper set (differentiable=False)
+            return step(self, closure)
+
+    return type(f"Eager{cls.__name__}", (cls,), {**methods, "step": eager_step,
+                                                  "__doc__": _eager.__doc__})
+
+
 def _optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return _eager(torch.optim.AdamW)(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        return _eager(torch.optim.SGD)(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     raise ValueError(f"train.optimizer: unknown {cfg.optimizer!r} (adamw | sgd)")
 
 

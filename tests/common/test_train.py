@@ -144,3 +144,32 @@ def test_on_epoch_end_receives_each_epoch(data):
     train_local(model, data, cfg(epochs=2), LossConfig(),
                 on_epoch_end=lambda e, rec: (seen.append((e, rec["loss"])), model.eval()))
     assert [e for e, _ in seen] == [1, 2] and model.training
+
+
+@pytest.mark.parametrize("name,kwargs", [("AdamW", dict(lr=1e-2, weight_decay=1e-2)),
+                                         ("SGD", dict(lr=1e-2, momentum=0.9, weight_decay=1e-4))])
+def test_eager_optimizer_matches_torch_and_keeps_hooks(name, kwargs):
+    """The optimizer without torch's TorchDynamo guards takes exactly torch's steps, is still
+    an instance of torch's class (LambdaLR, Opacus) and still runs step hooks."""
+    from common.train import _eager
+
+    base = getattr(torch.optim, name)
+    cls = _eager(base)
+    assert cls is not base and issubclass(cls, base)
+    torch.manual_seed(0)
+    w0, grads = torch.randn(5, 3), [torch.randn(5, 3) for _ in range(4)]
+    out = []
+    for klass in (base, cls):
+        w = torch.nn.Parameter(w0.clone())
+        opt = klass([w], **kwargs)
+        calls = []
+        opt.register_step_post_hook(lambda *_: calls.append(1))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+        for g in grads:
+            opt.zero_grad(set_to_none=True)
+            w.grad = g.clone()
+            opt.step()
+            sched.step()
+        assert len(calls) == len(grads) and not w.grad.requires_grad
+        out.append(w.detach().clone())
+    assert torch.equal(out[0], out[1])
