@@ -6,7 +6,9 @@ Without arguments it runs on the embedded synthetic centres with small settings 
 CPU cores); ``--data-root`` runs on every real centre found there. Settings resolve as: built-in
 defaults (synthetic or real) < ``--config`` YAML < command-line flags, and are written to the run
 folder's config.yaml, which ``--config`` accepts again. ``--resume RUN_DIR`` continues a stopped
-run with its own config.yaml and skips every unit already in its results.csv.
+run with its own config.yaml and skips every unit already in its results.csv. ``--epsilons
+1,3,8,inf`` adds DP-SGD variants of the ``--dp-arms`` (``<arm>-eps<ε>``) to every protocol and an
+ε-utility table to the report.
 """
 from __future__ import annotations
 
@@ -33,10 +35,10 @@ from common.device import set_threads  # noqa: E402
 from common.federation import SiteSpec  # noqa: E402
 from common.records import DataError  # noqa: E402
 from common.sitedata import load_test_tensors  # noqa: E402
-from sim import plots  # noqa: E402
-from sim.protocols import SELECTION_RULE, LcoOptions, PlannedUnit, Runtime, plan_units, run_unit  # noqa: E402
-from sim.report import ReportContext, matrix_table, write_report  # noqa: E402
+from sim.protocols import LcoOptions, Runtime, plan_units  # noqa: E402
+from sim.outputs import write_outputs  # noqa: E402
 from sim.runfolder import RunFolder  # noqa: E402
+from sim.units import run_unit  # noqa: E402
 
 log = logging.getLogger("sim.leave_center_out")
 
@@ -101,12 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra paper arms with these consistency weights λ, e.g. 0.1,1,2")
     w.add_argument("--ablate-features", action="store_true", default=None,
                    help="extra paper arms leaving each BI-RADS feature out of the prior in turn")
+    w.add_argument("--epsilons", type=lambda s: [float(x) for x in _csv(s)], default=None,
+                   help="DP-SGD targets, e.g. 1,3,8,inf: each arm of --dp-arms gets an extra arm "
+                        "<arm>-eps<ε> per finite ε (sample-level, δ = privacy.target_delta); inf is the arm "
+                        "without DP. The report adds an ε-utility table")
+    w.add_argument("--dp-arms", type=_csv, default=None,
+                   help="arms that get the DP variants, in every protocol that runs them (default: consistency)")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=None, help=f"centralised epochs (train.epochs; default {_defaults('train', 'epochs')})")
     t.add_argument("--rounds", type=int, default=None, help=f"federated rounds (default {_defaults('lco', 'rounds')})")
     t.add_argument("--local-epochs", type=int, default=None, help=f"local epochs per federated round (default {_defaults('lco', 'local_epochs')})")
     t.add_argument("--seeds", type=lambda s: [int(x) for x in _csv(s)], default=None,
                    help="comma list of training seeds (model init, data order); splits stay fixed")
+    t.add_argument("--selection", choices=["best_val", "last"], default=None,
+                   help="centralised arms keep the epoch with the best validation score (mean of val "
+                        "Dice and AUC; default) or the last epoch; federated arms keep the last round")
+    t.add_argument("--batch-size", type=int, default=None, help="train.batch_size (the expected batch under DP)")
     t.add_argument("--threads", type=int, default=None,
                    help="torch threads of this process (train.num_threads; simulated sites use 1 each)")
     r = p.add_argument_group("run")
@@ -149,14 +161,15 @@ def resolve_settings(args: argparse.Namespace) -> tuple[ExperimentConfig, LcoOpt
         raw = _merge(raw, QUICK)
     flags: dict[str, Any] = {
         "data": {"image_size": args.size},
-        "train": {"epochs": args.epochs, "num_threads": args.threads},
+        "train": {"epochs": args.epochs, "num_threads": args.threads, "batch_size": args.batch_size},
         "lco": {
             "data_root": str(Path(args.data_root).resolve()) if args.data_root else None,
             "centres": args.centres, "held_out": args.held_out,
             "train_centre": args.train_center, "protocols": args.protocols, "arms": args.arms,
             "fed_arms": args.fed_arms, "strategies": args.strategies, "rounds": args.rounds,
             "local_epochs": args.local_epochs, "seeds": args.seeds, "lambda_sweep": args.lambda_sweep,
-            "ablate_features": args.ablate_features,
+            "ablate_features": args.ablate_features, "epsilons": args.epsilons, "dp_arms": args.dp_arms,
+            "selection": args.selection,
         },
     }
     flags = {s: {k: v for k, v in sec.items() if v is not None} for s, sec in flags.items()}
@@ -208,64 +221,6 @@ def describe_centres(sites: Mapping[str, SiteSpec], cfg: ExperimentConfig, cache
             "fingerprint": data.fingerprint(),
         })
     return pd.DataFrame(rows)
-
-
-# ----------------------------------------------------------------------------- outputs
-def make_figures(folder: RunFolder, results: pd.DataFrame, per_image: pd.DataFrame, curves: pd.DataFrame,
-                 opts: LcoOptions, preferred_examples: Sequence[str]) -> list[tuple[str, str]]:
-    """Draw every figure the run's tables support; returns (file name, caption) pairs."""
-    out: list[tuple[str, str]] = []
-
-    def keep(path: Path | None, caption: str) -> None:
-        if path is not None:
-            out.append((path.name, caption))
-
-    p = folder.path
-    keep(plots.dice_boxplot(per_image, ["paper"], p / "dice_box_paper.png",
-                            "Protocol 1: per-image Dice on external centres, per arm"),
-         "Per-centre Dice (lesion images), paper protocol")
-    keep(plots.dice_boxplot(per_image, ["fedavg", "fedprox", "pooled"], p / "dice_box_federated.png",
-                            "Protocol 2: Dice on the held-out centre"),
-         "Per-centre Dice (lesion images), federated leave-one-centre-out and pooled")
-    for name, protocols in (("paper", ["paper"]), ("federated", ["fedavg", "fedprox"]),
-                            ("reference", ["local", "pooled"])):
-        keep(plots.training_curves(curves, protocols, p / f"curves_{name}.png", f"Training curves: {name}"),
-             f"Training loss and validation Dice per epoch/round ({name})")
-    for arm in opts.fed_arms:
-        keep(plots.heatmap(matrix_table(results, "local", "dice", arm), p / f"heatmap_local_{arm}.png",
-                           f"Local-only, arm {arm}: train on row, test on column (diagonal: own test split)"),
-             f"Train-on-row / test-on-column Dice, arm {arm}")
-    for key in preferred_examples:
-        npz = folder.examples_dir / f"{key}.npz"
-        if npz.is_file():
-            with np.load(npz, allow_pickle=False) as z:
-                ex = {k: z[k] for k in z.files}
-            keep(plots.example_overlays(ex, p / "examples.png", f"Examples: {key}"),
-                 f"Example predictions ({key}) with p̂, φ and the BI-RADS features of the predicted mask")
-            break
-    return out
-
-
-def write_outputs(folder: RunFolder, cfg: ExperimentConfig, opts: LcoOptions, centres: pd.DataFrame,
-                  plan: Sequence[PlannedUnit]) -> Path:
-    results, per_image, curves = folder.read("results"), folder.read("per_image"), folder.read("curves")
-    preferred = [pu.unit.key for pu in plan if pu.unit.arm == "consistency"] + [pu.unit.key for pu in plan]
-    figures = make_figures(folder, results, per_image, curves, opts, preferred)
-    settings = {
-        "image size": f"{cfg.data.image_size} px", "model": f"{cfg.model.arch} (base {cfg.model.base_channels}, depth {cfg.model.depth})",
-        "centralised epochs": cfg.train.epochs, "federated rounds × local epochs": f"{opts.rounds} × {opts.local_epochs}",
-        "FedProx μ": opts.proximal_mu, "consistency λ": cfg.loss.consistency, "prior features": ", ".join(cfg.loss.features),
-        "seeds": ", ".join(map(str, opts.seeds)), "validation fraction": cfg.data.val_fraction,
-        "bootstrap resamples": opts.bootstrap,
-    }
-    ctx = ReportContext(
-        run_name=folder.path.name,
-        data_source=opts.data_root or "embedded synthetic centres (common.data.synthetic)",
-        centres=centres, settings=settings, selection_rule=SELECTION_RULE,
-        hd95_unit="pixels at the model input size (hd95_mm rows in results.csv where the spacing is known)",
-        figures=tuple(figures), synthetic=not opts.data_root,
-    )
-    return write_report(folder.path / "report.md", results, per_image, ctx)
 
 
 # ----------------------------------------------------------------------------- main

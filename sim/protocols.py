@@ -1,4 +1,5 @@
-"""The three leave-centre-out protocols as lists of units, and the code that runs one unit.
+"""The three leave-centre-out protocols as lists of units: options, arms, the unit plan, and the
+tidy metric rows every unit reports (the code that runs a unit is in sim/units.py).
 
 - paper: train on one centre, test on every other centre without fine-tuning (the published
   external validation), per arm (seg_only, multitask, consistency, feature ablations, λ sweep).
@@ -8,44 +9,32 @@
 - reference: local-only (each centre alone, tested on every centre; the diagonal is the
   centre's own held-out test split) and pooled centralised training on the federation's centres.
 
+DP arms (``epsilons``): every arm of ``dp_arms`` that a protocol runs gets one extra arm
+``{arm}-eps{ε}`` per finite ε, trained with sample-level DP-SGD (``common.privacy``) at that
+target over the unit's whole training (epochs, or rounds × local epochs); ε = inf is the arm
+itself, without DP.
+
 Every centre is a ``SiteSpec`` and every split comes from ``common.sitedata`` (the functions the
 Flower clients use), so a centralised arm trains on exactly the images a federated site trains
-on. Model selection is the same for every arm and protocol: the weights after the last epoch
-(centralised) or the last round (federated); the validation split of each training centre is
-held out of training and scored at the end (and every round by the federated sites).
+on. Model selection (``selection``): centralised arms keep the epoch with the best validation
+score (mean of validation Dice and AUC, Dice alone for seg_only) or the last epoch; federated
+arms keep the last round.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
-import os
-import time
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
-from common.birads import birads_features
-from common.checkpoint import load_checkpoint
-from common.config import ALL_FEATURES, ConfigError, ExperimentConfig, replace
-from common.data.splits import split_cases
-from common.data.tensors import TensorData, to_tensors
-from common.device import resolve_device, seed_everything
-from common.evaluate import predict, score
-from common.federation import (
-    AGGREGATE_SITE,
-    UNDEFINED,
-    FederationConfig,
-    RunSpec,
-    SiteSpec,
-    build_experiment_model,
-)
+from common.config import ConfigError, ExperimentConfig, replace
+from common.federation import SiteSpec
 from common.metrics import binary_auc, bootstrap_ci
-from common.sitedata import load_site_tensors, load_test_tensors, site_cases
-from common.train import train_local
 from sim.runfolder import Unit
 
 log = logging.getLogger(__name__)
@@ -56,10 +45,17 @@ PROTOCOL_GROUPS: dict[str, tuple[str, ...]] = {
     "reference": ("local", "pooled"),
 }
 BASE_ARMS: tuple[str, ...] = ("seg_only", "multitask", "consistency")
-SELECTION_RULE = (
-    "last epoch (centralised) / last round (federated) for every arm; each training centre's "
-    "validation split (patient- and duplicate-aware) is never trained on and is scored at the end"
-)
+SELECTIONS: tuple[str, ...] = ("best_val", "last")
+DP_SUFFIX = "-eps"
+
+
+def selection_rule(selection: str) -> str:
+    """The model-selection sentence of the report."""
+    central = ("the epoch with the best validation score (mean of validation Dice and AUC; Dice "
+               "alone for seg_only or a one-class validation split), ties to the later epoch"
+               if selection == "best_val" else "the last epoch")
+    return (f"centralised arms: {central}; federated arms: the last round. Each training centre's "
+            "validation split (patient- and duplicate-aware) is never trained on")
 
 
 @dataclass(frozen=True)
@@ -85,6 +81,9 @@ class LcoOptions:
     reference_test_fraction: float = 0.25  # local-only diagonal: the centre's own test split
     bootstrap: int = 1000
     examples_per_centre: int = 2
+    epsilons: tuple[float, ...] = ()  # DP-SGD target ε of extra arms; inf = the arm without DP
+    dp_arms: tuple[str, ...] = ("consistency",)  # arms that get the DP variants
+    selection: str = "best_val"  # centralised model selection: best_val | last
 
     def __post_init__(self) -> None:
         bad = [p for p in self.protocols if p not in PROTOCOL_GROUPS]
@@ -104,13 +103,55 @@ class LcoOptions:
             raise ConfigError("lco.seeds: give at least one seed")
         if not 0.0 < self.reference_test_fraction < 1.0:
             raise ConfigError("lco.reference_test_fraction: must be in (0, 1)")
+        if any(not e > 0 for e in self.epsilons):
+            raise ConfigError(f"lco.epsilons: every ε must be > 0 (inf: no DP), got {list(self.epsilons)}")
+        bad = [a for a in self.dp_arms if a not in BASE_ARMS]
+        if bad:
+            raise ConfigError(f"lco.dp_arms: unknown {bad}; known: {list(BASE_ARMS)}")
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"lco.selection: {self.selection!r} not one of {list(SELECTIONS)}")
 
 
 # ------------------------------------------------------------------------------- arms
-def arm_config(cfg: ExperimentConfig, arm: str) -> ExperimentConfig:
+def dp_arm(arm: str, epsilon: float) -> str:
+    """Name of ``arm`` trained with DP-SGD at target ε (ε = inf: the arm itself)."""
+    return arm if math.isinf(epsilon) else f"{arm}{DP_SUFFIX}{epsilon:g}"
+
+
+def split_dp_arm(arm: str) -> tuple[str, float]:
+    """(base arm, target ε) of an arm name; ε = inf for an arm without DP."""
+    base, sep, eps = arm.rpartition(DP_SUFFIX)
+    if not sep:
+        return arm, math.inf
+    try:
+        return base, float(eps)
+    except ValueError:
+        raise ConfigError(f"arm {arm!r}: {eps!r} after {DP_SUFFIX!r} is not a number") from None
+
+
+def with_dp_arms(arms: Sequence[str], opts: LcoOptions) -> list[str]:
+    """``arms`` with, after each arm of ``opts.dp_arms``, its DP variants (finite ε only)."""
+    out: list[str] = []
+    for arm in arms:
+        out.append(arm)
+        if arm in opts.dp_arms:
+            out += [dp_arm(arm, e) for e in sorted(opts.epsilons) if not math.isinf(e)]
+    return list(dict.fromkeys(out))
+
+
+def arm_config(cfg: ExperimentConfig, arm: str, planned_epochs: int | None = None) -> ExperimentConfig:
     """The experiment of one arm: seg_only (no classification, no consistency), multitask
     (λ=0), consistency (λ from the config, 0.5 by default), consistency-no-<feature> (that
-    feature left out of the prior), consistency-lambda<λ>."""
+    feature left out of the prior), consistency-lambda<λ>; ``<arm>-eps<ε>``: that arm with
+    DP-SGD (``cfg.privacy`` with enabled, target ε, and ``planned_epochs``: every local epoch
+    the unit will train, so that σ is planned for the whole unit)."""
+    base, epsilon = split_dp_arm(arm)
+    if not math.isinf(epsilon):
+        if planned_epochs is None or planned_epochs < 1:
+            raise ConfigError(f"arm {arm}: DP needs the planned epochs of the unit")
+        privacy = dataclasses.replace(cfg.privacy, enabled=True, target_epsilon=epsilon,
+                                      noise_multiplier=None, planned_epochs=int(planned_epochs))
+        return dataclasses.replace(arm_config(cfg, base), privacy=privacy)
     if arm == "seg_only":
         return replace(cfg, **{"loss.cls_weight": 0.0, "loss.consistency": 0.0})
     if arm == "multitask":
@@ -136,7 +177,7 @@ def paper_arms(opts: LcoOptions, cfg: ExperimentConfig) -> list[str]:
     if opts.ablate_features:
         arms += [f"consistency-no-{f}" for f in cfg.loss.features]
     arms += [f"consistency-lambda{lam:g}" for lam in opts.lambda_sweep]
-    return list(dict.fromkeys(arms))
+    return with_dp_arms(list(dict.fromkeys(arms)), opts)
 
 
 # ------------------------------------------------------------------------------- plan
@@ -153,6 +194,10 @@ class PlannedUnit:
     @property
     def federated(self) -> bool:
         return self.unit.protocol in PROTOCOL_GROUPS["federated"]
+
+    def planned_epochs(self, opts: LcoOptions, cfg: ExperimentConfig) -> int:
+        """Every local epoch this unit trains (what a DP arm plans its noise for)."""
+        return opts.rounds * opts.local_epochs if self.federated else cfg.train.epochs
 
 
 def plan_units(opts: LcoOptions, cfg: ExperimentConfig, centres: Sequence[str], train_centre: str) -> list[PlannedUnit]:
@@ -182,27 +227,17 @@ def plan_units(opts: LcoOptions, cfg: ExperimentConfig, centres: Sequence[str], 
         for held_out in held_outs:
             rest = [c for c in centres if c != held_out]
             for strategy in opts.strategies:
-                for arm in opts.fed_arms:
+                for arm in with_dp_arms(opts.fed_arms, opts):
                     add(strategy, arm, rest, [held_out])
     if "reference" in opts.protocols:
         for centre in centres:
-            for arm in opts.fed_arms:
+            for arm in with_dp_arms(opts.fed_arms, opts):
                 add("local", arm, [centre], centres, internal=True)
         for held_out in held_outs:
             rest = [c for c in centres if c != held_out]
-            for arm in opts.fed_arms:
+            for arm in with_dp_arms(opts.fed_arms, opts):
                 add("pooled", arm, rest, [held_out])
     return plan
-
-
-# ------------------------------------------------------------------------------- running
-@dataclass
-class UnitOutput:
-    results: pd.DataFrame
-    per_image: pd.DataFrame
-    curves: pd.DataFrame
-    examples: dict[str, np.ndarray] = field(default_factory=dict)
-    seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -214,144 +249,6 @@ class Runtime:
     scratch: Path
     device: str = "auto"
     progress: bool = True
-
-
-def training_data(pu: PlannedUnit, cfg: ExperimentConfig, opts: LcoOptions, rt: Runtime,
-                  ) -> tuple[TensorData, TensorData, TensorData | None]:
-    """(train, val, internal test or None) of a centralised unit, pooled over its training
-    centres. The local-only row splits off a test part (``reference_test_fraction``) with
-    ``split_cases``, the same call ``load_site_tensors`` makes, so the three parts are disjoint."""
-    if pu.internal_test:
-        (centre,) = pu.train_sites
-        site = rt.sites[centre]
-        data_cfg = replace(cfg.data, test_fraction=opts.reference_test_fraction)
-        train, val = load_site_tensors(site, data_cfg, rt.cache_dir)
-        split = split_cases(site_cases(site, data_cfg), data_cfg.val_fraction, data_cfg.test_fraction,
-                            seed=data_cfg.seed)
-        return train, val, to_tensors(split.test, data_cfg.image_size)
-    pairs = [load_site_tensors(rt.sites[c], cfg.data, rt.cache_dir) for c in pu.train_sites]
-    return TensorData.concat([p[0] for p in pairs]), TensorData.concat([p[1] for p in pairs]), None
-
-
-def run_unit(pu: PlannedUnit, cfg: ExperimentConfig, opts: LcoOptions, rt: Runtime) -> UnitOutput:
-    """Train one unit and evaluate it on its test centres."""
-    t0 = time.perf_counter()
-    cfg = replace(arm_config(cfg, pu.unit.arm), **{"train.seed": pu.unit.seed})
-    device = resolve_device(rt.device)
-    if pu.federated:
-        model, curves = _federated(pu, cfg, opts, rt)
-        internal = None
-    else:
-        train, val, internal = training_data(pu, cfg, opts, rt)
-        model, curves = _centralised(pu, cfg, train, val, rt)
-    rows: list[dict[str, Any]] = []
-    images: list[pd.DataFrame] = []
-    examples: list[dict[str, np.ndarray]] = []
-    for centre in pu.test_sites:
-        own = internal is not None and centre in pu.train_sites
-        data = internal if own else load_test_tensors(rt.sites[centre], cfg.data, rt.cache_dir)
-        probs, p_mal = predict(model, data, cfg.train.batch_size, device)
-        result = score(probs, p_mal, data)
-        rows += metric_rows(result.per_image, result.summary, centre, cfg.loss.cls_weight > 0,
-                            opts.bootstrap, pu.unit.seed)
-        images.append(result.per_image.assign(test_centre=centre))
-        examples.append(pick_examples(model, data, probs, p_mal, result.per_image, opts.examples_per_centre, centre))
-    results = pd.DataFrame(rows).assign(**pu.unit.columns())
-    return UnitOutput(results, pd.concat(images, ignore_index=True), curves,
-                      merge_examples(examples), time.perf_counter() - t0)
-
-
-def _centralised(pu: PlannedUnit, cfg: ExperimentConfig, train: TensorData, val: TensorData, rt: Runtime,
-                 ) -> tuple[torch.nn.Module, pd.DataFrame]:
-    """Train from the seed's initialisation; curves: loss per epoch, and the validation Dice of
-    the final (selected) model on the last epoch (``train_local`` has no per-epoch hook)."""
-    seed_everything(cfg.train.seed)
-    model = build_experiment_model(cfg)
-    device = resolve_device(rt.device)
-    result = train_local(model, train, replace(cfg.train, progress=rt.progress), cfg.loss,
-                         device=device, augment=cfg.data.augment, desc=pu.unit.key)
-    curves = pd.DataFrame([{"step": h["epoch"], "step_kind": "epoch", "loss": h["loss"], "val_dice": np.nan}
-                           for h in result.history])
-    if len(val) and not curves.empty:
-        curves.loc[curves.index[-1], "val_dice"] = score(*predict(model, val, cfg.train.batch_size, device),
-                                                         val).summary["dice"]
-    return model, curves
-
-
-# ------------------------------------------------------------------------------- federated
-def federated_spec(pu: PlannedUnit, cfg: ExperimentConfig, opts: LcoOptions, rt: Runtime) -> RunSpec:
-    """The RunSpec of one federated unit: the remaining centres as sites, no central test (the
-    held-out centre is scored here, after the run, with the same code as every other arm)."""
-    fed = FederationConfig(
-        rounds=opts.rounds,
-        local_epochs=opts.local_epochs,
-        strategy=pu.unit.protocol,
-        proximal_mu=opts.proximal_mu,
-        min_sites=len(pu.train_sites),
-        central_eval=False,
-    )
-    # Ray gives each simulated site one CPU (run_simulation_spec), so one torch thread each.
-    exp = replace(cfg, **{"train.progress": False, "train.num_threads": 1})
-    return RunSpec(experiment=exp, federation=fed, sites=tuple(rt.sites[c] for c in pu.train_sites),
-                   run_dir=str(rt.scratch / pu.unit.key), cache_dir=rt.cache_dir)
-
-
-def run_simulation_spec(spec: RunSpec, num_cpus: float = 1.0) -> Path:
-    """Run the real Flower apps of ``spec`` on Flower's simulation engine; returns the run dir.
-    A previous attempt's server checkpoint is resumed, or reused as is when it finished."""
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    from flwr.simulation import run_simulation
-
-    from client.app import make_client_app
-    from server.app import make_server_app
-
-    run_dir = Path(spec.run_dir)
-    status = run_dir / "status.json"
-    state = json.loads(status.read_text()) if status.is_file() else {}
-    if state.get("state") == "finished" and state.get("round") == spec.federation.rounds:
-        log.info("%s: federation already finished; reusing its checkpoint", run_dir)
-        return run_dir
-    resume = (run_dir / "checkpoint.pt").is_file()
-    run_simulation(
-        server_app=make_server_app(spec, resume=resume),
-        client_app=make_client_app(spec),
-        num_supernodes=len(spec.sites),
-        backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": 0.0}},
-    )
-    return run_dir
-
-
-def _federated(pu: PlannedUnit, cfg: ExperimentConfig, opts: LcoOptions, rt: Runtime) -> tuple[torch.nn.Module, pd.DataFrame]:
-    spec = federated_spec(pu, cfg, opts, rt)
-    run_dir = run_simulation_spec(spec)
-    status = run_dir / "status.json"
-    ck_path = run_dir / "checkpoint.pt"
-    if not ck_path.is_file():
-        raise RuntimeError(f"{run_dir}: the federation wrote no checkpoint (see {run_dir / 'server.log'})")
-    ck = load_checkpoint(ck_path)
-    done = int(ck["extra"]["round"])
-    if done != opts.rounds:
-        raise RuntimeError(f"{run_dir}: federation stopped after round {done} of {opts.rounds} "
-                           f"({status.read_text().strip() if status.is_file() else 'no status'})")
-    model = build_experiment_model(spec.experiment)
-    model.load_state_dict(ck["state_dict"])
-    return model, federated_curves(run_dir)
-
-
-def federated_curves(run_dir: Path) -> pd.DataFrame:
-    """Per round: the sites' mean training loss and the validation Dice pooled over sites,
-    from the server's metrics.csv."""
-    path = run_dir / "metrics.csv"
-    if not path.is_file():
-        return pd.DataFrame(columns=["step", "step_kind", "loss", "val_dice"])
-    m = pd.read_csv(path)
-    m = m[m["site"] == AGGREGATE_SITE]
-    loss = m[(m["phase"] == "train") & (m["metric"] == "train_loss")].set_index("round")["value"]
-    dice = m[(m["phase"] == "evaluate") & (m["metric"] == "dice")].set_index("round")["value"]
-    out = pd.concat({"loss": loss, "val_dice": dice}, axis=1).sort_index()
-    out = out.where(out != UNDEFINED)  # sentinel of the fixed metric schema
-    return out.rename_axis("step").reset_index().assign(step_kind="round")[["step", "step_kind", "loss", "val_dice"]]
 
 
 # ------------------------------------------------------------------------------- metrics
@@ -403,48 +300,3 @@ def auc_ci(y: np.ndarray, p: np.ndarray, n_boot: int, seed: int, alpha: float = 
             for _ in range(n_boot)]
     lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
     return float(lo), float(hi)
-
-
-# ------------------------------------------------------------------------------- examples
-def pick_examples(model: torch.nn.Module, data: TensorData, probs: np.ndarray, p_mal: np.ndarray,
-                  per_image: pd.DataFrame, k: int, centre: str) -> dict[str, np.ndarray]:
-    """Up to ``k`` lesion images of one test centre (malignant first, then benign) with the
-    prediction, p̂, φ and the BI-RADS feature values of the predicted soft mask."""
-    lesion = np.flatnonzero(per_image["has_lesion"].to_numpy(bool))
-    mal = [i for i in lesion if per_image["malignant"].iat[i] == 1]
-    ben = [i for i in lesion if per_image["malignant"].iat[i] == 0]
-    order = [x for pair in zip(mal, ben) for x in pair] + mal[len(ben):] + ben[len(mal):]
-    idx = np.array(order[:k], dtype=int)
-    if idx.size == 0:
-        return {}
-    prob_t = torch.from_numpy(probs[idx]).float()
-    image_t = data.images[torch.from_numpy(idx)].float().cpu()
-    with torch.no_grad():
-        feats = birads_features(prob_t, image_t, None, ALL_FEATURES)
-        prior = model.prior.cpu().eval()
-        cols = [ALL_FEATURES.index(n) for n in prior.names]
-        phi = prior(feats[:, cols]).numpy()
-    return {
-        "images": image_t[:, 0].numpy(),
-        "masks": data.masks[torch.from_numpy(idx)][:, 0].cpu().numpy(),
-        "probs": probs[idx, 0],
-        "p_hat": p_mal[idx],
-        "phi": phi,
-        "malignant": per_image["malignant"].to_numpy(float)[idx],
-        "dice": per_image["dice"].to_numpy(float)[idx],
-        "centres": np.array([centre] * idx.size),
-        "case_ids": per_image["case_id"].to_numpy(str)[idx],
-        "features": feats.numpy(),
-        "feature_names": np.array(ALL_FEATURES),
-        "prior_names": np.array(prior.names),
-    }
-
-
-def merge_examples(parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    parts = [p for p in parts if p]
-    if not parts:
-        return {}
-    fixed = ("feature_names", "prior_names")
-    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k not in fixed}
-    out.update({k: parts[0][k] for k in fixed})
-    return out

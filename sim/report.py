@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 
 from common.metrics import paired_wilcoxon
+from sim.protocols import DP_SUFFIX
+from sim.report_dp import dp_section
 
 #: Published external Dice (proposed consistency model, plain multi-task baseline), trained on
 #: BrEaST only (Zhang, Moradi, Saha 2025, arXiv 2511.15968).
@@ -257,7 +259,7 @@ def build_report(results: pd.DataFrame, per_image: pd.DataFrame, ctx: ReportCont
         lines += ["### Consistency vs plain multi-task", ""]
         comp = _comparisons(per_image, [(("paper", "consistency"), ("paper", "multitask"))])
         lines += comp or ["_(needs both the consistency and multitask arms)_", ""]
-        extra = sorted(arms("paper") - set(main_arms))
+        extra = sorted(a for a in arms("paper") - set(main_arms) if DP_SUFFIX not in a)  # DP: own table
         if extra:
             lines += ["### Feature ablations and λ sweep (Dice, lesion images)", ""]
             lines += [markdown_table(arm_dice_table(results, "paper", ["consistency", *extra]))]
@@ -297,6 +299,7 @@ def build_report(results: pd.DataFrame, per_image: pd.DataFrame, ctx: ReportCont
         shown = ["local"] + ([] if {"fedavg", "fedprox"} & present else ["pooled"])  # else in protocol 2
         lines += _section_per_centre(results, shown, published=False)
 
+    lines += dp_section(results, "at the δ of the settings above", PROTOCOL_TITLES)
     if ctx.figures:
         lines += ["## Figures", ""]
         for name, caption in ctx.figures:

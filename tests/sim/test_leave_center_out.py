@@ -13,16 +13,8 @@ import yaml
 
 import sim.leave_center_out as lco
 from common.config import ConfigError, ExperimentConfig
-from sim.protocols import (
-    LcoOptions,
-    Runtime,
-    arm_config,
-    auc_ci,
-    federated_spec,
-    metric_rows,
-    plan_units,
-    run_simulation_spec,
-)
+from sim.federated import federated_spec, run_simulation_spec
+from sim.protocols import LcoOptions, Runtime, arm_config, auc_ci, metric_rows, plan_units
 
 TINY = ["--quick", "--no-progress", "--size", "32"]
 DATA_ROOT = Path(os.environ.get("FEDBUS_DATA_ROOT", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
@@ -41,7 +33,7 @@ def test_help_lists_every_option(capsys):
     text = capsys.readouterr().out
     for flag in ("--data-root", "--protocols", "--arms", "--train-center", "--epochs", "--rounds",
                  "--local-epochs", "--size", "--seeds", "--lambda-sweep", "--ablate-features", "--config",
-                 "--out", "--resume", "--quick", "--threads"):
+                 "--out", "--resume", "--quick", "--threads", "--epsilons", "--dp-arms", "--selection"):
         assert flag in text
 
 
@@ -230,7 +222,7 @@ def test_federated_protocol_runs_flower_simulation(tmp_path):
     out = tmp_path / "runs"
     sites = list(lco.site_specs(LcoOptions()))[:3]
     assert lco.main([*TINY, "--protocols", "federated", "--strategies", "fedprox", "--centres", ",".join(sites),
-                     "--held-out", sites[0], "--out", str(out)]) == 0
+                     "--held-out", sites[0], "--epsilons", "3", "--out", str(out)]) == 0
     folder = _run_folder(out)
     for name in EXPECTED_FILES:
         assert (folder / name).is_file(), name
@@ -238,6 +230,14 @@ def test_federated_protocol_runs_flower_simulation(tmp_path):
     res = pd.read_csv(folder / "results.csv")
     assert set(res["protocol"]) == {"fedprox"}
     assert set(res["test_centre"]) == {sites[0]} and set(res["train_set"]) == {"+".join(sites[1:])}
+    # DP arm: every simulated site ran DP-SGD from the experiment the server sent, within budget
+    assert set(res["arm"]) == {"consistency", "consistency-eps3"}
+    spent = res[res["metric"] == "epsilon"]["value"]
+    assert len(spent) == 1 and 0 < spent.iloc[0] <= 3.0
+    dp_dir = folder / "federated" / f"fedprox__consistency-eps3__{'+'.join(sites[1:])}__s0"
+    ledgers = [json.loads(p.read_text()) for p in dp_dir.glob("site-state/*/privacy/accountant.json")]
+    assert len(ledgers) == 2 and max(s["epsilon"] for s in ledgers) == pytest.approx(spent.iloc[0])
+    assert "## Utility cost of sample-level DP-SGD" in (folder / "report.md").read_text()
     # The server app ran the rounds and wrote its own run folder inside ours.
     server_dir = folder / "federated" / f"fedprox__consistency__{'+'.join(sites[1:])}__s0"
     status = json.loads((server_dir / "status.json").read_text())

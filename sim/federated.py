@@ -1,0 +1,122 @@
+"""Federated units: the real Flower apps (client/app.py, server/app.py) on Flower's simulation
+engine, one RunSpec per unit, and what the run leaves behind (checkpoint, curves, ε spent).
+
+DP-SGD at the simulated sites: the unit's experiment carries the ``privacy`` section (enabled,
+target ε over rounds × local epochs); the server sends the experiment with every message and
+``client/app.py`` runs a ``PrivacySession`` per round from it. (Flower's simulation engine sets
+each node's node_config to its partition id only, so the deployment key ``privacy-config``
+cannot be set per simulated node; the result is the same session code.) Each site's accountant
+lives under the unit's own run dir, so every unit starts with a fresh budget.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from common.checkpoint import load_checkpoint
+from common.config import ExperimentConfig, replace
+from common.federation import AGGREGATE_SITE, UNDEFINED, FederationConfig, RunSpec, build_experiment_model
+from common.privacy import load_state
+
+from sim.protocols import LcoOptions, PlannedUnit, Runtime
+
+log = logging.getLogger(__name__)
+
+
+def federated_spec(pu: PlannedUnit, cfg: ExperimentConfig, opts: LcoOptions, rt: Runtime) -> RunSpec:
+    """The RunSpec of one federated unit: the remaining centres as sites, no central test (the
+    held-out centre is scored after the run, with the same code as every other arm)."""
+    fed = FederationConfig(
+        rounds=opts.rounds,
+        local_epochs=opts.local_epochs,
+        strategy=pu.unit.protocol,
+        proximal_mu=opts.proximal_mu,
+        min_sites=len(pu.train_sites),
+        central_eval=False,
+    )
+    # Ray gives each simulated site one CPU (run_simulation_spec), so one torch thread each.
+    exp = replace(cfg, **{"train.progress": False, "train.num_threads": 1})
+    return RunSpec(experiment=exp, federation=fed, sites=tuple(rt.sites[c] for c in pu.train_sites),
+                   run_dir=str(rt.scratch / pu.unit.key), cache_dir=rt.cache_dir)
+
+
+def run_simulation_spec(spec: RunSpec, num_cpus: float = 1.0) -> Path:
+    """Run the real Flower apps of ``spec`` on Flower's simulation engine; returns the run dir.
+    A previous attempt's server checkpoint is resumed, or reused as is when it finished."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    from flwr.simulation import run_simulation
+
+    from client.app import make_client_app
+    from server.app import make_server_app
+
+    run_dir = Path(spec.run_dir)
+    status = run_dir / "status.json"
+    state = json.loads(status.read_text()) if status.is_file() else {}
+    if state.get("state") == "finished" and state.get("round") == spec.federation.rounds:
+        log.info("%s: federation already finished; reusing its checkpoint", run_dir)
+        return run_dir
+    resume = (run_dir / "checkpoint.pt").is_file()
+    run_simulation(
+        server_app=make_server_app(spec, resume=resume),
+        client_app=make_client_app(spec),
+        num_supernodes=len(spec.sites),
+        backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": 0.0}},
+    )
+    return run_dir
+
+
+def run_federated(pu: PlannedUnit, cfg: ExperimentConfig, opts: LcoOptions, rt: Runtime,
+                  ) -> tuple[torch.nn.Module, pd.DataFrame, float]:
+    """(final global model, curves per round, ε spent: the largest over the sites; NaN without DP)."""
+    spec = federated_spec(pu, cfg, opts, rt)
+    run_dir = run_simulation_spec(spec)
+    status = run_dir / "status.json"
+    ck_path = run_dir / "checkpoint.pt"
+    if not ck_path.is_file():
+        raise RuntimeError(f"{run_dir}: the federation wrote no checkpoint (see {run_dir / 'server.log'})")
+    ck = load_checkpoint(ck_path)
+    done = int(ck["extra"]["round"])
+    if done != opts.rounds:
+        raise RuntimeError(f"{run_dir}: federation stopped after round {done} of {opts.rounds} "
+                           f"({status.read_text().strip() if status.is_file() else 'no status'})")
+    model = build_experiment_model(spec.experiment)
+    model.load_state_dict(ck["state_dict"])
+    spent = sites_epsilon(run_dir, [s.name for s in spec.sites]) if cfg.privacy.enabled else math.nan
+    return model, federated_curves(run_dir), spent
+
+
+def sites_epsilon(run_dir: Path, sites: list[str]) -> float:
+    """The largest cumulative ε over the sites' accountant files (the weakest guarantee);
+    a site without a file raises (DP was on, so it must have accounted its steps)."""
+    from client.runtime import privacy_state_path
+
+    spent = []
+    for name in sites:
+        path = privacy_state_path(run_dir / "site-state" / name)
+        state = load_state(path)
+        if state is None:
+            raise RuntimeError(f"{path}: DP was on but the site left no accountant state")
+        spent.append(float(state["epsilon"]))
+    return max(spent)
+
+
+def federated_curves(run_dir: Path) -> pd.DataFrame:
+    """Per round: the sites' mean training loss and the validation Dice pooled over sites,
+    from the server's metrics.csv."""
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return pd.DataFrame(columns=["step", "step_kind", "loss", "val_dice"])
+    m = pd.read_csv(path)
+    m = m[m["site"] == AGGREGATE_SITE]
+    loss = m[(m["phase"] == "train") & (m["metric"] == "train_loss")].set_index("round")["value"]
+    dice = m[(m["phase"] == "evaluate") & (m["metric"] == "dice")].set_index("round")["value"]
+    out = pd.concat({"loss": loss, "val_dice": dice}, axis=1).sort_index()
+    out = out.where(out != UNDEFINED)  # sentinel of the fixed metric schema
+    return out.rename_axis("step").reset_index().assign(step_kind="round")[["step", "step_kind", "loss", "val_dice"]]
