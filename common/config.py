@@ -61,6 +61,7 @@ class ModelConfig:
     num_groups: int = 8
     in_channels: int = 1
     pretrained_path: str | None = None
+    encoder_norm: str = "group"  # lite0: "group" | "affine" (ImageNet BatchNorm statistics folded)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,10 @@ class LossConfig:
     features: tuple[str, ...] = PAPER_FEATURES
     sign_constrained: bool = True  # prior weights keep the clinical direction (anti-collapse)
     prior_supervision: float = 0.0  # weak BCE(φ, label) so φ cannot drift to a constant
+    # λ schedule, in training steps of one MultiTaskLoss (one train_local call): 0 for the first
+    # consistency_warmup_steps, then linear to λ over consistency_ramp_steps (0, 0: λ throughout)
+    consistency_warmup_steps: int = 0
+    consistency_ramp_steps: int = 0
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,10 @@ Choices that the published method leaves open, made here:
 - Prior supervision trains the prior's weights only: it sees detached features, so it cannot push
   the predicted masks towards "malignant-looking" shapes.
 - Terms whose weight is 0 are computed without gradient, for the report only.
+- λ warm-up (``consistency_warmup_steps``, ``consistency_ramp_steps``): the loss counts its own
+  training calls (forward with grad enabled) and applies λ·min(1, max(0, k − warm + 1)/ramp) at
+  call k, so the consistency term only starts once the masks and p̂ mean something. The count
+  lives in this object, i.e. restarts with every ``train_local`` call (every federated round).
 
 Per-sample structure (for DP-SGD): every term is a mean of per-image terms. By default the lesion
 terms divide by the batch's count of lesion images, which couples images; with
@@ -77,7 +81,8 @@ class MultiTaskLoss(nn.Module):
         if unknown or not cfg.features:
             raise ValueError(f"loss.features: unknown or empty {list(cfg.features)}; "
                              f"known: {list(FEATURE_NAMES)}")
-        for name in ("seg_weight", "dice", "bce", "cls_weight", "consistency", "prior_supervision"):
+        for name in ("seg_weight", "dice", "bce", "cls_weight", "consistency", "prior_supervision",
+                     "consistency_warmup_steps", "consistency_ramp_steps"):
             if getattr(cfg, name) < 0:
                 raise ValueError(f"loss.{name} must be ≥ 0, got {getattr(cfg, name)}")
         self.cfg = cfg
@@ -85,11 +90,22 @@ class MultiTaskLoss(nn.Module):
         if pw is not None and not pw > 0:
             raise ValueError(f"pos_weight must be > 0, got {pw}")
         self.pos_weight = None if pw is None else float(pw)
+        self.train_steps = 0  # training calls so far (drives the λ warm-up)
 
     @property
     def consistency_weight(self) -> float:
         """λ actually applied (0 in the single-task arm)."""
         return self.cfg.consistency if self.cfg.cls_weight > 0 else 0.0
+
+    def scheduled_consistency(self) -> float:
+        """λ for the next training call: 0 during warm-up, then a linear ramp to λ."""
+        lam, warm = self.consistency_weight, self.cfg.consistency_warmup_steps
+        ramp = self.cfg.consistency_ramp_steps
+        if self.train_steps < warm:
+            return 0.0
+        if ramp > 0:
+            return lam * min(1.0, (self.train_steps - warm + 1) / ramp)
+        return lam
 
     def trains_prior(self) -> bool:
         """Whether the prior's parameters receive gradient. Where False, freeze them (e.g. under
@@ -133,7 +149,8 @@ class MultiTaskLoss(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.cls_weight > 0):
             cls = self._cls(cls_logit, y)
 
-        lam = self.consistency_weight
+        training = torch.is_grad_enabled()
+        lam = self.scheduled_consistency() if training else self.consistency_weight
         mode = cfg.consistency_grad
         p_hat = torch.sigmoid(cls_logit)
         # features need grad only when φ's gradient is used (mode both/mask and λ > 0)
@@ -166,4 +183,6 @@ class MultiTaskLoss(nn.Module):
             total = total + cfg.prior_supervision * prior_sup
         values = torch.stack([seg, dice, bce, cls, consistency, prior_sup, total]).detach()
         parts = dict(zip(PART_KEYS, (float(v) for v in values.cpu().tolist())))
+        if training:
+            self.train_steps += 1
         return total, parts

@@ -72,7 +72,7 @@ def _backbone(cfg: ModelConfig, cin: int) -> nn.Module:
     if cfg.arch == "effb1_attention":
         return EncoderDecoder(EfficientNetB1Encoder(cin, cfg.num_groups), cfg.num_groups)
     if cfg.arch == "lite0":
-        return EncoderDecoder(Lite0Encoder(cin, cfg.num_groups), cfg.num_groups)
+        return EncoderDecoder(Lite0Encoder(cin, cfg.num_groups, norm=cfg.encoder_norm), cfg.num_groups)
     raise ValueError(f"model.arch: unknown {cfg.arch!r}; known: {list(ARCHES)}")
 
 

@@ -7,6 +7,10 @@
 * ``lite0``: EfficientNet-Lite0 (no squeeze-excitation, ReLU6, symmetric padding) written here
   with the parameter names of the published Lite0 PyTorch weights (``_conv_stem``,
   ``_blocks.N._expand_conv`` ...), so ImageNet weights load key by key from a local file.
+  Encoder norm ``"group"`` (default): GroupNorm initialised with the BatchNorm affine parameters;
+  ``"affine"``: each BatchNorm becomes a trainable per-channel affine with the ImageNet running
+  statistics folded in (a "frozen BatchNorm"), so at initialisation the encoder computes exactly
+  the ImageNet network's activations; no batch or group statistics are used.
 
 Both return features at strides 2, 4, 8, 16, 32 with (16, 24, 40, 112, 320) channels.
 """
@@ -67,20 +71,46 @@ _LITE0_STAGES = (  # repeats, kernel, stride, expand, in, out  (width 1.0, depth
 _LITE0_TAPS = (0, 1, 2, 4, 6)  # stages whose last block output is a feature (strides 2..32)
 
 
-class _LiteBlock(nn.Module):
-    """MBConv without squeeze-excitation (EfficientNet-Lite), ReLU6, GroupNorm."""
+ENCODER_NORMS = ("group", "affine")
+_BN_EPS = 1e-3  # the published Lite0 BatchNorm epsilon
 
-    def __init__(self, cin: int, cout: int, k: int, stride: int, expand: int, g: int, drop: float) -> None:
+
+class ChannelAffine(nn.Module):
+    """y = weight·x + bias per channel of (B,C,H,W): BatchNorm in eval mode with its statistics
+    folded into weight and bias (see ``convert_lite0_imagenet``). Parameters only, no buffers."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+def _norm(channels: int, g: int, kind: str) -> nn.Module:
+    if kind == "group":
+        return group_norm(channels, g, eps=_BN_EPS)
+    if kind == "affine":
+        return ChannelAffine(channels)
+    raise ValueError(f"model.encoder_norm: unknown {kind!r}; known: {list(ENCODER_NORMS)}")
+
+
+class _LiteBlock(nn.Module):
+    """MBConv without squeeze-excitation (EfficientNet-Lite), ReLU6, GroupNorm (or ChannelAffine)."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int, expand: int, g: int, drop: float,
+                 norm: str = "group") -> None:
         super().__init__()
         mid = cin * expand
         self.expand = expand != 1
         if self.expand:
             self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
-            self._bn0 = group_norm(mid, g, eps=1e-3)
+            self._bn0 = _norm(mid, g, norm)
         self._depthwise_conv = nn.Conv2d(mid, mid, k, stride, padding=k // 2, groups=mid, bias=False)
-        self._bn1 = group_norm(mid, g, eps=1e-3)
+        self._bn1 = _norm(mid, g, norm)
         self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
-        self._bn2 = group_norm(cout, g, eps=1e-3)
+        self._bn2 = _norm(cout, g, norm)
         self.act = nn.ReLU6()
         self.skip = stride == 1 and cin == cout
         self.drop = drop
@@ -101,17 +131,20 @@ class _LiteBlock(nn.Module):
 class Lite0Encoder(nn.Module):
     """EfficientNet-Lite0 feature extractor; state_dict names match the published weights."""
 
-    def __init__(self, in_channels: int, num_groups: int, drop_connect: float = 0.2) -> None:
+    def __init__(self, in_channels: int, num_groups: int, drop_connect: float = 0.2,
+                 norm: str = "group") -> None:
         super().__init__()
+        self.norm = norm
         self._conv_stem = nn.Conv2d(in_channels, 32, 3, 2, padding=1, bias=False)
-        self._bn0 = group_norm(32, num_groups, eps=1e-3)
+        self._bn0 = _norm(32, num_groups, norm)
         self.act = nn.ReLU6()
         total = sum(s[0] for s in _LITE0_STAGES)
         blocks, self._taps, idx = [], [], 0
         for stage, (rep, k, s, e, cin, cout) in enumerate(_LITE0_STAGES):
             for r in range(rep):
                 rate = drop_connect * idx / total
-                blocks.append(_LiteBlock(cin if r == 0 else cout, cout, k, s if r == 0 else 1, e, num_groups, rate))
+                blocks.append(_LiteBlock(cin if r == 0 else cout, cout, k, s if r == 0 else 1, e,
+                                         num_groups, rate, norm))
                 idx += 1
             if stage in _LITE0_TAPS:
                 self._taps.append(idx - 1)
@@ -139,7 +172,8 @@ def lite0_package_weights() -> Path | None:
 
 
 def convert_lite0_imagenet(
-    state: dict[str, torch.Tensor], image_channels: int, extra_channels: int = 0
+    state: dict[str, torch.Tensor], image_channels: int, extra_channels: int = 0,
+    norm: str = "group",
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Map published Lite0 (BatchNorm) weights onto ``Lite0Encoder`` (GroupNorm).
 
@@ -149,9 +183,20 @@ def convert_lite0_imagenet(
     weights are an initialisation that fine-tuning adapts, not a frozen feature extractor.
     The RGB stem is summed over colour (grey input, as timm does for 1 channel) and split evenly
     over ``image_channels``; extra channels (the refinement probability map) start at zero.
+    With ``norm="affine"`` the running statistics are folded instead: weight·(x − μ)/√(σ² + ε) +
+    bias = w'·x + b' with w' = weight/√(σ² + ε), b' = bias − μ·w' (ImageNet activations kept).
     Returns (mapped state, dropped keys).
     """
     out, dropped = {}, []
+    if norm == "affine":
+        state = dict(state)
+        for key in [k for k in state if k.endswith(".running_mean")]:
+            prefix = key[: -len("running_mean")]
+            if prefix + "weight" not in state:
+                continue
+            scale = state[prefix + "weight"] / torch.sqrt(state[prefix + "running_var"] + _BN_EPS)
+            state[prefix + "bias"] = state[prefix + "bias"] - state[key] * scale
+            state[prefix + "weight"] = scale
     for key, value in state.items():
         if key.endswith(("running_mean", "running_var", "num_batches_tracked")):
             dropped.append(key)
@@ -173,7 +218,8 @@ def load_lite0_imagenet(encoder: Lite0Encoder, path: str | Path, image_channels:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError) as exc:
         raise ValueError(f"{path}: cannot read EfficientNet-Lite0 weights ({exc})") from exc
-    mapped, dropped = convert_lite0_imagenet(dict(state), image_channels, extra_channels)
+    mapped, dropped = convert_lite0_imagenet(dict(state), image_channels, extra_channels,
+                                             getattr(encoder, "norm", "group"))
     result = encoder.load_state_dict(mapped, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(

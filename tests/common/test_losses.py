@@ -287,3 +287,20 @@ def test_per_sample_denominator_decouples_images() -> None:
     coupled = MultiTaskLoss(cfg, pos_weight=1.0)  # default: lesion-count denominator couples images
     loss_fn = coupled
     assert not torch.allclose(grad_of_first([True, False]), grad_of_first([False, False]), atol=1e-7)
+
+
+def test_consistency_warmup_then_ramp() -> None:
+    batch, prior = toy_batch(), BiradsPrior(PAPER_FEATURES)
+    loss = MultiTaskLoss(cfg(consistency=0.5, consistency_warmup_steps=2, consistency_ramp_steps=2))
+    applied = []
+    for _ in range(5):
+        ml, cl = outputs(batch)
+        lam = loss.scheduled_consistency()
+        total, parts = loss(ml, cl, batch, prior)
+        plain = parts["seg"] + parts["cls"]
+        assert parts["total"] == pytest.approx(plain + lam * parts["consistency"], rel=1e-5)
+        applied.append(lam)
+    assert applied == [0.0, 0.0, 0.25, 0.5, 0.5]
+    with torch.no_grad():  # evaluation calls do not advance the schedule
+        loss(*outputs(batch), batch, prior)
+    assert loss.train_steps == 5

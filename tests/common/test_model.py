@@ -140,3 +140,23 @@ def test_flops_and_parameter_count():
     assert f32 > 0 and f64 == pytest.approx(4 * f32, rel=0.05)  # convs scale with pixels
     assert model.training  # mode restored
     assert count_parameters(model) == sum(p.numel() for p in model.parameters())
+
+
+def test_lite0_affine_norm_folds_batchnorm_statistics_exactly():
+    """encoder_norm="affine" with converted weights == the BatchNorm network in eval mode."""
+    torch.manual_seed(0)
+    ref = Lite0Encoder(1, 8, drop_connect=0.0, norm="group")
+    for name, mod in list(ref.named_modules()):
+        if isinstance(mod, nn.GroupNorm):
+            bn = nn.BatchNorm2d(mod.num_channels, eps=1e-3)
+            bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+            bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.uniform_(-0.5, 0.5)
+            parent, _, attr = name.rpartition(".")
+            setattr(ref.get_submodule(parent) if parent else ref, attr, bn)
+    state = {k: v for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")}
+    mapped, _ = convert_lite0_imagenet(state, image_channels=1, norm="affine")
+    enc = Lite0Encoder(1, 8, drop_connect=0.0, norm="affine")
+    enc.load_state_dict(mapped)
+    x = torch.randn(2, 1, 32, 32)
+    for a, b in zip(enc.eval()(x), ref.eval()(x)):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
