@@ -15,7 +15,6 @@ images; p_dice is a paired Wilcoxon signed-rank test of per-image Dice against t
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import math
 import os
@@ -38,6 +37,7 @@ from common.evaluate import evaluate
 from common.model import build_model
 from common.nets.efficientnet import lite0_package_weights
 from common.train import train_local
+from sim.selection import EpochSelector
 
 REPO = Path(__file__).resolve().parents[1]
 ARM_NAMES = ("plain", "consistency")
@@ -159,18 +159,12 @@ def load_external(name: str, root: Path, size: int, cache_dir: Path | None) -> T
     return cached_tensors(lambda: load_centre(name, root, strict=False), size, cache_dir, key)
 
 
-def selection_score(summary: dict[str, float]) -> float:
-    vals = [summary["dice"], summary["auc"]]
-    finite = [v for v in vals if np.isfinite(v)]
-    return float(np.mean(finite)) if finite else -np.inf
-
-
 def run_arm(name: str, cfg: ExperimentConfig, train: TensorData, val: TensorData,
             select: str) -> tuple[torch.nn.Module, int, list[dict]]:
     """Train one arm; returns (model with the selected weights, selected epoch, history)."""
     seed_everything(cfg.train.seed)  # identical initial weights in both arms
     model = build_model(cfg.model, cfg.loss.features, sign_constrained=cfg.loss.sign_constrained)
-    best = {"score": -np.inf, "epoch": 0, "state": None}
+    selector = EpochSelector("best_val" if select == "val" else "last")  # the sim's rule
     history: list[dict] = []
 
     def on_epoch_end(epoch: int, record: dict) -> None:
@@ -178,14 +172,11 @@ def run_arm(name: str, cfg: ExperimentConfig, train: TensorData, val: TensorData
         history.append({"arm": name, **record, "val_dice": summ["dice"], "val_auc": summ["auc"]})
         print(f"  [{name}] epoch {epoch:3d} loss {record['loss']:.4f} val dice "
               f"{summ['dice']:.3f} auc {summ['auc']:.3f} ({record['seconds']:.1f}s)", flush=True)
-        s = selection_score(summ)
-        if select == "last" or s >= best["score"]:
-            best.update(score=s, epoch=epoch, state=copy.deepcopy(model.state_dict()))
+        selector.update(epoch, record["loss"], summ, model)
 
     train_local(model, train, cfg.train, cfg.loss, augment=cfg.data.augment, desc=name,
                 on_epoch_end=on_epoch_end)
-    model.load_state_dict(best["state"])
-    return model, int(best["epoch"]), history
+    return model, selector.restore(model), history
 
 
 def main(argv: list[str] | None = None) -> int:
