@@ -71,7 +71,12 @@ def make_ca(out: Path, cn: str = "fedbus federation CA", days: int = 3650) -> tu
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA384())
     )
-    crt_path, key_path = out / "ca.crt", out / "ca.key"
+    return _write_pair(out / "ca.crt", out / "ca.key", cert, key)
+
+
+def _write_pair(crt_path: Path, key_path: Path, cert: x509.Certificate,
+                key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
+    """Certificate (public) and its unencrypted PKCS#8 key (owner-only); returns both paths."""
     _write_private(key_path, key.private_bytes(serialization.Encoding.PEM,
                                                serialization.PrivateFormat.PKCS8,
                                                serialization.NoEncryption()))
@@ -102,12 +107,7 @@ def make_server_cert(ca_dir: Path, out: Path, hosts: list[str], ips: list[str],
                        critical=False)
         .sign(ca_key, hashes.SHA384())  # type: ignore[arg-type]
     )
-    crt_path, key_path = out / "server.pem", out / "server.key"
-    _write_private(key_path, key.private_bytes(serialization.Encoding.PEM,
-                                               serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
-    _write_public(crt_path, cert.public_bytes(serialization.Encoding.PEM))
-    return crt_path, key_path
+    return _write_pair(out / "server.pem", out / "server.key", cert, key)
 
 
 def make_site_key(site: str, out: Path) -> tuple[Path, Path]:
