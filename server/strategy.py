@@ -46,6 +46,12 @@ log = logging.getLogger(__name__)
 Recorder = Callable[[int, str, str, str, float], None]
 
 
+def array_record(state: dict[str, np.ndarray]) -> ArrayRecord:
+    """NumPy arrays as an ArrayRecord, C-ordered; np.asarray(order="C") keeps 0-d arrays 0-d
+    (np.ascontiguousarray would make them 1-d)."""
+    return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in state.items()})
+
+
 class SiteRegistry:
     """node id ↔ site name, learned from query replies. With ``allowed`` names (the spec's
     sites) an unexpected name is refused; a name already held by a *connected* node is refused
@@ -127,7 +133,7 @@ class SiteAware:
         if self.packed:
             flat, layout = pack({k: a.numpy() for k, a in arrays.items()})
             config["packing"] = layout_to_json(layout)
-            arrays = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in flat.items()})
+            arrays = array_record(flat)
         record = RecordDict({"arrays": arrays, "config": config})
         messages = [Message(content=record, message_type=message_type, dst_node_id=n,
                             group_id=str(server_round)) for n in nodes]
@@ -214,7 +220,7 @@ class SiteAware:
             state = unpack({k: a.numpy() for k, a in msg.content["arrays"].items()}, layout_of(expected))
         except ValueError as exc:
             return str(exc)
-        msg.content["arrays"] = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in state.items()})
+        msg.content["arrays"] = array_record(state)
         return ""
 
     # ------------------------------------------------------------------ aggregation
@@ -228,8 +234,7 @@ class SiteAware:
         merged = dict(self.current)  # FedBN: the keys nobody sent keep their global value
         for key, array in arrays.items():
             merged[key] = array.numpy().astype(self.current[key].dtype, copy=False)
-        # np.asarray(order="C") keeps 0-d arrays 0-d (np.ascontiguousarray would make them 1-d)
-        return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in merged.items()}), metrics
+        return array_record(merged), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         valid = self._screen(server_round, "evaluate", replies)
