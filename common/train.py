@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,7 @@ from common.losses import MultiTaskLoss
 log = logging.getLogger(__name__)
 
 BatchFactory = Callable[[], Iterable[dict[str, Tensor]]]
+ENCODER_PREFIX = "backbone.encoder."  # MultiTaskNet naming of a pretrained-capable encoder
 
 
 class PrivacySession(Protocol):
@@ -110,11 +111,22 @@ def _eager(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
                                                   "__doc__": _eager.__doc__})
 
 
-def _optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def _optimizer(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD; with ``encoder_lr_scale`` ≠ 1 the encoder's parameters ("backbone.encoder.*",
+    the part that may hold ImageNet weights in lite0/effb1_attention) form a second group at lr × scale, so fine-tuning
+    keeps the pretrained features while the freshly initialised decoder and heads learn fast."""
+    groups: list[dict[str, Any]] = [{"params": [p for _, p in named]}]
+    if cfg.encoder_lr_scale != 1.0:
+        enc = [p for n, p in named if n.startswith(ENCODER_PREFIX)]
+        if not enc:
+            raise ValueError(f"train.encoder_lr_scale={cfg.encoder_lr_scale}: the model has no "
+                             f"'{ENCODER_PREFIX}*' parameters")
+        groups = [{"params": [p for n, p in named if not n.startswith(ENCODER_PREFIX)]},
+                  {"params": enc, "lr": cfg.lr * cfg.encoder_lr_scale}]
     if cfg.optimizer == "adamw":
-        return _eager(torch.optim.AdamW)(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return _eager(torch.optim.AdamW)(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
-        return _eager(torch.optim.SGD)(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        return _eager(torch.optim.SGD)(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     raise ValueError(f"train.optimizer: unknown {cfg.optimizer!r} (adamw | sgd)")
 
 
@@ -224,7 +236,7 @@ def _run(
     on_epoch_end: Callable[[int, dict[str, float]], None] | None,
 ) -> TrainResult:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = _optimizer([p for _, p in named], cfg)
+    optimizer = _optimizer(named, cfg)
     mu = cfg.proximal_mu if proximal_mu is None else float(proximal_mu)
     add_prox: Callable[[], None] | None = None
     prox_value: Callable[[], float] = lambda: 0.0  # noqa: E731

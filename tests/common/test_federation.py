@@ -77,6 +77,9 @@ def test_load_run_spec_resolves_relative_paths_and_names_the_file(tmp_path) -> N
     assert spec.sites[0].data_path == str(tmp_path / "cfg" / "data" / "a")
     assert spec.run_dir == str(tmp_path / "cfg" / "runs" / "x")
     assert spec.sites[1].synthetic_centre == "c1"
+    path.write_text("experiment: {model: {arch: lite0, pretrained_path: auto}}\n"
+                    "sites:\n  - {name: A, synthetic_centre: c0}\n")
+    assert load_run_spec(path).experiment.model.pretrained_path == "auto"  # a keyword, not a file
     path.write_text("federation: {rounds: 2, strategy: nope}\n")
     with pytest.raises(ConfigError, match="run.yaml"):
         load_run_spec(path)

@@ -105,6 +105,11 @@ def test_missing_pretrained_file_is_named():
         build_model(ModelConfig(pretrained_path="/nowhere.pt"), FEATS)
 
 
+def test_auto_pretrained_is_only_defined_for_lite0():
+    with pytest.raises(ValueError, match="only defined for arch lite0"):
+        build_model(ModelConfig(pretrained_path="auto"), FEATS)
+
+
 def test_load_pretrained_report():
     model = build_model(ModelConfig(depth=3, base_channels=8), FEATS)
     report = load_pretrained(model, {"extra": torch.zeros(1)})
@@ -132,6 +137,9 @@ def test_lite0_imagenet_weights_load_from_the_local_package():
     assert torch.equal(enc._blocks[5]._depthwise_conv.weight, raw["_blocks.5._depthwise_conv.weight"])
     assert torch.equal(enc._blocks[5]._bn1.weight, raw["_blocks.5._bn1.weight"])  # BN affine → GN
     assert torch.allclose(enc._conv_stem.weight[:, 0], raw["_conv_stem.weight"].sum(1))
+    auto = build_model(ModelConfig(arch="lite0", pretrained_path="auto"), FEATS)  # the same file
+    assert torch.equal(auto.backbone.encoder._blocks[5]._depthwise_conv.weight,
+                       enc._blocks[5]._depthwise_conv.weight)
 
 
 def test_flops_and_parameter_count():

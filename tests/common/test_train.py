@@ -7,7 +7,7 @@ from common.config import PAPER_FEATURES, LossConfig, ModelConfig, TrainConfig
 from common.data.synthetic import make_centre
 from common.data.tensors import to_tensors
 from common.model import build_model
-from common.train import _schedule, balanced_pos_weight, train_local
+from common.train import _optimizer, _schedule, balanced_pos_weight, train_local
 
 SIZE = 32
 TINY = ModelConfig(depth=3, base_channels=8)
@@ -173,3 +173,17 @@ def test_eager_optimizer_matches_torch_and_keeps_hooks(name, kwargs):
         assert len(calls) == len(grads) and not w.grad.requires_grad
         out.append(w.detach().clone())
     assert torch.equal(out[0], out[1])
+
+
+def test_encoder_lr_scale_puts_the_encoder_in_its_own_group():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="lite0"), PAPER_FEATURES)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = _optimizer(named, cfg(encoder_lr_scale=0.1, lr=1e-3))
+    rest, enc = opt.param_groups
+    n_enc = sum(1 for n, _ in named if n.startswith("backbone.encoder."))
+    assert len(enc["params"]) == n_enc > 0 and len(rest["params"]) == len(named) - n_enc
+    assert enc["lr"] == pytest.approx(1e-4) and rest["lr"] == pytest.approx(1e-3)
+    assert len(_optimizer(named, cfg(lr=1e-3)).param_groups) == 1  # default: one group
+    with pytest.raises(ValueError, match="no 'backbone.encoder"):
+        _optimizer(list(torch.nn.Linear(2, 2).named_parameters()), cfg(encoder_lr_scale=0.1))
