@@ -1,0 +1,35 @@
+import pandas as pd
+import pytest
+
+from benchmarks.pair_runs import main, pair
+
+
+def write(run, arm, dice, inference="raw", has_lesion=None):
+    run.mkdir()
+    n = len(dice)
+    pd.DataFrame({"case_id": [f"c{i}" for i in range(n)], "eval_centre": "BUSI", "inference": inference,
+                  "arm": arm, "has_lesion": has_lesion or [1] * n, "dice": dice}).to_csv(
+        run / "per_image.csv", index=False)
+
+
+def test_pairs_images_and_reports_the_shift(tmp_path, capsys):
+    write(tmp_path / "a", "plain", [0.1 * i for i in range(8)] + [0.9])
+    write(tmp_path / "b", "consistency", [0.1 * i + 0.05 for i in range(8)] + [0.2], has_lesion=[1] * 8 + [0])
+    with pytest.raises(ValueError, match="different images"):  # b's 9th image is not a lesion image
+        pair(tmp_path / "a", tmp_path / "b")
+    (tmp_path / "b" / "per_image.csv").unlink()
+    (tmp_path / "b").rmdir()
+    write(tmp_path / "b", "consistency", [0.1 * i + 0.05 for i in range(8)] + [0.95])
+    row = pair(tmp_path / "a", tmp_path / "b").iloc[0]
+    assert row.n_lesion == 9 and row.b_minus_a == pytest.approx(0.05)
+    assert row.p_wilcoxon < 0.01  # every image is better in b
+    assert main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0 and "BUSI" in capsys.readouterr().out
+
+
+def test_missing_run_and_mixed_arms_are_named(tmp_path):
+    assert main([str(tmp_path / "nope"), str(tmp_path / "nope")]) == 2
+    write(tmp_path / "a", "plain", [0.5] * 6)
+    pi = pd.read_csv(tmp_path / "a" / "per_image.csv")
+    pd.concat([pi, pi.assign(arm="consistency")]).to_csv(tmp_path / "a" / "per_image.csv", index=False)
+    with pytest.raises(ValueError, match="pair runs of one arm each"):
+        pair(tmp_path / "a", tmp_path / "a")
