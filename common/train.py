@@ -113,8 +113,9 @@ def _eager(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
 
 def _optimizer(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW or SGD; with ``encoder_lr_scale`` ≠ 1 the encoder's parameters ("backbone.encoder.*",
-    the part that may hold ImageNet weights in lite0/effb1_attention) form a second group at lr × scale, so fine-tuning
-    keeps the pretrained features while the freshly initialised decoder and heads learn fast."""
+    the part that may hold ImageNet weights in lite0/effb1_attention) form a second group at
+    lr × scale, so fine-tuning keeps the pretrained features while the freshly initialised decoder
+    and heads learn fast (measured: +0.04 external Dice, docs/external_validation.md run Y2)."""
     groups: list[dict[str, Any]] = [{"params": [p for _, p in named]}]
     if cfg.encoder_lr_scale != 1.0:
         enc = [p for n, p in named if n.startswith(ENCODER_PREFIX)]
