@@ -20,8 +20,14 @@ from sim.protocols import SELECTIONS
 
 
 def selection_score(summary: Mapping[str, float], classify: bool = True) -> float:
-    """Mean of the finite ones of validation Dice and (when ``classify``) AUC; -inf if neither."""
-    values = [summary.get("dice", math.nan)] + ([summary.get("auc", math.nan)] if classify else [])
+    """Mean of the finite ones of validation Dice and (when ``classify``) AUC; -inf if neither.
+
+    An epoch whose validation Dice is 0 (no lesion found anywhere) scores 0 whatever its AUC:
+    otherwise a good AUC let an empty-mask epoch win (seen: a pooled unit on real data kept one)."""
+    dice = summary.get("dice", math.nan)
+    if dice is not None and dice == 0:
+        return 0.0
+    values = [dice] + ([summary.get("auc", math.nan)] if classify else [])
     finite = [float(v) for v in values if v is not None and math.isfinite(v)]
     return sum(finite) / len(finite) if finite else -math.inf
 

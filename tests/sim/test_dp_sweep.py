@@ -127,6 +127,8 @@ SEQUENCE = [{"dice": 0.50, "auc": 0.60},   # 0.55
 def test_best_val_selection_by_hand():
     assert selection_score({"dice": 0.4, "auc": float("nan")}) == 0.4
     assert selection_score({"dice": float("nan"), "auc": float("nan")}) == -math.inf
+    assert selection_score({"dice": 0.0, "auc": 0.9}) == 0.0  # empty masks: AUC cannot rescue them
+    assert selection_score({"dice": 0.1, "auc": 0.1}) > selection_score({"dice": 0.0, "auc": 0.9})
     net = _net()
     best = EpochSelector("best_val")
     _feed(best, net, SEQUENCE)
