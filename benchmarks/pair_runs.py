@@ -43,8 +43,9 @@ def pair(a_dir: Path, b_dir: Path) -> pd.DataFrame:
         raise ValueError(f"{a_dir} and {b_dir} scored different images ({len(a)} vs {len(b)}, "
                          f"{len(common)} shared)")
     rows = []
-    for (centre, inference), idx in pd.Series(0, index=common).groupby(level=[0, 1]).groups.items():
-        x, y = a.loc[idx].to_numpy(), b.loc[idx].to_numpy()
+    both = pd.concat({"a": a, "b": b}, axis=1)  # aligned on (centre, inference, case_id)
+    for (centre, inference), g in both.groupby(level=[0, 1]):
+        x, y = g["a"].to_numpy(), g["b"].to_numpy()
         rows.append({"centre": centre, "inference": inference, "n_lesion": len(x),
                      "dice_a": x.mean(), "dice_b": y.mean(), "b_minus_a": y.mean() - x.mean(),
                      "p_wilcoxon": metrics.paired_wilcoxon(y, x)})
