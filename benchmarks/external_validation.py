@@ -27,19 +27,22 @@ import pandas as pd
 import torch
 import yaml
 
-from common import metrics
-from common.config import AUTO_PRETRAINED, ExperimentConfig, replace, to_dict
-from common.data import discover_centres, load_centre
-from common.data.splits import split_cases
-from common.data.tensors import TensorData, cached_tensors, to_tensors
-from common.device import seed_everything, set_threads
-from common.evaluate import evaluate
-from common.model import build_model
-from common.nets.efficientnet import lite0_package_weights
-from common.train import train_local
-from sim.selection import EpochSelector
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # ``python benchmarks/external_validation.py`` finds ``benchmarks``
+
+from benchmarks.pair_runs import pair_frames  # noqa: E402
+from common import metrics  # noqa: E402
+from common.config import AUTO_PRETRAINED, ExperimentConfig, replace, to_dict  # noqa: E402
+from common.data import discover_centres, load_centre  # noqa: E402
+from common.data.splits import split_cases  # noqa: E402
+from common.data.tensors import TensorData, cached_tensors, to_tensors  # noqa: E402
+from common.device import seed_everything, set_threads  # noqa: E402
+from common.evaluate import evaluate  # noqa: E402
+from common.model import build_model  # noqa: E402
+from common.nets.efficientnet import lite0_package_weights  # noqa: E402
+from common.train import train_local  # noqa: E402
+from sim.selection import EpochSelector  # noqa: E402
+
 ARM_NAMES = ("plain", "consistency")
 TRAIN_CENTRE = "BrEaST"
 
@@ -75,6 +78,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--consistency-grad", choices=["both", "mask", "classifier"], default="both")
     p.add_argument("--prior-supervision", type=float, default=0.0)
     p.add_argument("--cls-loss", choices=["bce", "focal"], default="bce")
+    p.add_argument("--cls-weight", type=float, default=1.0, help="weight of the malignancy loss")
+    p.add_argument("--aug-rotate", type=float, default=10.0, help="augmentation: rotation ± degrees")
+    p.add_argument("--aug-scale", type=float, default=0.1, help="augmentation: zoom 1 ± this")
+    p.add_argument("--aug-translate", type=float, default=0.05,
+                   help="augmentation: shift ± this fraction of the side")
     p.add_argument("--cls-head", choices=["bottleneck", "multiscale"], default="bottleneck")
     p.add_argument("--postprocess", action="store_true",
                    help="also score each arm with horizontal-flip TTA + largest connected "
@@ -118,7 +126,10 @@ def arm_config(args: argparse.Namespace, arm: str, n_train: int) -> ExperimentCo
         "loss.consistency_warmup_steps": round(args.lam_warmup * steps) if consistency else 0,
         "loss.consistency_ramp_steps": round(args.lam_ramp * steps) if consistency else 0,
         "loss.consistency_grad": args.consistency_grad,
+        "data.augmentation.rotate_deg": args.aug_rotate, "data.augmentation.scale": args.aug_scale,
+        "data.augmentation.translate": args.aug_translate,
         "loss.prior_supervision": args.prior_supervision, "loss.cls_loss": args.cls_loss,
+        "loss.cls_weight": args.cls_weight,
         "train.epochs": args.epochs, "train.batch_size": args.batch_size, "train.lr": args.lr,
         "train.encoder_lr_scale": args.encoder_lr_scale,
         "train.weight_decay": args.weight_decay, "train.schedule": args.schedule,
@@ -178,7 +189,7 @@ def run_arm(name: str, cfg: ExperimentConfig, train: TensorData, val: TensorData
               f"{summ['dice']:.3f} auc {summ['auc']:.3f} ({record['seconds']:.1f}s)", flush=True)
         selector.update(epoch, record["loss"], summ, model)
 
-    train_local(model, train, cfg.train, cfg.loss, augment=cfg.data.augment, desc=name,
+    train_local(model, train, cfg.train, cfg.loss, augment=cfg.data.train_augmentation, desc=name,
                 on_epoch_end=on_epoch_end)
     return model, selector.restore(model), history
 
@@ -242,13 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     table = pd.DataFrame(rows)
     pi = pd.concat(per_image, ignore_index=True)
     table["p_dice_vs_plain"] = np.nan
-    for i, row in table.iterrows():
-        if row["arm"] == "plain" or "plain" not in cfgs:
-            continue
-        same = (pi.eval_centre == row["centre"]) & (pi.inference == row["inference"])
-        a = pi[same & (pi.arm == row["arm"])].dice.to_numpy()
-        b = pi[same & (pi.arm == "plain")].dice.to_numpy()
-        table.loc[i, "p_dice_vs_plain"] = metrics.paired_wilcoxon(a, b)
+    for arm in (a for a in cfgs if a != "plain" and "plain" in cfgs):  # paired by case id
+        paired = pair_frames(pi[pi.arm == "plain"], pi[pi.arm == arm], ("plain", arm))
+        p_of = {(r.centre, r.inference): r.p_wilcoxon for r in paired.itertuples()}
+        for i, row in table[table.arm == arm].iterrows():
+            table.loc[i, "p_dice_vs_plain"] = p_of.get((row["centre"], row["inference"]), np.nan)
     table.to_csv(out / "metrics.csv", index=False)
     pi.to_csv(out / "per_image.csv", index=False)
     pd.DataFrame(histories).to_csv(out / "history.csv", index=False)

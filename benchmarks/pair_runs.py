@@ -20,27 +20,23 @@ from common import metrics
 KEY = ["eval_centre", "inference", "case_id"]
 
 
-def pair(a_dir: Path, b_dir: Path) -> pd.DataFrame:
-    """One row per (eval_centre, inference) both runs scored: n lesion images, Dice of A and B
-    (means over lesion images), B − A and the Wilcoxon p of B vs A. Raises when the runs scored
-    different images in such a group, which would make the pairing meaningless."""
-    runs = []
-    for d in (a_dir, b_dir):
-        path = d / "per_image.csv"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: not found (a run folder of benchmarks/external_validation.py?)")
-        pi = pd.read_csv(path)
-        arms = pi["arm"].unique()
-        if len(arms) != 1:
-            raise ValueError(f"{path}: holds arms {list(arms)}; pair runs of one arm each")
-        runs.append(pi[pi["has_lesion"] == 1].set_index(KEY)["dice"])
-    groups = runs[0].index.droplevel(2).unique().intersection(runs[1].index.droplevel(2).unique())
+def pair_frames(a_pi: pd.DataFrame, b_pi: pd.DataFrame, names: tuple[str, str] = ("A", "B")) -> pd.DataFrame:
+    """Pair two per-image frames (columns eval_centre, inference, case_id, has_lesion, dice) by
+    (eval_centre, inference, case_id), never by row order. One row per (eval_centre, inference)
+    both scored: n lesion images, Dice of A and B (means over lesion images), B − A and the
+    Wilcoxon p of B vs A. Raises when they scored different images in such a group, which would
+    make the pairing meaningless; ``names`` label the two in that message."""
+    a, b = (pi[pi["has_lesion"].astype(bool)].set_index(KEY)["dice"] for pi in (a_pi, b_pi))
+    for name, r in zip(names, (a, b)):
+        if r.index.has_duplicates:
+            raise ValueError(f"{name}: an image is scored twice in one (centre, inference) group")
+    groups = a.index.droplevel(2).unique().intersection(b.index.droplevel(2).unique())
     if groups.empty:
-        raise ValueError(f"{a_dir} and {b_dir} share no (centre, inference) group")
-    a, b = (r[r.index.droplevel(2).isin(groups)] for r in runs)
+        raise ValueError(f"{names[0]} and {names[1]} share no (centre, inference) group")
+    a, b = (r[r.index.droplevel(2).isin(groups)] for r in (a, b))
     common = a.index.intersection(b.index)
     if len(common) != len(a) or len(common) != len(b):
-        raise ValueError(f"{a_dir} and {b_dir} scored different images ({len(a)} vs {len(b)}, "
+        raise ValueError(f"{names[0]} and {names[1]} scored different images ({len(a)} vs {len(b)}, "
                          f"{len(common)} shared)")
     rows = []
     both = pd.concat({"a": a, "b": b}, axis=1)  # aligned on (centre, inference, case_id)
@@ -50,6 +46,21 @@ def pair(a_dir: Path, b_dir: Path) -> pd.DataFrame:
                      "dice_a": x.mean(), "dice_b": y.mean(), "b_minus_a": y.mean() - x.mean(),
                      "p_wilcoxon": metrics.paired_wilcoxon(y, x)})
     return pd.DataFrame(rows)
+
+
+def pair(a_dir: Path, b_dir: Path) -> pd.DataFrame:
+    """``pair_frames`` of the per_image.csv of two run folders holding one arm each."""
+    frames = []
+    for d in (a_dir, b_dir):
+        path = d / "per_image.csv"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found (a run folder of benchmarks/external_validation.py?)")
+        pi = pd.read_csv(path)
+        arms = pi["arm"].unique()
+        if len(arms) != 1:
+            raise ValueError(f"{path}: holds arms {list(arms)}; pair runs of one arm each")
+        frames.append(pi)
+    return pair_frames(frames[0], frames[1], (str(a_dir), str(b_dir)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -220,7 +220,7 @@ def train_round(
     result = train_local(  # proximal_mu is explicit: None would fall back to train.proximal_mu
         model, train, train_cfg, exp.loss,
         global_state=start_state if mu > 0 else None, proximal_mu=mu,
-        privacy=privacy, device=device, augment=exp.data.augment, desc=ctx.site.name,
+        privacy=privacy, device=device, augment=exp.data.train_augmentation, desc=ctx.site.name,
     )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if not state_is_finite(state):

@@ -39,14 +39,37 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """Random geometry of training batches (``common.data.tensors.augment_batch``): rotation
+    ±``rotate_deg``, zoom 1 ± ``scale``, shift ± ``translate`` × the side in x and y. Centres
+    differ in where the lesion sits and how large it is, so these ranges set how far a model
+    trained on one centre's framing carries to another's."""
+
+    rotate_deg: float = 10.0
+    scale: float = 0.1
+    translate: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.scale < 1 and 0 <= self.translate <= 0.5 and 0 <= self.rotate_deg <= 180):
+            raise ConfigError(f"data.augmentation: need 0 ≤ scale < 1, 0 ≤ translate ≤ 0.5, "
+                              f"0 ≤ rotate_deg ≤ 180; got {self}")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Preprocessing and splitting. Images become ``image_size``² single-channel tensors."""
 
     image_size: int = 128
     augment: bool = True
+    augmentation: AugmentConfig = field(default_factory=AugmentConfig)
     val_fraction: float = 0.2
     test_fraction: float = 0.0
     seed: int = 0
+
+    @property
+    def train_augmentation(self) -> AugmentConfig | None:
+        """What ``train_local(augment=...)`` takes: the ranges, or None with augmentation off."""
+        return self.augmentation if self.augment else None
 
 
 @dataclass(frozen=True)

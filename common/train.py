@@ -30,8 +30,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from common.config import LossConfig, TrainConfig
-from common.data.tensors import TensorData, augment_batch, batches, normalise
+from common.config import AugmentConfig, LossConfig, TrainConfig
+from common.data.tensors import TensorData, augment_batch, augmentation, batches, normalise
 from common.device import resolve_device, seed_everything, set_threads
 from common.losses import MultiTaskLoss
 
@@ -177,7 +177,7 @@ def train_local(
     proximal_mu: float | None = None,
     privacy: PrivacySession | None = None,
     device: str | torch.device | None = None,
-    augment: bool = True,
+    augment: bool | AugmentConfig | None = True,
     desc: str = "",
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
@@ -216,7 +216,7 @@ def train_local(
             p.requires_grad_(False)
     try:
         return _run(model, data, train_cfg, loss_fn, global_state, proximal_mu, privacy, dev,
-                    augment, desc, generator, on_epoch_end)
+                    augmentation(augment), desc, generator, on_epoch_end)
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -231,7 +231,7 @@ def _run(
     proximal_mu: float | None,
     privacy: PrivacySession | None,
     dev: torch.device,
-    augment: bool,
+    geometry: AugmentConfig | None,
     desc: str,
     generator: torch.Generator,
     on_epoch_end: Callable[[int, dict[str, float]], None] | None,
@@ -273,8 +273,8 @@ def _run(
                 if b == 0:  # Poisson sampling can draw an empty batch
                     continue
                 batch = {k: v.to(dev, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
-                if augment:  # here, not in the batch factory, so DP batches are augmented too
-                    raw, mask = augment_batch(batch["raw"], batch["mask"], generator)
+                if geometry is not None:  # here, not in the batch factory: DP batches get it too
+                    raw, mask = augment_batch(batch["raw"], batch["mask"], generator, geometry)
                     batch = {**batch, "raw": raw, "mask": mask, "image": normalise(raw),
                              "has_lesion": mask.flatten(1).amax(1) > 0}
                 x = batch["image"]

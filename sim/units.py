@@ -132,7 +132,8 @@ def train_centralised(pu: PlannedUnit, cfg: ExperimentConfig, train: TensorData,
 
     try:
         train_local(model, train, replace(cfg.train, progress=rt.progress), cfg.loss, privacy=session,
-                    device=device, augment=cfg.data.augment, desc=pu.unit.key, on_epoch_end=on_epoch_end)
+                    device=device, augment=cfg.data.train_augmentation, desc=pu.unit.key,
+                    on_epoch_end=on_epoch_end)
     finally:
         if session is not None:
             session.close()

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.config import AugmentConfig
 from common.records import Case
 
 log = logging.getLogger(__name__)
@@ -169,13 +170,15 @@ def normalise(images: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def augment_batch(
-    images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
+    images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator,
+    geometry: AugmentConfig = AugmentConfig(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched augmentation of (B,1,S,S) images in [0,1] and {0,1} masks, on the batch's device.
 
     Random horizontal flip (never vertical: depth has a direction — attenuation, posterior
-    shadowing and enhancement lie below the lesion); one affine per image (rotation ±10°, scale
-    0.9–1.1, translation ±5 % of the side) applied to the whole batch with one ``affine_grid`` /
+    shadowing and enhancement lie below the lesion); one affine per image (by default rotation
+    ±10°, scale 0.9–1.1, translation ±5 % of the side; ranges from ``geometry``, uniform draws)
+    applied to the whole batch with one ``affine_grid`` /
     ``grid_sample`` (masks bilinear then > 0.5, so they stay binary); gain 0.8–1.2, contrast
     0.85–1.15 about the image mean, gamma e^±0.3; multiplicative speckle-like noise (Gaussian at
     half resolution, upsampled, σ ≤ 0.15). Random numbers come from ``generator`` on its own device
@@ -187,9 +190,9 @@ def augment_batch(
         return torch.rand(*shape, generator=generator, device=gdev).to(dev)
 
     flip = rand(b) < 0.5
-    angle = (rand(b) * 2 - 1) * math.radians(10)
-    scale = 0.9 + rand(b) * 0.2
-    shift = (rand(b, 2) * 2 - 1) * 0.1  # affine_grid spans [-1, 1]: 0.1 = 5 % of the side
+    angle = (rand(b) * 2 - 1) * math.radians(geometry.rotate_deg)
+    scale = 1 - geometry.scale + rand(b) * 2 * geometry.scale
+    shift = (rand(b, 2) * 2 - 1) * 2 * geometry.translate  # affine_grid spans [-1, 1]: 2 = the side
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     sx = torch.where(flip, -1.0, 1.0)
     theta = torch.stack(
@@ -214,13 +217,20 @@ def augment_batch(
     return images.clamp_(0.0, 1.0), masks
 
 
+def augmentation(augment: bool | AugmentConfig | None) -> AugmentConfig | None:
+    """``augment`` argument → ranges: True means the defaults, False/None means off."""
+    if isinstance(augment, AugmentConfig):
+        return augment
+    return AugmentConfig() if augment else None
+
+
 def batches(
     data: TensorData,
     batch_size: int,
     shuffle: bool,
     generator: torch.Generator | None = None,
     drop_last: bool = False,
-    augment: bool = False,
+    augment: bool | AugmentConfig | None = False,
     device: torch.device | str | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """One epoch of batch dicts: image (B,1,S,S) normalised model input, raw (B,1,S,S) in [0,1]
@@ -234,6 +244,7 @@ def batches(
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     order = torch.randperm(n, generator=gen, device=gen.device).cpu() if shuffle else torch.arange(n)
     dev = torch.device(device) if device is not None else data.images.device
+    geometry = augmentation(augment)
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         if len(idx) == 0 or (drop_last and len(idx) < batch_size):
@@ -241,8 +252,8 @@ def batches(
         at = idx.to(data.images.device)
         raw = data.images[at].to(dev, non_blocking=True)
         mask = data.masks[at].to(dev, non_blocking=True)
-        if augment:
-            raw, mask = augment_batch(raw, mask, gen)
+        if geometry is not None:
+            raw, mask = augment_batch(raw, mask, gen, geometry)
         yield {
             "image": normalise(raw),
             "raw": raw,

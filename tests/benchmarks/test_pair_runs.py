@@ -1,3 +1,4 @@
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -33,3 +34,18 @@ def test_missing_run_and_mixed_arms_are_named(tmp_path):
     pd.concat([pi, pi.assign(arm="consistency")]).to_csv(tmp_path / "a" / "per_image.csv", index=False)
     with pytest.raises(ValueError, match="pair runs of one arm each"):
         pair(tmp_path / "a", tmp_path / "a")
+
+
+def test_pairing_is_by_case_id_not_row_order():
+    """The benchmark's own p-value goes through pair_frames: shuffling one frame changes nothing."""
+    from benchmarks.pair_runs import pair_frames
+
+    rng = np.random.default_rng(0)
+    a = pd.DataFrame({"case_id": [f"c{i}" for i in range(30)], "eval_centre": "BUSI", "inference": "raw",
+                      "has_lesion": True, "dice": rng.uniform(0, 1, 30)})
+    b = a.assign(dice=a.dice + rng.uniform(0.0, 0.1, 30))  # every image a little better
+    same = pair_frames(a, b).iloc[0]
+    shuffled = pair_frames(a, b.sample(frac=1, random_state=1)).iloc[0]
+    assert same.p_wilcoxon < 1e-4 and shuffled.p_wilcoxon == same.p_wilcoxon
+    with pytest.raises(ValueError, match="scored twice"):
+        pair_frames(a, pd.concat([b, b.iloc[:1]]))

@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from common.config import AugmentConfig
 from common.data.synthetic import make_centre
-from common.data.tensors import TensorData, augment_batch, batches, cached_tensors, normalise, to_tensors
+from common.data.tensors import (
+    TensorData, augment_batch, augmentation, batches, cached_tensors, normalise, to_tensors,
+)
 from common.records import Case, Label
 
 
@@ -183,3 +186,37 @@ def test_cache_hit_skips_loader_and_corrupt_cache_rebuilds(tmp_path, caplog) -> 
     assert cached_tensors(load, 16, tmp_path, "site/a").images.shape[-1] == 16 and len(calls) == 3
     cached_tensors(load, 32, tmp_path, "site_a")
     assert len(calls) == 4 and len(list(tmp_path.glob("*.pt"))) == 3
+
+
+def test_zero_geometry_leaves_only_the_flip() -> None:
+    """AugmentConfig with every range 0: each mask is the input mask or its mirror, pixel for pixel."""
+    d = _data(8)
+    _, mask = augment_batch(d.images, d.masks, torch.Generator().manual_seed(3), AugmentConfig(0, 0, 0))
+    for got, orig in zip(mask, d.masks):
+        assert torch.equal(got, orig) or torch.equal(got, orig.flip(-1))
+
+
+def _centroid_rows(masks: torch.Tensor) -> torch.Tensor:
+    rows = torch.arange(masks.shape[-2], dtype=torch.float32).view(1, 1, -1, 1)
+    return (masks * rows).flatten(1).sum(1) / masks.flatten(1).sum(1).clamp(min=1)
+
+
+def test_translate_range_sets_how_far_lesions_move() -> None:
+    """Vertical centroid shift (flip and rotation-free): ±5 % of 32 px stays within 1.6 px (+ a
+    pixel of resampling), ±30 % reaches well beyond it on some image."""
+    d = _data(16)
+    lesion = d.masks.flatten(1).amax(1) > 0
+    before = _centroid_rows(d.masks)[lesion]
+    shifts = {}
+    for t in (0.05, 0.3):
+        _, m = augment_batch(d.images, d.masks, torch.Generator().manual_seed(1), AugmentConfig(0, 0, t))
+        kept = m.flatten(1).amax(1)[lesion] > 0  # a large shift may push a lesion out of the frame
+        shifts[t] = (_centroid_rows(m)[lesion] - before)[kept].abs()
+    assert shifts[0.05].max() <= 0.05 * 32 + 1
+    assert shifts[0.3].max() > 0.05 * 32 + 2
+
+
+def test_augment_argument_forms() -> None:
+    assert augmentation(True) == AugmentConfig() and augmentation(False) is None and augmentation(None) is None
+    strong = AugmentConfig(rotate_deg=15, scale=0.25, translate=0.2)
+    assert augmentation(strong) is strong

@@ -1,0 +1,15 @@
+"""Experiment configuration: YAML → frozen dataclasses, dotted overrides, checked ranges."""
+import pytest
+
+from common.config import ConfigError, load_experiment, replace
+
+
+def test_augmentation_ranges_from_yaml_and_checked(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("data:\n  augmentation:\n    translate: 0.2\n    scale: 0.25\n", encoding="utf-8")
+    cfg = load_experiment(path)
+    assert cfg.data.augmentation.translate == 0.2 and cfg.data.augmentation.rotate_deg == 10.0
+    assert cfg.data.train_augmentation is cfg.data.augmentation
+    assert replace(cfg, **{"data.augment": False}).data.train_augmentation is None
+    with pytest.raises(ConfigError, match="data.augmentation"):
+        replace(cfg, **{"data.augmentation.scale": 1.5})
