@@ -4,7 +4,8 @@ Two arms that differ only in the consistency weight λ: plain multi-task (λ = 0
 BI-RADS consistency loss (λ = 0.5); same seed, same initial weights, same data order. BrEaST is
 split into train/validation (grouped by patient and duplicate image, stratified by label); with
 ``--select val`` (default) the epoch with the best mean of validation Dice and AUC is kept,
-with ``--select last`` the last epoch. The chosen weights are then scored, without fine-tuning,
+with ``--select last`` the last epoch (``--val-fraction 0 --select last``: all of BrEaST trains,
+no validation rows). The chosen weights are then scored, without fine-tuning,
 on every other centre found under ``--data-root`` (BUSI, BUS-UCLM; UDIAT when present).
 
 Dice/IoU/HD95 are means over lesion images only; AUC is malignant vs benign+normal over all
@@ -174,7 +175,7 @@ def load_external(name: str, root: Path, size: int, cache_dir: Path | None) -> T
     return cached_tensors(lambda: load_centre(name, root, strict=False), size, cache_dir, key)
 
 
-def run_arm(name: str, cfg: ExperimentConfig, train: TensorData, val: TensorData,
+def run_arm(name: str, cfg: ExperimentConfig, train: TensorData, val: TensorData | None,
             select: str) -> tuple[torch.nn.Module, int, list[dict]]:
     """Train one arm; returns (model with the selected weights, selected epoch, history)."""
     seed_everything(cfg.train.seed)  # identical initial weights in both arms
@@ -183,6 +184,12 @@ def run_arm(name: str, cfg: ExperimentConfig, train: TensorData, val: TensorData
     history: list[dict] = []
 
     def on_epoch_end(epoch: int, record: dict) -> None:
+        if val is None:  # --val-fraction 0: every BrEaST image trains, the last epoch is kept
+            history.append({"arm": name, **record})
+            print(f"  [{name}] epoch {epoch:3d} loss {record['loss']:.4f} ({record['seconds']:.1f}s)",
+                  flush=True)
+            selector.update(epoch, record["loss"], {}, model)
+            return
         summ = evaluate(model, val, device=cfg.train.device).summary
         history.append({"arm": name, **record, "val_dice": summ["dice"], "val_auc": summ["auc"]})
         print(f"  [{name}] epoch {epoch:3d} loss {record['loss']:.4f} val dice "
@@ -211,12 +218,17 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     breast = load_centre(TRAIN_CENTRE, centres[TRAIN_CENTRE], strict=False)
     split = split_cases(breast, args.val_fraction, seed=args.seed)
-    train, val = to_tensors(split.train, args.size), to_tensors(split.val, args.size)
+    train = to_tensors(split.train, args.size)
+    val = to_tensors(split.val, args.size) if split.val else None  # --val-fraction 0: none
     cache = args.cache_dir if str(args.cache_dir) not in ("", ".") else None
     external = {c: load_external(c, centres[c], args.size, cache) for c in tests}
-    print(f"data ({time.perf_counter() - t0:.0f}s): {TRAIN_CENTRE} train {len(train)} / val "
-          f"{len(val)}; " + ", ".join(f"{c} {len(d)}" for c, d in external.items()), flush=True)
+    n_val = len(val) if val is not None else 0
+    print(f"data ({time.perf_counter() - t0:.0f}s): {TRAIN_CENTRE} train {len(train)} / val {n_val}; "
+          + ", ".join(f"{c} {len(d)}" for c, d in external.items()), flush=True)
 
+    if val is None and args.select != "last":
+        print("--val-fraction 0 leaves no validation images: use --select last", file=sys.stderr)
+        return 2
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if not arms or any(a not in ARM_NAMES for a in arms):
         print(f"--arms: expected a comma list of {ARM_NAMES}, got {args.arms!r}", file=sys.stderr)
@@ -242,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         variants = {"raw": model, **({"flip+lcc": FlipLargestComponent(model)}
                                      if args.postprocess else {})}
         for inference, net in variants.items():
-            for centre, data in {f"{TRAIN_CENTRE}-val": val, **external}.items():
+            scored = external if val is None else {f"{TRAIN_CENTRE}-val": val, **external}
+            for centre, data in scored.items():
                 res = evaluate(net, data, device=cfg.train.device)
                 lo, hi = metrics.bootstrap_ci(res.per_image["dice"].to_numpy(), seed=args.seed)
                 rows.append({"arm": name, "inference": inference, "centre": centre,
