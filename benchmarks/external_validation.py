@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--encoder-lr-scale", type=float, default=1.0,
                    help="the (pretrained) encoder trains at lr × this")
     p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="decay of the moving average of the weights (0: off), evaluated and kept")
     p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
     p.add_argument("--lr-warmup-epochs", type=float, default=0.0, help="linear LR warm-up")
     p.add_argument("--pretrained", default="auto",
@@ -134,6 +136,7 @@ def arm_config(args: argparse.Namespace, arm: str, n_train: int) -> ExperimentCo
         "train.epochs": args.epochs, "train.batch_size": args.batch_size, "train.lr": args.lr,
         "train.encoder_lr_scale": args.encoder_lr_scale,
         "train.weight_decay": args.weight_decay, "train.schedule": args.schedule,
+        "train.ema_decay": args.ema,
         "train.warmup_steps": round(args.lr_warmup_epochs * steps),
         "train.seed": args.seed, "train.device": args.device, "train.num_threads": args.threads,
         "train.progress": False,

@@ -126,6 +126,7 @@ class TrainConfig:
     schedule: str = "cosine"  # "cosine" | "constant"
     warmup_steps: int = 0
     grad_clip: float | None = 5.0
+    ema_decay: float = 0.0  # > 0: train on, evaluate and keep the moving average of the weights
     proximal_mu: float = 0.0  # FedProx: (μ/2)·||w − w_global||²
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"

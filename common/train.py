@@ -14,10 +14,13 @@ plain keys); ``batch_iter_factory()`` yields one epoch of batch dicts like
 ``common.data.tensors.batches`` (e.g. Poisson-sampled); ``extra_grad`` (a no-argument callable
 or None) must be called once per step after the noise is added and before the parameter update.
 Without a session, gradient-norm clipping uses ``train_cfg.grad_clip``; with one, the session
-clips per sample and ``grad_clip`` is not applied.
+clips per sample and ``grad_clip`` is not applied. With ``train_cfg.ema_decay`` > 0 the moving
+average of the weights (``common.ema``) is what ``on_epoch_end`` sees and what the model holds
+at the end.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -33,6 +36,7 @@ from tqdm.auto import tqdm
 from common.config import AugmentConfig, LossConfig, TrainConfig
 from common.data.tensors import TensorData, augment_batch, augmentation, batches, normalise
 from common.device import resolve_device, seed_everything, set_threads
+from common.ema import ParameterEma
 from common.losses import MultiTaskLoss
 
 log = logging.getLogger(__name__)
@@ -257,6 +261,7 @@ def _run(
         def epoch_batches() -> Iterable[dict[str, Tensor]]:
             return batches(data, cfg.batch_size, shuffle=True, generator=generator)
 
+    ema = ParameterEma(named, cfg.ema_decay) if cfg.ema_decay > 0 else None
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
     scheduler = _schedule(optimizer, cfg, steps_per_epoch * cfg.epochs)
     prior = getattr(model, "prior")
@@ -294,6 +299,8 @@ def _run(
                         nn.utils.clip_grad_norm_([p for _, p in named], cfg.grad_clip)
                 optimizer.step()
                 scheduler.step()
+                if ema is not None:
+                    ema.update()
                 if privacy is not None:
                     privacy.after_step()
                 parts["proximal"] = prox_value() if add_prox is not None else 0.0
@@ -315,8 +322,11 @@ def _run(
                      means.get("consistency", float("nan")), means.get("proximal", 0.0),
                      history[-1]["images_per_s"])
             if on_epoch_end is not None:
-                on_epoch_end(epoch + 1, dict(history[-1]))
+                with ema.swapped() if ema is not None else contextlib.nullcontext():
+                    on_epoch_end(epoch + 1, dict(history[-1]))
                 model.train()
+        if ema is not None:
+            ema.copy_to_model()
     finally:
         bar.close()
     seconds = time.perf_counter() - start
