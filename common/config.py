@@ -75,7 +75,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     """Network choice. ``arch``: "small" (fast CPU U-Net), "effb1_attention" (published:
-    EfficientNet-B1 encoder + attention U-Net decoder), "lite0" (EfficientNet-Lite0 encoder,
+    EfficientNet-B1 encoder + attention U-Net decoder), "lite0" / "lite1" (EfficientNet-Lite encoder,
     optional ImageNet weights from a local file)."""
 
     arch: str = "small"
@@ -86,8 +86,8 @@ class ModelConfig:
     dropout: float = 0.3
     num_groups: int = 8
     in_channels: int = 1
-    pretrained_path: str | None = None  # a weights file, or "auto" (lite0: the pip package's file)
-    encoder_norm: str = "group"  # lite0: "group" | "affine" (ImageNet BatchNorm statistics folded)
+    pretrained_path: str | None = None  # a weights file, or "auto" (lite0/1: the pip package's file)
+    encoder_norm: str = "group"  # lite0/1: "group" | "affine" (ImageNet BatchNorm statistics folded)
 
 
 @dataclass(frozen=True)

