@@ -163,6 +163,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     """Convert a YAML value to the annotated type (recursing into dataclasses and tuples)."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):  # already built (replace() with dataclass items, e.g. sites)
+            return value
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
         return from_dict(tp, value, where)

@@ -13,3 +13,13 @@ def test_augmentation_ranges_from_yaml_and_checked(tmp_path):
     assert replace(cfg, **{"data.augment": False}).data.train_augmentation is None
     with pytest.raises(ConfigError, match="data.augmentation"):
         replace(cfg, **{"data.augmentation.scale": 1.5})
+
+
+def test_replace_accepts_tuples_of_built_dataclasses():
+    from common.federation import RunSpec, SiteSpec
+
+    spec = RunSpec(sites=(SiteSpec(name="a", synthetic_centre="SynPL"),))
+    new = replace(spec, sites=(SiteSpec(name="b", synthetic_centre="SynEG"),))
+    assert [s.name for s in new.sites] == ["b"]
+    mixed = replace(spec, sites=({"name": "c", "synthetic_centre": "SynPL"},))  # mappings still work
+    assert isinstance(mixed.sites[0], SiteSpec) and mixed.sites[0].name == "c"
