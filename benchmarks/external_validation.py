@@ -86,6 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--aug-scale", type=float, default=0.1, help="augmentation: zoom 1 ± this")
     p.add_argument("--aug-translate", type=float, default=0.05,
                    help="augmentation: shift ± this fraction of the side")
+    p.add_argument("--depth-splice", type=float, default=0.0,
+                   help="augmentation: probability of splicing another image's near field on top")
     p.add_argument("--cls-head", choices=["bottleneck", "multiscale"], default="bottleneck")
     p.add_argument("--postprocess", action="store_true",
                    help="also score each arm with horizontal-flip TTA + largest connected "
@@ -132,6 +134,7 @@ def arm_config(args: argparse.Namespace, arm: str, n_train: int) -> ExperimentCo
         "loss.consistency_grad": args.consistency_grad,
         "data.augmentation.rotate_deg": args.aug_rotate, "data.augmentation.scale": args.aug_scale,
         "data.augmentation.translate": args.aug_translate,
+        "data.augmentation.depth_splice": args.depth_splice,
         "loss.prior_supervision": args.prior_supervision, "loss.cls_loss": args.cls_loss,
         "loss.cls_weight": args.cls_weight,
         "train.epochs": args.epochs, "train.batch_size": args.batch_size, "train.lr": args.lr,

@@ -49,7 +49,8 @@ sys.path.insert(0, str(REPO))
 from benchmarks.perfutil import OUT_DIR, PeakMemory, format_table, machine_note, write_csv  # noqa: E402
 from common.config import LossConfig, ModelConfig, TrainConfig, replace  # noqa: E402
 from common.data.synthetic import make_centre  # noqa: E402
-from common.data.tensors import TensorData, augment_batch, batches, cached_tensors, normalise, to_tensors  # noqa: E402
+from common.data.augment import augment_batch  # noqa: E402
+from common.data.tensors import TensorData, batches, cached_tensors, normalise, to_tensors  # noqa: E402
 from common.evaluate import predict  # noqa: E402
 from common.losses import MultiTaskLoss  # noqa: E402
 from common.model import build_model  # noqa: E402

@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from common.config import AugmentConfig, LossConfig, TrainConfig
-from common.data.tensors import TensorData, augment_batch, augmentation, batches, normalise
+from common.data.augment import augment_batch, augmentation
+from common.data.tensors import TensorData, batches, normalise
 from common.device import resolve_device, seed_everything, set_threads
 from common.ema import ParameterEma
 from common.losses import MultiTaskLoss

@@ -1,4 +1,5 @@
-"""Decoded, resized tensors in memory, batched augmentation, and an on-disk cache.
+"""Decoded, resized tensors in memory, batches (augmented by ``common.data.augment``), and an
+on-disk cache.
 
 Design: every image is decoded and resized once into one (N,1,S,S) tensor, so the data path during
 training is indexing plus one batched augmentation call on the training device; the loader can
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from common.config import AugmentConfig
+from common.data.augment import augment_batch, augmentation
 from common.records import Case
 
 log = logging.getLogger(__name__)
@@ -167,61 +169,6 @@ def normalise(images: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     mean = images.mean(dim=(-2, -1), keepdim=True)
     std = images.std(dim=(-2, -1), keepdim=True)
     return (images - mean) / (std + eps)
-
-
-def augment_batch(
-    images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator,
-    geometry: AugmentConfig = AugmentConfig(),
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched augmentation of (B,1,S,S) images in [0,1] and {0,1} masks, on the batch's device.
-
-    Random horizontal flip (never vertical: depth has a direction — attenuation, posterior
-    shadowing and enhancement lie below the lesion); one affine per image (by default rotation
-    ±10°, scale 0.9–1.1, translation ±5 % of the side; ranges from ``geometry``, uniform draws)
-    applied to the whole batch with one ``affine_grid`` /
-    ``grid_sample`` (masks bilinear then > 0.5, so they stay binary); gain 0.8–1.2, contrast
-    0.85–1.15 about the image mean, gamma e^±0.3; multiplicative speckle-like noise (Gaussian at
-    half resolution, upsampled, σ ≤ 0.15). Random numbers come from ``generator`` on its own device
-    (CPU by default) so a seed gives the same batch whatever device trains."""
-    b, _, h, w = images.shape
-    dev, gdev = images.device, generator.device
-
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.rand(*shape, generator=generator, device=gdev).to(dev)
-
-    flip = rand(b) < 0.5
-    angle = (rand(b) * 2 - 1) * math.radians(geometry.rotate_deg)
-    scale = 1 - geometry.scale + rand(b) * 2 * geometry.scale
-    shift = (rand(b, 2) * 2 - 1) * 2 * geometry.translate  # affine_grid spans [-1, 1]: 2 = the side
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    sx = torch.where(flip, -1.0, 1.0)
-    theta = torch.stack(
-        [torch.stack([cos * sx, -sin, shift[:, 0]], 1), torch.stack([sin * sx, cos, shift[:, 1]], 1)], 1
-    ).to(images.dtype)
-    grid = F.affine_grid(theta, [b, 1, h, w], align_corners=False)
-    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    masks = F.grid_sample(masks.to(images.dtype), grid, mode="bilinear", padding_mode="zeros",
-                          align_corners=False)
-    masks = (masks > 0.5).to(images.dtype)
-
-    gain = 0.8 + rand(b, 1, 1, 1) * 0.4
-    contrast = 0.85 + rand(b, 1, 1, 1) * 0.3
-    gamma = torch.exp((rand(b, 1, 1, 1) * 2 - 1) * 0.3)
-    sigma = rand(b, 1, 1, 1) * 0.15
-    noise = torch.randn(b, 1, max(1, h // 2), max(1, w // 2), generator=generator, device=gdev).to(dev)
-    noise = F.interpolate(noise, size=(h, w), mode="bilinear", align_corners=False)
-    images = images.clamp(0, 1).pow(gamma)
-    mean = images.mean(dim=(-2, -1), keepdim=True)
-    images = ((images - mean) * contrast + mean) * gain
-    images = images * (1 + sigma * noise)
-    return images.clamp_(0.0, 1.0), masks
-
-
-def augmentation(augment: bool | AugmentConfig | None) -> AugmentConfig | None:
-    """``augment`` argument → ranges: True means the defaults, False/None means off."""
-    if isinstance(augment, AugmentConfig):
-        return augment
-    return AugmentConfig() if augment else None
 
 
 def batches(
