@@ -1,9 +1,10 @@
 """Exponential moving average of the trainable parameters (Polyak averaging).
 
-The averaged weights generalise better than the last iterate of a noisy small-batch run: the
-average smooths the last few epochs' oscillation, which on one centre's 200 images is what makes
-a chosen epoch good or bad on another centre. ``train_local`` keeps the average with
-``train.ema_decay`` > 0, evaluates it at each epoch end and leaves it in the model at the end.
+Why: the average smooths the epoch-to-epoch oscillation of a noisy small-batch run, so the
+validation curve that picks the epoch is smoother too. (Measured on the external validation,
+run E1 of docs/external_validation.md: a tie with the last iterate, not a gain.)
+``train_local`` keeps the average with ``train.ema_decay`` > 0, evaluates it at each epoch end
+and leaves it in the model at the end.
 """
 from __future__ import annotations
 

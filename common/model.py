@@ -7,7 +7,8 @@ calls it on features of the predicted mask.
 
 Arches (``ModelConfig.arch``): "small" (MONAI residual U-Net, CPU default), "effb1_attention"
 (published: EfficientNet-B1 encoder + attention-gated U-Net decoder), "lite0" / "lite1"
-(EfficientNet-Lite0/Lite1 encoder, ImageNet weights from a local file). GroupNorm only; every layer is Opacus-compatible.
+(EfficientNet-Lite0/Lite1 encoder, ImageNet weights from a local file). GroupNorm only; every
+layer is Opacus-compatible.
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ def depth_splice(
     rows of another image of the batch (donor i + 1 + ⌊u·(B−1)⌋ mod B). k is capped at the
     donor's first lesion row, so no lesion pixel of the donor becomes background; the rows
     pushed out at the bottom are dropped with their mask. ``rand(*shape)`` draws U[0, 1)."""
-    b, _, h, w = images.shape
+    b, _, h, _ = images.shape
     apply = rand(b) < geometry.depth_splice
     donor = (torch.arange(b, device=images.device) + 1 + (rand(b) * (b - 1)).long().clamp(max=b - 2)) % b
     rows = torch.arange(h, device=images.device)
@@ -53,9 +53,9 @@ def augment_batch(
     Random horizontal flip (never vertical: depth has a direction — attenuation, posterior
     shadowing and enhancement lie below the lesion); one affine per image (by default rotation
     ±10°, scale 0.9–1.1, translation ±5 % of the side; ranges from ``geometry``, uniform draws)
-    applied to the whole batch with one ``affine_grid`` / ``grid_sample``, after the optional
-    ``depth_splice`` (masks bilinear then > 0.5, so they stay binary); gain 0.8–1.2, contrast
-    0.85–1.15 about the image mean, gamma e^±0.3; multiplicative speckle-like noise (Gaussian at
+    applied to the whole batch with one ``affine_grid`` / ``grid_sample`` after the optional
+    ``depth_splice`` (masks resampled bilinearly, then > 0.5, so they stay binary); gain 0.8–1.2,
+    contrast 0.85–1.15 about the image mean, gamma e^±0.3; multiplicative speckle-like noise (Gaussian at
     half resolution, upsampled, σ ≤ 0.15). Random numbers come from ``generator`` on its own device
     (CPU by default) so a seed gives the same batch whatever device trains."""
     b, _, h, w = images.shape
@@ -92,8 +92,6 @@ def augment_batch(
     images = ((images - mean) * contrast + mean) * gain
     images = images * (1 + sigma * noise)
     return images.clamp_(0.0, 1.0), masks
-
-
 
 
 def augmentation(augment: bool | AugmentConfig | None) -> AugmentConfig | None:
