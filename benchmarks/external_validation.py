@@ -227,15 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     split = split_cases(breast, args.val_fraction, seed=args.seed)
     train = to_tensors(split.train, args.size)
     val = to_tensors(split.val, args.size) if split.val else None  # --val-fraction 0: none
+    if val is None and args.select != "last":
+        print("--val-fraction 0 leaves no validation images: use --select last", file=sys.stderr)
+        return 2
     cache = args.cache_dir if str(args.cache_dir) not in ("", ".") else None
     external = {c: load_external(c, centres[c], args.size, cache) for c in tests}
     n_val = len(val) if val is not None else 0
     print(f"data ({time.perf_counter() - t0:.0f}s): {TRAIN_CENTRE} train {len(train)} / val {n_val}; "
           + ", ".join(f"{c} {len(d)}" for c, d in external.items()), flush=True)
 
-    if val is None and args.select != "last":
-        print("--val-fraction 0 leaves no validation images: use --select last", file=sys.stderr)
-        return 2
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if not arms or any(a not in ARM_NAMES for a in arms):
         print(f"--arms: expected a comma list of {ARM_NAMES}, got {args.arms!r}", file=sys.stderr)
