@@ -88,6 +88,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="augmentation: shift ± this fraction of the side")
     p.add_argument("--depth-splice", type=float, default=0.0,
                    help="augmentation: probability of splicing another image's near field on top")
+    p.add_argument("--depth-splice-max", type=float, default=0.4,
+                   help="augmentation: largest splice, as a fraction of the image height")
+    p.add_argument("--negative-crop", type=float, default=0.0,
+                   help="augmentation: probability of replacing a lesion image by a lesion-free crop")
     p.add_argument("--cls-head", choices=["bottleneck", "multiscale"], default="bottleneck")
     p.add_argument("--postprocess", action="store_true",
                    help="also score each arm with horizontal-flip TTA + largest connected "
@@ -135,6 +139,8 @@ def arm_config(args: argparse.Namespace, arm: str, n_train: int) -> ExperimentCo
         "data.augmentation.rotate_deg": args.aug_rotate, "data.augmentation.scale": args.aug_scale,
         "data.augmentation.translate": args.aug_translate,
         "data.augmentation.depth_splice": args.depth_splice,
+        "data.augmentation.depth_splice_max": args.depth_splice_max,
+        "data.augmentation.negative_crop": args.negative_crop,
         "loss.prior_supervision": args.prior_supervision, "loss.cls_loss": args.cls_loss,
         "loss.cls_weight": args.cls_weight,
         "train.epochs": args.epochs, "train.batch_size": args.batch_size, "train.lr": args.lr,

@@ -41,6 +41,7 @@ from common.federation import (
     train_metrics,
 )
 from common.privacy import PrivacySession
+from common.schedule import FULL_SPAN, round_span
 from common.sitedata import load_site_tensors
 from common.train import train_local
 
@@ -77,6 +78,8 @@ class RoundConfig:
     strategy: str = "fedavg"
     proximal_mu: float = 0.0
     run_key: str = "default"
+    num_rounds: int = 0  # 0: unknown (an older server); with lr_schedule "global" it must be known
+    lr_schedule: str = "round"
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> "RoundConfig":
@@ -89,7 +92,20 @@ class RoundConfig:
             strategy=str(config.get("strategy", "fedavg")),
             proximal_mu=float(config.get("proximal-mu", 0.0)),
             run_key=run_key,
+            num_rounds=int(config.get("num-rounds", 0)),
+            lr_schedule=str(config.get("lr-schedule", "round")),
         )
+
+    def schedule_span(self) -> tuple[float, float]:
+        """This round's slice of the run-wide lr schedule (``federation.lr_schedule``)."""
+        if self.lr_schedule == "round":
+            return FULL_SPAN
+        if self.lr_schedule != "global":
+            raise ConfigError(f"server config: unknown lr-schedule {self.lr_schedule!r}")
+        try:
+            return round_span(self.server_round, self.num_rounds)
+        except ValueError as err:
+            raise ConfigError(f"server config: lr-schedule global: {err}") from None
 
 
 def resolve_site(
@@ -221,6 +237,7 @@ def train_round(
         model, train, train_cfg, exp.loss,
         global_state=start_state if mu > 0 else None, proximal_mu=mu,
         privacy=privacy, device=device, augment=exp.data.train_augmentation, desc=ctx.site.name,
+        schedule_span=rc.schedule_span(),
     )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if not state_is_finite(state):

@@ -42,7 +42,8 @@ class ConfigError(ValueError):
 class AugmentConfig:
     """Random geometry of training batches (``common.data.augment.augment_batch``): rotation
     ±``rotate_deg``, zoom 1 ± ``scale``, shift ± ``translate`` × the side in x and y, and with
-    probability ``depth_splice`` another image's near field spliced above the image. Centres
+    probability ``depth_splice`` another image's near field spliced above the image, and with
+    probability ``negative_crop`` a lesion image replaced by a lesion-free crop of itself. Centres
     differ in where the lesion sits and how large it is, so these ranges set how far a model
     trained on one centre's framing carries to another's."""
 
@@ -51,13 +52,17 @@ class AugmentConfig:
     translate: float = 0.05
     depth_splice: float = 0.0  # probability per image (common.data.augment.depth_splice)
     depth_splice_max: float = 0.4  # largest push-down, fraction of the height
+    negative_crop: float = 0.0  # probability per lesion image (common.data.augment.negative_crop)
+    negative_crop_min: float = 0.5  # smallest crop side, fraction of the image side
 
     def __post_init__(self) -> None:
         if not (0 <= self.scale < 1 and 0 <= self.translate <= 0.5 and 0 <= self.rotate_deg <= 180
-                and 0 <= self.depth_splice <= 1 and 0 <= self.depth_splice_max < 1):
+                and 0 <= self.depth_splice <= 1 and 0 <= self.depth_splice_max < 1
+                and 0 <= self.negative_crop <= 1 and 0 < self.negative_crop_min <= 1):
             raise ConfigError(f"data.augmentation: need 0 ≤ scale < 1, 0 ≤ translate ≤ 0.5, "
                               f"0 ≤ rotate_deg ≤ 180, 0 ≤ depth_splice ≤ 1, "
-                              f"0 ≤ depth_splice_max < 1; got {self}")
+                              f"0 ≤ depth_splice_max < 1, 0 ≤ negative_crop ≤ 1, "
+                              f"0 < negative_crop_min ≤ 1; got {self}")
 
 
 @dataclass(frozen=True)

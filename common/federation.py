@@ -24,6 +24,9 @@ from common.config import AUTO_PRETRAINED, ConfigError, ExperimentConfig, from_d
 from common.model import build_model
 
 STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedbn", "fedadam", "fedmedian")
+#: "round": each round's local training runs train.schedule from its start (warm-up, then decay
+#: within the round); "global": one schedule over rounds × local epochs (common.schedule).
+LR_SCHEDULES: tuple[str, ...] = ("round", "global")
 #: Site label of the federation-wide (aggregated) rows in metrics files; not a valid site name.
 AGGREGATE_SITE = "all-sites"
 #: Value reported for a metric that is undefined at a site (e.g. AUC with one class present).
@@ -50,6 +53,7 @@ class FederationConfig:
     central_eval: bool = True
     checkpoint_every: int = 1
     packed_weights: bool = True  # one float32 vector per message (common/packing.py)
+    lr_schedule: str = "round"  # round: train.schedule restarts each round; global: one over the run
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -65,6 +69,8 @@ class FederationConfig:
                 raise ConfigError(f"federation.{name}: must be > 0, got {getattr(self, name)}")
         if self.proximal_mu < 0:
             raise ConfigError(f"federation.proximal_mu: must be >= 0, got {self.proximal_mu}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"federation.lr_schedule: {self.lr_schedule!r} not one of {LR_SCHEDULES}")
 
 
 @dataclass(frozen=True)

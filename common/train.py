@@ -39,6 +39,7 @@ from common.data.tensors import TensorData, batches, normalise
 from common.device import resolve_device, seed_everything, set_threads
 from common.ema import ParameterEma
 from common.losses import MultiTaskLoss
+from common.schedule import FULL_SPAN, lr_schedule
 
 log = logging.getLogger(__name__)
 
@@ -136,23 +137,6 @@ def _optimizer(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch
     raise ValueError(f"train.optimizer: unknown {cfg.optimizer!r} (adamw | sgd)")
 
 
-def _schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``warmup_steps``, then constant or cosine decay to 0 at ``total``."""
-    if cfg.schedule not in ("cosine", "constant"):
-        raise ValueError(f"train.schedule: unknown {cfg.schedule!r} (cosine | constant)")
-    warm = max(cfg.warmup_steps, 0)
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if cfg.schedule == "constant":
-            return 1.0
-        span = max(total - warm, 1)
-        return 0.5 * (1.0 + math.cos(math.pi * min(step - warm, span) / span))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
 def _proximal(
     params: list[tuple[nn.Parameter, Tensor]], mu: float
 ) -> tuple[Callable[[], None], Callable[[], float]]:
@@ -185,6 +169,7 @@ def train_local(
     augment: bool | AugmentConfig | None = True,
     desc: str = "",
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    schedule_span: tuple[float, float] = FULL_SPAN,
 ) -> TrainResult:
     """Train ``model`` (a MultiTaskNet, in place) on ``data``; see the module docstring.
 
@@ -195,6 +180,7 @@ def train_local(
     after each epoch (1-based) with that epoch's history record, e.g. to validate and keep the
     best weights; it may switch the model to eval mode (training mode is restored after it).
     TrainResult.loss is the MultiTaskLoss total; the FedProx term is reported in parts["proximal"].
+    ``schedule_span``: the slice of a run-wide lr schedule this call covers (``common.schedule``).
     """
     if len(data) == 0:
         raise ValueError(f"{desc or 'train_local'}: no training images")
@@ -221,7 +207,7 @@ def train_local(
             p.requires_grad_(False)
     try:
         return _run(model, data, train_cfg, loss_fn, global_state, proximal_mu, privacy, dev,
-                    augmentation(augment), desc, generator, on_epoch_end)
+                    augmentation(augment), desc, generator, on_epoch_end, schedule_span)
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -240,6 +226,7 @@ def _run(
     desc: str,
     generator: torch.Generator,
     on_epoch_end: Callable[[int, dict[str, float]], None] | None,
+    schedule_span: tuple[float, float],
 ) -> TrainResult:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = _optimizer(named, cfg)
@@ -264,7 +251,7 @@ def _run(
 
     ema = ParameterEma(named, cfg.ema_decay) if cfg.ema_decay > 0 else None
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
-    scheduler = _schedule(optimizer, cfg, steps_per_epoch * cfg.epochs)
+    scheduler = lr_schedule(optimizer, cfg, steps_per_epoch * cfg.epochs, schedule_span)
     prior = getattr(model, "prior")
     model.train()
     history: list[dict[str, float]] = []

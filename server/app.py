@@ -7,7 +7,8 @@ from it. Aggregation itself is Flower's (server/strategy.py).
 
 Deployment: ``app`` reads the run from ``context.run_config``: "run-spec" (path of a RunSpec
 YAML, e.g. written by flower-server), "resume" (bool); without "run-spec" a spec is built from
-the pyproject keys num-server-rounds, local-epochs, strategy, proximal-mu, image-size, run-dir.
+the pyproject keys num-server-rounds, local-epochs, strategy, proximal-mu, lr-schedule, image-size,
+run-dir.
 Simulation: ``make_server_app(spec)`` bakes the spec in (run_simulation ignores run_config).
 """
 from __future__ import annotations
@@ -73,7 +74,7 @@ def resolve_server_spec(spec: RunSpec | None, resume: bool, run_config: Mapping[
     if run_config.get("run-spec"):
         return load_run_spec(str(run_config["run-spec"])), resume
     fed_keys = {"num-server-rounds": "rounds", "local-epochs": "local_epochs",
-                "strategy": "strategy", "proximal-mu": "proximal_mu"}
+                "strategy": "strategy", "proximal-mu": "proximal_mu", "lr-schedule": "lr_schedule"}
     fed = replace(FederationConfig(), **{f: run_config[k] for k, f in fed_keys.items() if k in run_config})
     exp = ExperimentConfig()
     if "image-size" in run_config:
@@ -110,7 +111,8 @@ def run_federation(
                                   norm_keys=norm_keys(build_experiment_model(exp)))
         strategy.load_state_dict(strategy_state)  # type: ignore[attr-defined]
         arrays = ArrayRecord(state)
-        base = {"experiment": json.dumps(to_dict(exp)), "run-key": run_key, "strategy": fed.strategy}
+        base = {"experiment": json.dumps(to_dict(exp)), "run-key": run_key, "strategy": fed.strategy,
+                "num-rounds": fed.rounds, "lr-schedule": fed.lr_schedule}
         central = CentralTest(spec) if fed.central_eval and spec.central_test else None
         saved = start
         folder.write_status("running", saved)

@@ -144,6 +144,7 @@ def run_secagg(grid: Grid, context: Context, spec: RunSpec, secagg: SecAggConfig
     base: dict[str, Scalar] = {
         "experiment": json.dumps(to_dict(exp)), "run-key": f"secagg-{int(time.time())}",
         "strategy": fed.strategy, "local-epochs": fed.local_epochs, "proximal-mu": fed.proximal_mu,
+        "num-rounds": fed.rounds, "lr-schedule": fed.lr_schedule,
         KEY_SCALES: json.dumps(scales), KEY_RANGE: secagg.clipping_range,
         KEY_MAX_WEIGHT: secagg.max_weight,
     }

@@ -29,6 +29,22 @@ from sim.protocols import LcoOptions, PlannedUnit, Runtime
 log = logging.getLogger(__name__)
 
 
+#: Round deadline in simulation. Deployment's default (600 s) is for a site that vanished; here the
+#: sites share this machine's cores, so a large site on a loaded machine can take longer than that,
+#: and leaving it out would silently change the experiment (``missing_updates`` refuses such a run).
+SIM_ROUND_TIMEOUT_S = 6 * 3600.0
+
+
+def missing_updates(run_dir: Path, sites: list[str], rounds: int) -> list[tuple[int, str]]:
+    """(round, site) pairs of 1 … ``rounds`` without a train_loss row from that site in the
+    server's metrics.csv: that site's update did not enter that round's aggregate."""
+    path = run_dir / "metrics.csv"
+    m = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=["round", "phase", "site", "metric"])
+    m = m[(m["phase"] == "train") & (m["metric"] == "train_loss")]
+    seen = set(zip(m["round"].astype(int), m["site"].astype(str)))
+    return [(rnd, s) for rnd in range(1, rounds + 1) for s in sites if (rnd, s) not in seen]
+
+
 def federated_spec(pu: PlannedUnit, cfg: ExperimentConfig, opts: LcoOptions, rt: Runtime) -> RunSpec:
     """The RunSpec of one federated unit: the remaining centres as sites, no central test (the
     held-out centre is scored after the run, with the same code as every other arm)."""
@@ -37,8 +53,10 @@ def federated_spec(pu: PlannedUnit, cfg: ExperimentConfig, opts: LcoOptions, rt:
         local_epochs=opts.local_epochs,
         strategy=pu.unit.protocol,
         proximal_mu=opts.proximal_mu,
+        lr_schedule=opts.lr_schedule,
         min_sites=len(pu.train_sites),
         central_eval=False,
+        round_timeout_s=SIM_ROUND_TIMEOUT_S,
     )
     # Ray gives each simulated site one CPU (run_simulation_spec), so one torch thread each.
     exp = replace(cfg, **{"train.progress": False, "train.num_threads": 1})
@@ -86,6 +104,10 @@ def run_federated(pu: PlannedUnit, cfg: ExperimentConfig, opts: LcoOptions, rt: 
     if done != opts.rounds:
         raise RuntimeError(f"{run_dir}: federation stopped after round {done} of {opts.rounds} "
                            f"({status.read_text().strip() if status.is_file() else 'no status'})")
+    missing = missing_updates(run_dir, [s.name for s in spec.sites], opts.rounds)
+    if missing:
+        raise RuntimeError(f"{run_dir}: (round, site) updates missing from the aggregate: {missing[:10]} "
+                           f"(see {run_dir / 'server.log'})")
     model = build_experiment_model(spec.experiment)
     model.load_state_dict(ck["state_dict"])
     spent = sites_epsilon(run_dir, [s.name for s in spec.sites]) if cfg.privacy.enabled else math.nan

@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=None, help=f"centralised epochs (train.epochs; default {_defaults('train', 'epochs')})")
     t.add_argument("--rounds", type=int, default=None, help=f"federated rounds (default {_defaults('lco', 'rounds')})")
     t.add_argument("--local-epochs", type=int, default=None, help=f"local epochs per federated round (default {_defaults('lco', 'local_epochs')})")
+    t.add_argument("--lr-schedule", choices=["round", "global"], default=None,
+                   help="federated lr schedule: restart train.schedule every round (round; default) "
+                        "or lay one over rounds × local epochs, as centralised training (global)")
     t.add_argument("--seeds", type=lambda s: [int(x) for x in _csv(s)], default=None,
                    help="comma list of training seeds (model init, data order); splits stay fixed")
     t.add_argument("--selection", choices=["best_val", "last"], default=None,
@@ -169,7 +172,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[ExperimentConfig, LcoOpt
             "fed_arms": args.fed_arms, "strategies": args.strategies, "rounds": args.rounds,
             "local_epochs": args.local_epochs, "seeds": args.seeds, "lambda_sweep": args.lambda_sweep,
             "ablate_features": args.ablate_features, "epsilons": args.epsilons, "dp_arms": args.dp_arms,
-            "selection": args.selection,
+            "selection": args.selection, "lr_schedule": args.lr_schedule,
         },
     }
     flags = {s: {k: v for k, v in sec.items() if v is not None} for s, sec in flags.items()}

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from common.config import ConfigError, ExperimentConfig, replace
-from common.federation import SiteSpec
+from common.federation import LR_SCHEDULES, SiteSpec
 from common.metrics import binary_auc, bootstrap_ci
 from sim.runfolder import Unit
 
@@ -75,6 +75,7 @@ class LcoOptions:
     rounds: int = 3
     local_epochs: int = 1
     proximal_mu: float = 0.01
+    lr_schedule: str = "round"  # federation.lr_schedule of the federated units
     seeds: tuple[int, ...] = (0,)
     lambda_sweep: tuple[float, ...] = ()
     ablate_features: bool = False
@@ -101,6 +102,8 @@ class LcoOptions:
             raise ConfigError("lco: rounds and local_epochs must be >= 1, synthetic_n >= 4")
         if not self.seeds:
             raise ConfigError("lco.seeds: give at least one seed")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lco.lr_schedule: {self.lr_schedule!r} not one of {LR_SCHEDULES}")
         if not 0.0 < self.reference_test_fraction < 1.0:
             raise ConfigError("lco.reference_test_fraction: must be in (0, 1)")
         if any(not e > 0 for e in self.epsilons):

@@ -1,12 +1,13 @@
 """Training-time augmentation of whole batches on the training device.
 
 ``augment_batch`` is the one entry point (``common.train`` calls it per step, after the batch is
-on its device); its ranges come from ``common.config.AugmentConfig``. ``depth_splice`` is the
-one centre-shift-specific transform: BrEaST's lesions sit in the upper third of a shallow field
-of view, while BUSI's and BUS-UCLM's deeper scans put hypoechoic fat lobules there, which a
-BrEaST-trained model segments instead of the deeper lesion (the failure mode of
-docs/external_validation.md). Splicing another image's lesion-free near field above a lesion
-shows the model lesions below real near-field tissue.
+on its device); its ranges come from ``common.config.AugmentConfig``. ``depth_splice`` and
+``negative_crop`` are the centre-shift-specific transforms: BrEaST's lesions sit in the upper
+third of a shallow field of view, while BUSI's and BUS-UCLM's deeper scans put hypoechoic fat
+lobules there, which a BrEaST-trained model segments instead of the deeper lesion (the failure
+mode of docs/external_validation.md). Splicing another image's lesion-free near field above a
+lesion shows the model lesions below real near-field tissue; lesion-free crops show it dark
+structures that are not lesions.
 """
 from __future__ import annotations
 
@@ -44,6 +45,49 @@ def depth_splice(
     return spliced, new_masks.to(masks.dtype)
 
 
+def negative_crop(
+    images: torch.Tensor, masks: torch.Tensor, geometry: AugmentConfig,
+    rand: Callable[..., torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """With probability ``geometry.negative_crop`` per lesion image of (B,1,H,W): replace it by
+    the largest square of itself that keeps a margin of 3 % of the side from the lesion's
+    bounding box (above, below, left or right of it), resized to H×W, with an empty mask.
+    Squares with a side under ``negative_crop_min`` × the image side are not taken (that image
+    is kept as it is), which bounds the zoom. BrEaST has 4 lesion-free images in 256, so a model
+    trained on it marks a dark structure in almost every image; these crops show it fat lobules,
+    ducts and posterior shadows that carry no mask."""
+    b, _, h, w = images.shape
+    dev = images.device
+    rows_any, cols_any = masks.amax(dim=(1, 3)) > 0, masks.amax(dim=(1, 2)) > 0  # (B,H), (B,W)
+    r, c = torch.arange(h, device=dev), torch.arange(w, device=dev)
+    margin = round(0.03 * min(h, w))
+    top = (torch.where(rows_any, r, h).amin(1) - margin).clamp(min=0)  # free rows [0, top)
+    bottom = (torch.where(rows_any, r + 1, 0).amax(1) + margin).clamp(max=h)  # free [bottom, h)
+    left = (torch.where(cols_any, c, w).amin(1) - margin).clamp(min=0)
+    right = (torch.where(cols_any, c + 1, 0).amax(1) + margin).clamp(max=w)
+    sides = torch.stack([top.clamp(max=w), (h - bottom).clamp(max=w),
+                         left.clamp(max=h), (w - right).clamp(max=h)], 1)  # (B,4) above/below/left/right
+    side, band = sides.max(1)
+    apply = (rows_any.any(1) & (rand(b) < geometry.negative_crop)
+             & (side >= geometry.negative_crop_min * min(h, w)))
+    along = rand(b)  # where along its band the square sits
+    y_free = torch.floor(along * (h - side + 1).float()).long()
+    x_free = torch.floor(along * (w - side + 1).float()).long()
+    y0 = torch.stack([top - side, bottom, y_free, y_free], 1).gather(1, band[:, None])[:, 0]
+    x0 = torch.stack([x_free, x_free, left - side, right], 1).gather(1, band[:, None])[:, 0]
+    # affine_grid with align_corners=False: pixel edges 0 … w map to −1 … 1
+    s = side.to(images.dtype)
+    one, zero = torch.ones_like(s), torch.zeros_like(s)
+    sx, sy = torch.where(apply, s / w, one), torch.where(apply, s / h, one)
+    cx = torch.where(apply, (2 * x0.to(images.dtype) + s) / w - 1, zero)
+    cy = torch.where(apply, (2 * y0.to(images.dtype) + s) / h - 1, zero)
+    theta = torch.stack([torch.stack([sx, zero, cx], 1), torch.stack([zero, sy, cy], 1)], 1)
+    grid = F.affine_grid(theta, [b, 1, h, w], align_corners=False)
+    cropped = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    keep = apply[:, None, None, None]
+    return torch.where(keep, cropped, images), torch.where(keep, torch.zeros_like(masks), masks)
+
+
 def augment_batch(
     images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator,
     geometry: AugmentConfig = AugmentConfig(),
@@ -54,7 +98,7 @@ def augment_batch(
     shadowing and enhancement lie below the lesion); one affine per image (by default rotation
     ±10°, scale 0.9–1.1, translation ±5 % of the side; ranges from ``geometry``, uniform draws)
     applied to the whole batch with one ``affine_grid`` / ``grid_sample`` after the optional
-    ``depth_splice`` (masks resampled bilinearly, then > 0.5, so they stay binary); gain 0.8–1.2,
+    ``negative_crop`` and ``depth_splice`` (masks resampled bilinearly, then > 0.5, so they stay binary); gain 0.8–1.2,
     contrast 0.85–1.15 about the image mean, gamma e^±0.3; multiplicative speckle-like noise (Gaussian at
     half resolution, upsampled, σ ≤ 0.15). Random numbers come from ``generator`` on its own device
     (CPU by default) so a seed gives the same batch whatever device trains."""
@@ -64,6 +108,8 @@ def augment_batch(
     def rand(*shape: int) -> torch.Tensor:
         return torch.rand(*shape, generator=generator, device=gdev).to(dev)
 
+    if geometry.negative_crop > 0:
+        images, masks = negative_crop(images, masks, geometry, rand)
     if geometry.depth_splice > 0 and b > 1:
         images, masks = depth_splice(images, masks, geometry, rand)
     flip = rand(b) < 0.5

@@ -165,6 +165,15 @@ def test_site_errors_reach_the_server_without_paths_or_ids(spec) -> None:
         assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
+@pytest.mark.parametrize("config", [{"lr-schedule": "global"},  # no num-rounds: an older server
+                                    {"lr-schedule": "global", "num-rounds": 3, "server-round": 4},
+                                    {"lr-schedule": "step", "num-rounds": 3}])
+def test_an_lr_schedule_the_site_cannot_place_is_refused(spec, config) -> None:
+    app = make_client_app(spec)
+    with pytest.raises(SiteError, match="site A: train failed \\(ConfigError\\)"):
+        app(_msg(MessageType.TRAIN, spec, _init(spec), **config), _sim(0, spec))
+
+
 def test_simulation_with_a_different_site_count_is_refused(spec) -> None:
     app = make_client_app(spec)
     with pytest.raises(SiteError, match="site A: query failed \\(ConfigError\\)"):

@@ -1,9 +1,10 @@
 """Batch augmentation: deterministic, binary masks, flips never vertical, ranges that act, and the
 depth splice (hand-checked rows)."""
+import pytest
 import torch
 
 from common.config import AugmentConfig
-from common.data.augment import augment_batch, augmentation, depth_splice
+from common.data.augment import augment_batch, augmentation, depth_splice, negative_crop
 from common.data.synthetic import make_centre
 from common.data.tensors import TensorData, to_tensors
 from tests.common.test_tensors import _asym_case
@@ -115,3 +116,47 @@ def test_depth_splice_in_augment_batch_keeps_masks_binary_and_moves_lesions_down
     again = augment_batch(d.images, d.masks, torch.Generator().manual_seed(0),
                           AugmentConfig(depth_splice=0.0, depth_splice_max=0.3))
     assert torch.equal(same[0], again[0])  # off: the random stream of the default is unchanged
+
+
+def test_negative_crop_by_hand():
+    """16×16 images whose value is 10·row + col/100, so a pixel's value names where it came from.
+    Image 0: lesion rows 2-4 → the largest free square is below it (rows ≥ 5 + margin 0 → side
+    11, cols 0-10 with along = 0); image 1 is not drawn; image 2's lesion fills the middle and
+    leaves no square of half the side; image 3 has no lesion."""
+    h = w = 16
+    rows = torch.arange(h, dtype=torch.float32).view(h, 1) * 10
+    cols = torch.arange(w, dtype=torch.float32).view(1, w) / 100
+    images = (rows + cols).expand(4, 1, h, w).clone()
+    masks = torch.zeros(4, 1, h, w)
+    masks[0, 0, 2:5, 6:9] = 1
+    masks[1, 0, 2:5, 6:9] = 1
+    masks[2, 0, 4:12, 4:12] = 1
+    cfg = AugmentConfig(negative_crop=0.5, negative_crop_min=0.5)
+    rand = _rand_from([0.1, 0.9, 0.1, 0.1], [0.0, 0.0, 0.0, 0.0])
+    out, m = negative_crop(images, masks, cfg, rand)
+    assert m[0].sum() == 0 and torch.equal(m[1:], masks[1:])
+    assert torch.equal(out[1:], images[1:])
+    # the crop rows 5 … 15 and cols 0 … 10, stretched to 16×16: bilinear reads reach at most half
+    # a pixel past the crop's edges (rows ≥ 4.5, cols ≤ 10.5; the margin is 0 px at this size)
+    assert out[0].min() >= 45 - 1e-4 and out[0].max() <= 150 + 0.105 + 1e-4
+    # output pixel centre k reads input row/col start − ½ + (k + ½)·11/16 (clamped at the border)
+    assert out[0, 0, 0, 0].item() == pytest.approx(10 * (5 - 0.5 + 11 / 32), abs=1e-3)
+    assert out[0, 0, -1, -1].item() == pytest.approx(150 + (-0.5 + 15.5 * 11 / 16) / 100, abs=1e-3)
+
+
+def test_negative_crop_never_shows_lesion_pixels_and_is_off_by_default():
+    d = _data(16)
+    cfg = AugmentConfig(rotate_deg=0, scale=0, translate=0, negative_crop=1.0, negative_crop_min=0.3)
+    bright = d.images.clone()
+    bright[d.masks > 0] = 5.0  # a value no background pixel has
+    out, m = negative_crop(bright, d.masks, cfg, lambda *s: torch.zeros(*s))
+    cropped = (d.masks.flatten(1).amax(1) > 0) & (m.flatten(1).amax(1) == 0)
+    assert cropped.any()
+    assert (out[cropped] < 1.5).all()  # bilinear reads stop at the 3 % margin: no lesion pixel
+    same = augment_batch(d.images, d.masks, torch.Generator().manual_seed(0), AugmentConfig())
+    again = augment_batch(d.images, d.masks, torch.Generator().manual_seed(0),
+                          AugmentConfig(negative_crop=0.0, negative_crop_min=0.9))
+    assert torch.equal(same[0], again[0])  # off: the random stream of the default is unchanged
+    _, m2 = augment_batch(d.images, d.masks, torch.Generator().manual_seed(0),
+                          AugmentConfig(negative_crop=1.0, negative_crop_min=0.3))
+    assert m2.flatten(1).amax(1).sum() < d.masks.flatten(1).amax(1).sum()  # some lesions cropped away

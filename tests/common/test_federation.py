@@ -33,6 +33,8 @@ def test_federation_config_rejects_unknown_strategy_and_bad_values() -> None:
         FederationConfig(rounds=0)
     with pytest.raises(ConfigError, match="fraction_train"):
         FederationConfig(fraction_train=0.0)
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        FederationConfig(lr_schedule="cosine")
 
 
 def test_site_needs_exactly_one_data_source_and_a_safe_name() -> None:

@@ -134,6 +134,24 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path) -> None:
     assert [r.round for r in RunFolder(part.run_dir).read_metrics() if r.metric == "train_loss"].count(3) == 4
 
 
+@pytest.mark.parametrize("schedule", ["round", "global"])
+def test_lr_schedule_reaches_the_sites_as_their_slice_of_the_run(tmp_path, monkeypatch, schedule) -> None:
+    spans: list[tuple[float, float]] = []
+    real = runtime.train_local
+
+    def spy(*args, **kwargs):
+        spans.append(kwargs["schedule_span"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "train_local", spy)
+    spec = tiny_spec(tmp_path / "run", rounds=2, lr_schedule=schedule)
+    run_federation(sim_grid(spec), spec)
+    if schedule == "global":
+        assert spans == [(0.0, 0.5)] * len(SITES) + [(0.5, 1.0)] * len(SITES)
+    else:
+        assert spans == [(0.0, 1.0)] * (2 * len(SITES))
+
+
 def test_deployment_spec_from_run_config(tmp_path) -> None:
     spec, resume = resolve_server_spec(None, False, {
         "num-server-rounds": 5, "strategy": "fedprox", "proximal-mu": 0.1, "image-size": 64,

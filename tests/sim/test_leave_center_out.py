@@ -13,7 +13,7 @@ import yaml
 
 import sim.leave_center_out as lco
 from common.config import ConfigError, ExperimentConfig
-from sim.federated import federated_spec, run_simulation_spec
+from sim.federated import federated_spec, missing_updates, run_simulation_spec
 from sim.protocols import LcoOptions, Runtime, arm_config, auc_ci, metric_rows, plan_units
 
 TINY = ["--quick", "--no-progress", "--size", "32"]
@@ -218,6 +218,16 @@ def test_centralised_protocols_write_everything_and_resume(tmp_path, monkeypatch
     assert events.count("resume") == 2
 
 
+def test_a_site_left_out_of_a_round_is_found(tmp_path):
+    """A site that missed a round's deadline in simulation changes the experiment: the unit must
+    fail rather than report a model that one site trained alone."""
+    pd.DataFrame({"round": [1, 1, 1, 2, 2], "phase": ["train", "train", "train", "train", "evaluate"],
+                  "site": ["A", "B", "all-sites", "A", "B"], "metric": ["train_loss"] * 4 + ["dice"],
+                  "value": [1.0] * 5}).to_csv(tmp_path / "metrics.csv", index=False)
+    assert missing_updates(tmp_path, ["A", "B"], 2) == [(2, "B")]
+    assert missing_updates(tmp_path / "none", ["A"], 1) == [(1, "A")]
+
+
 def test_federated_protocol_runs_flower_simulation(tmp_path):
     out = tmp_path / "runs"
     sites = list(lco.site_specs(LcoOptions()))[:3]
@@ -242,6 +252,7 @@ def test_federated_protocol_runs_flower_simulation(tmp_path):
     server_dir = folder / "federated" / f"fedprox__consistency__{'+'.join(sites[1:])}__s0"
     status = json.loads((server_dir / "status.json").read_text())
     assert status["state"] == "finished" and (server_dir / "checkpoint.pt").is_file()
+    assert missing_updates(server_dir, sites[1:], 1) == []
     curves = pd.read_csv(folder / "curves.csv")
     assert list(curves["step_kind"].unique()) == ["round"] and curves["val_dice"].notna().all()
     assert "Protocol 2" in (folder / "report.md").read_text()

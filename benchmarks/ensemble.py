@@ -1,0 +1,111 @@
+"""Score the mean of several trained runs of ``benchmarks/external_validation.py`` as one model.
+
+Runs of the same arm that differ only in ``--seed`` can train side by side, one per core; their
+mean prediction (mask and malignancy probabilities averaged, then thresholded as for one model)
+is scored on the external centres with the same code as a single run, and written in the same
+files (metrics.csv, per_image.csv), so ``benchmarks.pair_runs`` compares it with any other run:
+
+    python -m benchmarks.ensemble runs/D1 runs/D1s1 --out runs/D1x2 --postprocess
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+from torch import Tensor, nn
+
+from benchmarks.external_validation import (
+    TRAIN_CENTRE, FlipLargestComponent, default_data_root, load_external,
+)
+from common import metrics
+from common.config import ExperimentConfig, from_dict
+from common.data import discover_centres
+from common.device import set_threads
+from common.evaluate import evaluate
+from common.model import build_model
+
+
+class MeanOfModels(nn.Module):
+    """(mask logits (B,1,H,W), malignancy logits (B,)) of the mean of the members' probabilities:
+    averaging probabilities, not logits, keeps one over-confident member from deciding alone."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        outs = [m(x) for m in self.members]
+        mask = torch.stack([torch.sigmoid(o[0]) for o in outs]).mean(0)
+        cls = torch.stack([torch.sigmoid(o[1]) for o in outs]).mean(0)
+        return torch.logit(mask, eps=1e-6), torch.logit(cls, eps=1e-6)
+
+
+def load_member(run: Path) -> tuple[str, int, ExperimentConfig, nn.Module]:
+    """(arm, image size, config, model with the saved weights) of a run folder holding one arm."""
+    cfg_path = run / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: not found (a run folder of benchmarks/external_validation.py?)")
+    saved = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
+    if len(saved["arms"]) != 1:
+        raise ValueError(f"{cfg_path}: holds arms {list(saved['arms'])}; give runs of one arm each")
+    (arm, cfg_dict), = saved["arms"].items()
+    cfg = from_dict(ExperimentConfig, cfg_dict, str(cfg_path))
+    model = build_model(cfg.model, cfg.loss.features, sign_constrained=cfg.loss.sign_constrained)
+    weights = run / f"model_{arm}.pt"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: not found (the run did not finish?)")
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return arm, int(saved["args"]["size"]), cfg, model.eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", type=Path, nargs="+", help="run folders of one arm each, same arm and size")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--data-root", type=Path, default=default_data_root())
+    p.add_argument("--cache-dir", type=Path, default=Path(__file__).resolve().parents[1] / "runs" / "cache")
+    p.add_argument("--postprocess", action="store_true", help="also score flip TTA + largest component")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    set_threads(args.threads)
+    try:
+        members = [load_member(r) for r in args.runs]
+    except (FileNotFoundError, ValueError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if len({(arm, size) for arm, size, _, _ in members}) != 1:
+        print(f"runs differ in arm or image size: {[(a, s) for a, s, _, _ in members]}", file=sys.stderr)
+        return 2
+    arm, size, cfg, _ = members[0]
+    net = MeanOfModels([m for *_, m in members]).eval()
+    centres = discover_centres(args.data_root)
+    tests = [c for c in centres if c != TRAIN_CENTRE]
+    cache = args.cache_dir if str(args.cache_dir) not in ("", ".") else None
+    t0 = time.perf_counter()
+    rows, per_image = [], []
+    variants = {"raw": net, **({"flip+lcc": FlipLargestComponent(net)} if args.postprocess else {})}
+    for inference, model in variants.items():
+        for centre in tests:
+            res = evaluate(model, load_external(centre, centres[centre], size, cache), device=cfg.train.device)
+            lo, hi = metrics.bootstrap_ci(res.per_image["dice"].to_numpy(), seed=0)
+            rows.append({"arm": arm, "inference": inference, "centre": centre, "members": len(members),
+                         **res.summary, "dice_ci_lo": lo, "dice_ci_hi": hi})
+            per_image.append(res.per_image.assign(arm=arm, inference=inference, eval_centre=centre))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "members.txt").write_text("\n".join(str(r.resolve()) for r in args.runs) + "\n")
+    table = pd.DataFrame(rows).astype({"n_images": int, "n_lesion": int})
+    table.to_csv(args.out / "metrics.csv", index=False)
+    pd.concat(per_image, ignore_index=True).to_csv(args.out / "per_image.csv", index=False)
+    print(table[["arm", "inference", "centre", "members", "n_lesion", "dice", "dice_ci_lo", "dice_ci_hi",
+                 "auc"]].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"\nwrote {args.out} ({time.perf_counter() - t0:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""benchmarks/ensemble.py: the mean of several single-arm runs, scored like one run."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from benchmarks.ensemble import MeanOfModels
+from benchmarks.ensemble import main as ensemble_main
+from benchmarks.external_validation import main as train_main
+
+
+class Constant(nn.Module):
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.logit = torch.logit(torch.tensor(p))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.logit.expand(x.shape[0], 1, *x.shape[2:]), self.logit.expand(x.shape[0])
+
+
+def test_mean_of_models_averages_probabilities_not_logits():
+    mask, cls = MeanOfModels([Constant(0.2), Constant(0.9)])(torch.zeros(3, 1, 4, 4))
+    assert mask.shape == (3, 1, 4, 4) and cls.shape == (3,)
+    assert torch.sigmoid(mask) == pytest.approx(torch.full_like(mask, 0.55), abs=1e-6)
+    assert torch.sigmoid(cls) == pytest.approx(torch.full_like(cls, 0.55), abs=1e-6)
+
+
+def test_ensemble_of_two_seeds_and_a_one_member_ensemble_reproduces_its_run(tmp_path, tiny_centres):
+    root, options = tiny_centres
+    common = options + ["--select", "last"]
+    for seed in (0, 1):
+        assert train_main(common + ["--arms", "plain", "--seed", str(seed), "--out", str(tmp_path / f"s{seed}")]) == 0
+    assert train_main(common + ["--arms", "consistency", "--out", str(tmp_path / "c")]) == 0
+    ens = ["--data-root", str(root), "--cache-dir", "", "--threads", "1"]
+
+    assert ensemble_main([str(tmp_path / "s0"), "--out", str(tmp_path / "one")] + ens) == 0
+    own = pd.read_csv(tmp_path / "s0" / "per_image.csv").set_index("case_id")["dice"]
+    alone = pd.read_csv(tmp_path / "one" / "per_image.csv").set_index("case_id")["dice"]
+    pd.testing.assert_series_equal(alone.sort_index(), own.sort_index(), check_exact=False, atol=1e-6)
+
+    assert ensemble_main([str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "two"),
+                          "--postprocess"] + ens) == 0
+    table = pd.read_csv(tmp_path / "two" / "metrics.csv")
+    assert set(table.inference) == {"raw", "flip+lcc"} and (table.members == 2).all()
+    per_image = pd.read_csv(tmp_path / "two" / "per_image.csv")
+    assert len(per_image) == 2 * 5 and np.isfinite(per_image[per_image.has_lesion].dice).all()
+
+    mixed = [str(tmp_path / "s0"), str(tmp_path / "c"), "--out", str(tmp_path / "mixed")] + ens
+    assert ensemble_main(mixed) == 2  # plain and consistency are not one arm
+    assert ensemble_main([str(tmp_path / "missing"), "--out", str(tmp_path / "x")] + ens) == 2
