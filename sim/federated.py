@@ -35,11 +35,18 @@ log = logging.getLogger(__name__)
 SIM_ROUND_TIMEOUT_S = 6 * 3600.0
 
 
+def server_metrics(run_dir: Path) -> pd.DataFrame:
+    """The server's metrics.csv (columns round, phase, site, metric, value); empty without one."""
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return pd.DataFrame(columns=["round", "phase", "site", "metric", "value"])
+    return pd.read_csv(path)
+
+
 def missing_updates(run_dir: Path, sites: list[str], rounds: int) -> list[tuple[int, str]]:
     """(round, site) pairs of 1 … ``rounds`` without a train_loss row from that site in the
     server's metrics.csv: that site's update did not enter that round's aggregate."""
-    path = run_dir / "metrics.csv"
-    m = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=["round", "phase", "site", "metric"])
+    m = server_metrics(run_dir)
     m = m[(m["phase"] == "train") & (m["metric"] == "train_loss")]
     seen = set(zip(m["round"].astype(int), m["site"].astype(str)))
     return [(rnd, s) for rnd in range(1, rounds + 1) for s in sites if (rnd, s) not in seen]
@@ -132,10 +139,9 @@ def sites_epsilon(run_dir: Path, sites: list[str]) -> float:
 def federated_curves(run_dir: Path) -> pd.DataFrame:
     """Per round: the sites' mean training loss and the validation Dice pooled over sites,
     from the server's metrics.csv."""
-    path = run_dir / "metrics.csv"
-    if not path.is_file():
+    m = server_metrics(run_dir)
+    if m.empty:
         return pd.DataFrame(columns=["step", "step_kind", "loss", "val_dice"])
-    m = pd.read_csv(path)
     m = m[m["site"] == AGGREGATE_SITE]
     loss = m[(m["phase"] == "train") & (m["metric"] == "train_loss")].set_index("round")["value"]
     dice = m[(m["phase"] == "evaluate") & (m["metric"] == "dice")].set_index("round")["value"]

@@ -32,7 +32,7 @@ from common.checkpoint import provenance  # noqa: E402
 from common.config import ConfigError, ExperimentConfig, from_dict, load_yaml, to_dict  # noqa: E402
 from common.data import CENTRES, discover_centres  # noqa: E402
 from common.device import set_threads  # noqa: E402
-from common.federation import SiteSpec  # noqa: E402
+from common.federation import LR_SCHEDULES, SiteSpec  # noqa: E402
 from common.records import DataError  # noqa: E402
 from common.sitedata import load_test_tensors  # noqa: E402
 from sim.protocols import LcoOptions, Runtime, plan_units  # noqa: E402
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=None, help=f"centralised epochs (train.epochs; default {_defaults('train', 'epochs')})")
     t.add_argument("--rounds", type=int, default=None, help=f"federated rounds (default {_defaults('lco', 'rounds')})")
     t.add_argument("--local-epochs", type=int, default=None, help=f"local epochs per federated round (default {_defaults('lco', 'local_epochs')})")
-    t.add_argument("--lr-schedule", choices=["round", "global"], default=None,
+    t.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
                    help="federated lr schedule: restart train.schedule every round (round; default) "
                         "or lay one over rounds × local epochs, as centralised training (global)")
     t.add_argument("--seeds", type=lambda s: [int(x) for x in _csv(s)], default=None,

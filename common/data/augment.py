@@ -98,10 +98,11 @@ def augment_batch(
     shadowing and enhancement lie below the lesion); one affine per image (by default rotation
     ±10°, scale 0.9–1.1, translation ±5 % of the side; ranges from ``geometry``, uniform draws)
     applied to the whole batch with one ``affine_grid`` / ``grid_sample`` after the optional
-    ``negative_crop`` and ``depth_splice`` (masks resampled bilinearly, then > 0.5, so they stay binary); gain 0.8–1.2,
-    contrast 0.85–1.15 about the image mean, gamma e^±0.3; multiplicative speckle-like noise (Gaussian at
-    half resolution, upsampled, σ ≤ 0.15). Random numbers come from ``generator`` on its own device
-    (CPU by default) so a seed gives the same batch whatever device trains."""
+    ``negative_crop`` and ``depth_splice`` (masks resampled bilinearly, then > 0.5, so they stay
+    binary); gain 0.8–1.2, contrast 0.85–1.15 about the image mean, gamma e^±0.3; multiplicative
+    speckle-like noise (Gaussian at half resolution, upsampled, σ ≤ 0.15). Random numbers come
+    from ``generator`` on its own device (CPU by default) so a seed gives the same batch whatever
+    device trains."""
     b, _, h, w = images.shape
     dev, gdev = images.device, generator.device
 
