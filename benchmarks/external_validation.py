@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))  # ``python benchmarks/external_validation.py`` fi
 
 from benchmarks.pair_runs import pair_frames  # noqa: E402
 from common import metrics  # noqa: E402
-from common.config import AUTO_PRETRAINED, ExperimentConfig, replace, to_dict  # noqa: E402
+from common.config import AUTO_PRETRAINED, AugmentConfig, ExperimentConfig, replace, to_dict  # noqa: E402
 from common.data import discover_centres, load_centre  # noqa: E402
 from common.data.splits import split_cases  # noqa: E402
 from common.data.tensors import TensorData, cached_tensors, to_tensors  # noqa: E402
@@ -46,6 +46,22 @@ from sim.selection import EpochSelector  # noqa: E402
 
 ARM_NAMES = ("plain", "consistency")
 TRAIN_CENTRE = "BrEaST"
+
+
+#: Augmentation options: flag, ``data.augmentation`` field (its default is the flag's), help.
+AUG_FLAGS: tuple[tuple[str, str, str], ...] = (
+    ("--aug-rotate", "rotate_deg", "rotation ± degrees"),
+    ("--aug-scale", "scale", "zoom 1 ± this"),
+    ("--aug-translate", "translate", "shift ± this fraction of the side"),
+    ("--depth-splice", "depth_splice", "probability of splicing another image's near field on top"),
+    ("--depth-splice-max", "depth_splice_max", "largest splice, as a fraction of the image height"),
+    ("--negative-crop", "negative_crop", "probability of replacing a lesion image by a lesion-free crop"),
+    ("--negative-crop-min", "negative_crop_min", "smallest lesion-free crop, fraction of the side"),
+    ("--lesion-paste", "lesion_paste", "probability of pasting a lesion of the batch at a random place"),
+    ("--aug-stretch", "stretch", "aspect change up to 1 + this either way (log-uniform)"),
+    ("--aug-sharpness", "sharpness", "blur (< 0) or unsharp masking (> 0) of strength up to ± this"),
+    ("--calm-epochs", "calm_epochs", "last epochs without splice / negative crop / lesion paste / stretch"),
+)
 
 
 def default_data_root() -> Path:
@@ -82,16 +98,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prior-supervision", type=float, default=0.0)
     p.add_argument("--cls-loss", choices=["bce", "focal"], default="bce")
     p.add_argument("--cls-weight", type=float, default=1.0, help="weight of the malignancy loss")
-    p.add_argument("--aug-rotate", type=float, default=10.0, help="augmentation: rotation ± degrees")
-    p.add_argument("--aug-scale", type=float, default=0.1, help="augmentation: zoom 1 ± this")
-    p.add_argument("--aug-translate", type=float, default=0.05,
-                   help="augmentation: shift ± this fraction of the side")
-    p.add_argument("--depth-splice", type=float, default=0.0,
-                   help="augmentation: probability of splicing another image's near field on top")
-    p.add_argument("--depth-splice-max", type=float, default=0.4,
-                   help="augmentation: largest splice, as a fraction of the image height")
-    p.add_argument("--negative-crop", type=float, default=0.0,
-                   help="augmentation: probability of replacing a lesion image by a lesion-free crop")
+    defaults = AugmentConfig()
+    for flag, name, text in AUG_FLAGS:
+        default = getattr(defaults, name)
+        p.add_argument(flag, type=type(default), default=default, help=f"augmentation: {text}")
     p.add_argument("--cls-head", choices=["bottleneck", "multiscale"], default="bottleneck")
     p.add_argument("--postprocess", action="store_true",
                    help="also score each arm with horizontal-flip TTA + largest connected "
@@ -136,11 +146,8 @@ def arm_config(args: argparse.Namespace, arm: str, n_train: int) -> ExperimentCo
         "loss.consistency_warmup_steps": round(args.lam_warmup * steps) if consistency else 0,
         "loss.consistency_ramp_steps": round(args.lam_ramp * steps) if consistency else 0,
         "loss.consistency_grad": args.consistency_grad,
-        "data.augmentation.rotate_deg": args.aug_rotate, "data.augmentation.scale": args.aug_scale,
-        "data.augmentation.translate": args.aug_translate,
-        "data.augmentation.depth_splice": args.depth_splice,
-        "data.augmentation.depth_splice_max": args.depth_splice_max,
-        "data.augmentation.negative_crop": args.negative_crop,
+        **{f"data.augmentation.{name}": getattr(args, flag[2:].replace("-", "_"))
+           for flag, name, _ in AUG_FLAGS},
         "loss.prior_supervision": args.prior_supervision, "loss.cls_loss": args.cls_loss,
         "loss.cls_weight": args.cls_weight,
         "train.epochs": args.epochs, "train.batch_size": args.batch_size, "train.lr": args.lr,

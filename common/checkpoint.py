@@ -1,8 +1,9 @@
 """Checkpoints with provenance, written atomically.
 
 A checkpoint is one ``torch.save`` file holding {"format", "state_dict", "config", "provenance",
-"extra"}. It is written to a temporary file in the target folder and moved into place with
-``os.replace``, so a crash mid-write never leaves a truncated checkpoint under the real name.
+"extra"}. It is written to a temporary file in the target folder, fsynced and renamed into
+place (``common.atomic``), so a crash mid-write never leaves a truncated checkpoint under the
+real name.
 Loading uses ``weights_only=True`` (no arbitrary unpickling), hence ``extra`` is converted to
 plain types on save (NumPy → tensors/Python numbers, paths → str, dataclasses → dicts).
 """
@@ -10,10 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import os
 import platform
 import subprocess
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
@@ -21,6 +20,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from common.atomic import atomic_write
 from common.config import to_dict
 
 FORMAT = "fedbus-checkpoint/1"
@@ -97,7 +97,6 @@ def save_checkpoint(
     round, metrics, accountant state; ``data_fingerprint=`` is also copied into the provenance.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     cfg = to_dict(config) if dataclasses.is_dataclass(config) else _plain(dict(config or {}))
     payload = {
         "format": FORMAT,
@@ -106,17 +105,7 @@ def save_checkpoint(
         "provenance": provenance(extra.get("data_fingerprint")),
         "extra": _plain(extra),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda fh: torch.save(payload, fh), binary=True)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

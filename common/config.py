@@ -40,12 +40,17 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Random geometry of training batches (``common.data.augment.augment_batch``): rotation
-    ±``rotate_deg``, zoom 1 ± ``scale``, shift ± ``translate`` × the side in x and y, and with
-    probability ``depth_splice`` another image's near field spliced above the image, and with
-    probability ``negative_crop`` a lesion image replaced by a lesion-free crop of itself. Centres
-    differ in where the lesion sits and how large it is, so these ranges set how far a model
-    trained on one centre's framing carries to another's."""
+    """Random transforms of training batches (``common.data.augment.augment_batch``): rotation
+    ±``rotate_deg``, zoom 1 ± ``scale``, shift ± ``translate`` × the side in x and y; with
+    probability ``depth_splice`` another image's near field spliced above the image; with
+    probability ``negative_crop`` a lesion image replaced by a lesion-free crop of itself; with
+    probability ``lesion_paste`` a lesion of the batch pasted at a random place; blur or
+    sharpening of strength up to ``sharpness``; an aspect change of up to 1 + ``stretch`` either
+    way (frames of aspect 0.9–1.5 are all resized to a square, so each centre distorts its
+    lesions by its own factor); the last ``calm_epochs`` epochs without the splice, crop, paste
+    and stretch. Centres differ in where the lesion sits, how large it is and how
+    their scanners render it, so these ranges set how far a model trained on one centre carries
+    to another."""
 
     rotate_deg: float = 10.0
     scale: float = 0.1
@@ -54,15 +59,24 @@ class AugmentConfig:
     depth_splice_max: float = 0.4  # largest push-down, fraction of the height
     negative_crop: float = 0.0  # probability per lesion image (common.data.augment.negative_crop)
     negative_crop_min: float = 0.5  # smallest crop side, fraction of the image side
+    lesion_paste: float = 0.0  # probability per image (common.data.augment.lesion_paste)
+    sharpness: float = 0.0  # image + s·(image − blur_σ=1px(image)), s uniform in ±sharpness
+    stretch: float = 0.0  # aspect change: width × √a, height ÷ √a, log a uniform in ±log(1 + stretch)
+    # the last calm_epochs epochs of each train_local call run without the four transforms above
+    # (splice, crop, paste, stretch): they cut detection failures but blur boundaries
+    calm_epochs: int = 0
 
     def __post_init__(self) -> None:
         if not (0 <= self.scale < 1 and 0 <= self.translate <= 0.5 and 0 <= self.rotate_deg <= 180
                 and 0 <= self.depth_splice <= 1 and 0 <= self.depth_splice_max < 1
-                and 0 <= self.negative_crop <= 1 and 0 < self.negative_crop_min <= 1):
+                and 0 <= self.negative_crop <= 1 and 0 < self.negative_crop_min <= 1
+                and 0 <= self.lesion_paste <= 1 and 0 <= self.stretch <= 3
+                and 0 <= self.sharpness <= 3 and self.calm_epochs >= 0):
             raise ConfigError(f"data.augmentation: need 0 ≤ scale < 1, 0 ≤ translate ≤ 0.5, "
                               f"0 ≤ rotate_deg ≤ 180, 0 ≤ depth_splice ≤ 1, "
                               f"0 ≤ depth_splice_max < 1, 0 ≤ negative_crop ≤ 1, "
-                              f"0 < negative_crop_min ≤ 1; got {self}")
+                              f"0 < negative_crop_min ≤ 1, 0 ≤ lesion_paste ≤ 1, "
+                              f"0 ≤ stretch ≤ 3, 0 ≤ sharpness ≤ 3, calm_epochs ≥ 0; got {self}")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@ A ``PrivacySession`` covers one local-training call (one federated round) and pl
 ``common.train.train_local(privacy=...)``. Its guarantee is (ε, δ)-DP with respect to adding or
 removing **one training image** of this site, for everything the site releases from training
 (the weights of every round); see docs/privacy.md for what it does not cover.
+The budget arithmetic is in ``common.accounting`` and the state (de)serialisation in
+``common.privacy_state``; their public names are re-exported here.
 
 How the budget is spent across rounds:
 - The noise multiplier σ is fixed **once per site** (first round): either ``noise_multiplier``
@@ -25,28 +27,39 @@ noise-only step (and accounted): skipping it would reveal that the draw was empt
 from __future__ import annotations
 
 import copy
-import functools
-import json
 import logging
-import math
-import os
-import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.config import ConfigError, PrivacyConfig
+from common.accounting import (  # noqa: F401  (re-exported: ``from common.privacy import ...``)
+    ACCOUNTANTS,
+    epsilon_of,
+    group_epsilon,
+    per_patient_bound,
+    plan_noise_multiplier,
+    poisson_rate,
+    validate,
+)
+from common.config import PrivacyConfig
+from common.privacy_state import (  # noqa: F401  (re-exported: ``from common.privacy import ...``)
+    STATE_FORMAT,
+    _check_state,
+    load_state,
+    most_spent,
+    save_state,
+    state_from_text,
+    state_to_text,
+    total_steps,
+)
 
 if TYPE_CHECKING:  # the data stack is imported only where batches are built
     from common.data.tensors import TensorData
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = 1
-ACCOUNTANTS = ("rdp", "gdp", "prv")
 #: Metric keys a site reports each round (fixed schema: the same at every site).
 METRIC_KEYS = ("epsilon", "epsilon_round")
 _GSM_PREFIX = "_module."
@@ -56,156 +69,6 @@ BatchFactory = Callable[[], Iterable[dict[str, Tensor]]]
 
 class PrivacyBudgetExceeded(RuntimeError):
     """Training this round would take the site's ε past its budget; nothing was trained."""
-
-
-# ------------------------------------------------------------------ accounting helpers
-def poisson_rate(num_examples: int, batch_size: int) -> tuple[float, int]:
-    """(sample rate q, steps per epoch) as Opacus' DPDataLoader derives them from a loader of
-    ⌈N/B⌉ batches: q = 1/⌈N/B⌉, steps = int(1/q) (which float rounding can make ⌈N/B⌉ − 1)."""
-    if num_examples < 1 or batch_size < 1:
-        raise ValueError(f"need num_examples >= 1 and batch_size >= 1, got {num_examples}, {batch_size}")
-    q = 1.0 / math.ceil(num_examples / batch_size)
-    return q, int(1 / q)
-
-
-def _accountant(mechanism: str, history: Iterable[Iterable[float]] = ()) -> Any:
-    from opacus.accountants import create_accountant
-
-    acc = create_accountant(mechanism=mechanism)
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    return acc
-
-
-def epsilon_of(history: Iterable[Iterable[float]], delta: float, accountant: str = "rdp") -> float:
-    """ε at ``delta`` of a history [(σ, q, steps), ...]; 0 for an empty history, inf when σ = 0."""
-    hist = tuple((float(s), float(q), int(n)) for s, q, n in history)
-    if not hist or sum(h[2] for h in hist) == 0:
-        return 0.0
-    if any(h[0] <= 0 for h in hist):
-        return math.inf
-    return _cached_epsilon(hist, float(delta), accountant)
-
-
-@functools.lru_cache(maxsize=256)
-def _cached_epsilon(hist: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
-    # Opacus' RDP bound over fractional orders costs ~0.1-1 s per call; sessions ask repeatedly
-    return float(_accountant(accountant, hist).get_epsilon(delta=delta))
-
-
-def group_epsilon(epsilon: float, delta: float, group_size: int) -> tuple[float, float]:
-    """Group privacy: (ε, δ)-DP for one image gives (kε, k·e^{(k−1)ε}·δ)-DP for k images of one
-    patient (Dwork & Roth 2014, Thm 2.2 with the standard δ extension). Loose, but valid; it
-    grows fast, e.g. ε = 3, k = 4 → (12, 4·e⁹·δ ≈ 3.2e4·δ)."""
-    if group_size < 1:
-        raise ValueError(f"group_size must be >= 1, got {group_size}")
-    k = int(group_size)
-    return k * epsilon, k * math.exp((k - 1) * epsilon) * delta
-
-
-def per_patient_bound(epsilon: float, delta: float, patient_ids: Iterable[Any]) -> tuple[float, float]:
-    """Patient-level (ε, δ) from the image-level one, with k = most images of any one patient
-    in the training set (e.g. ``TensorData``'s case → patient mapping); see ``group_epsilon``."""
-    counts: dict[Any, int] = {}
-    for pid in patient_ids:
-        counts[pid] = counts.get(pid, 0) + 1
-    return group_epsilon(epsilon, delta, max(counts.values(), default=1))
-
-
-def validate(cfg: PrivacyConfig, where: str = "privacy") -> None:
-    """Reject configurations that cannot give a stated guarantee (errors name ``where``)."""
-    if cfg.accountant not in ACCOUNTANTS:
-        raise ConfigError(f"{where}.accountant: {cfg.accountant!r} not one of {ACCOUNTANTS}")
-    if not 0.0 < cfg.target_delta < 1.0:
-        raise ConfigError(f"{where}.target_delta: must be in (0, 1), got {cfg.target_delta}")
-    if not cfg.max_grad_norm > 0:
-        raise ConfigError(f"{where}.max_grad_norm: must be > 0, got {cfg.max_grad_norm}")
-    if cfg.noise_multiplier is None and cfg.target_epsilon is None:
-        raise ConfigError(f"{where}: give target_epsilon (with planned_epochs) or noise_multiplier")
-    if cfg.noise_multiplier is not None and cfg.noise_multiplier < 0:
-        raise ConfigError(f"{where}.noise_multiplier: must be >= 0, got {cfg.noise_multiplier}")
-    if cfg.target_epsilon is not None and not cfg.target_epsilon > 0:
-        raise ConfigError(f"{where}.target_epsilon: must be > 0, got {cfg.target_epsilon}")
-    if cfg.planned_epochs < 1:
-        raise ConfigError(f"{where}.planned_epochs: must be >= 1, got {cfg.planned_epochs}")
-
-
-def plan_noise_multiplier(cfg: PrivacyConfig, sample_rate: float, steps_per_epoch: int) -> float:
-    """σ for the whole plan: ``cfg.noise_multiplier`` if given, else the smallest σ (to 0.01 in ε)
-    with ε(σ, q, planned_epochs·steps_per_epoch) ≤ target_epsilon."""
-    validate(cfg)
-    if cfg.noise_multiplier is not None:
-        return float(cfg.noise_multiplier)
-    return _planned_sigma(float(cfg.target_epsilon), float(cfg.target_delta), float(sample_rate),
-                          cfg.planned_epochs * steps_per_epoch, cfg.accountant)
-
-
-@functools.lru_cache(maxsize=64)
-def _planned_sigma(epsilon: float, delta: float, q: float, steps: int, accountant: str) -> float:
-    from opacus.accountants.utils import get_noise_multiplier
-
-    return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q,
-                                      steps=steps, accountant=accountant, epsilon_tolerance=0.01))
-
-
-# ------------------------------------------------------------------ state (de)serialisation
-def state_to_text(state: Mapping[str, Any]) -> str:
-    """JSON text of a session state (for a Flower ``ConfigRecord`` string value)."""
-    return json.dumps(state, sort_keys=True)
-
-
-def state_from_text(text: str, where: str = "privacy state") -> dict[str, Any]:
-    try:
-        state = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{where}: not valid JSON ({exc})") from exc
-    _check_state(state, where)
-    return state
-
-
-def _check_state(state: Any, where: str) -> None:
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise ValueError(f"{where}: not a privacy state of format {STATE_FORMAT}")
-    hist = state.get("history")
-    if not isinstance(hist, list) or not all(isinstance(h, list) and len(h) == 3 for h in hist):
-        raise ValueError(f"{where}: 'history' must be a list of [sigma, q, steps]")
-
-
-def save_state(path: str | Path, state: Mapping[str, Any]) -> Path:
-    """Atomically write a state file (temp file in the same folder, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(state_to_text(state))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def load_state(path: str | Path) -> dict[str, Any] | None:
-    """The state stored at ``path``; None when there is no file yet (errors name the file)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    return state_from_text(text, str(path))
-
-
-def total_steps(state: Mapping[str, Any] | None) -> int:
-    return 0 if not state else sum(int(h[2]) for h in state.get("history", []))
-
-
-def most_spent(*states: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """Of several copies of a site's state (``context.state``, the site file), the one with the
-    most accounted steps: when they disagree, the larger ε is the safe one to continue from."""
-    found = [dict(s) for s in states if s]
-    return max(found, key=total_steps) if found else None
 
 
 # ------------------------------------------------------------------ model helpers

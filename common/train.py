@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from common.config import AugmentConfig, LossConfig, TrainConfig
-from common.data.augment import augment_batch, augmentation
+from common.data.augment import augment_batch, augmentation, calm
 from common.data.tensors import TensorData, batches, normalise
 from common.device import resolve_device, seed_everything, set_threads
 from common.ema import ParameterEma
@@ -261,6 +261,8 @@ def _run(
     try:
         for epoch in range(cfg.epochs):
             t0, sums, n_epoch = time.perf_counter(), {}, 0
+            if geometry is not None and epoch >= cfg.epochs - geometry.calm_epochs:
+                geometry = calm(geometry)
             for batch in epoch_batches():
                 b = int(batch["mask"].shape[0])
                 if b == 0:  # Poisson sampling can draw an empty batch

@@ -12,6 +12,7 @@ structures that are not lesions.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -88,6 +89,47 @@ def negative_crop(
     return torch.where(keep, cropped, images), torch.where(keep, torch.zeros_like(masks), masks)
 
 
+def lesion_paste(
+    images: torch.Tensor, masks: torch.Tensor, geometry: AugmentConfig,
+    rand: Callable[..., torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """With probability ``geometry.lesion_paste`` per image of (B,1,H,W): paste a lesion of the
+    batch (its bounding box plus a margin of 10 % of the side, which carries the posterior
+    shadow or enhancement below it) at a uniformly random place, blended in with a linear ramp
+    over the margin, and add it to the mask where the blend weight is ≥ ½. Lesions whose padded
+    box covers more than a third of the image are not pasted. The place is uniform over the
+    whole height, so the model sees lesions at the depths BrEaST lacks (its lesion centres sit
+    at 19–45 % of the height), below whatever near field the host image has."""
+    b, _, h, w = images.shape
+    has = masks.flatten(1).amax(1) > 0
+    donors = torch.nonzero(has).flatten().tolist()
+    apply, u = rand(b) < geometry.lesion_paste, rand(b, 3)
+    if not donors or not bool(apply.any()):
+        return images, masks
+    src_images, src_masks = images, masks  # donors as they came, not as already pasted
+    images, masks = images.clone(), masks.clone()
+    margin = max(2, round(0.1 * min(h, w)))
+    for i in torch.nonzero(apply).flatten().tolist():
+        j = donors[min(int(u[i, 0] * len(donors)), len(donors) - 1)]
+        ys = torch.nonzero(src_masks[j, 0].amax(1) > 0).flatten()
+        xs = torch.nonzero(src_masks[j, 0].amax(0) > 0).flatten()
+        y0, y1 = max(int(ys[0]) - margin, 0), min(int(ys[-1]) + 1 + margin, h)
+        x0, x1 = max(int(xs[0]) - margin, 0), min(int(xs[-1]) + 1 + margin, w)
+        ph, pw = y1 - y0, x1 - x0
+        if ph * pw > h * w / 3:
+            continue
+        ty, tx = min(int(u[i, 1] * (h - ph + 1)), h - ph), min(int(u[i, 2] * (w - pw + 1)), w - pw)
+        ramp_y = torch.minimum(torch.arange(1, ph + 1), torch.arange(ph, 0, -1)) / margin
+        ramp_x = torch.minimum(torch.arange(1, pw + 1), torch.arange(pw, 0, -1)) / margin
+        alpha = (ramp_y.clamp(max=1)[:, None] * ramp_x.clamp(max=1)[None, :]).to(images)
+        patch, patch_mask = src_images[j, 0, y0:y1, x0:x1], src_masks[j, 0, y0:y1, x0:x1]
+        host = images[i, 0, ty:ty + ph, tx:tx + pw]
+        images[i, 0, ty:ty + ph, tx:tx + pw] = alpha * patch + (1 - alpha) * host
+        host_mask = masks[i, 0, ty:ty + ph, tx:tx + pw]
+        masks[i, 0, ty:ty + ph, tx:tx + pw] = torch.where(alpha >= 0.5, patch_mask, host_mask)
+    return images, masks
+
+
 def augment_batch(
     images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator,
     geometry: AugmentConfig = AugmentConfig(),
@@ -96,13 +138,14 @@ def augment_batch(
 
     Random horizontal flip (never vertical: depth has a direction — attenuation, posterior
     shadowing and enhancement lie below the lesion); one affine per image (by default rotation
-    ±10°, scale 0.9–1.1, translation ±5 % of the side; ranges from ``geometry``, uniform draws)
-    applied to the whole batch with one ``affine_grid`` / ``grid_sample`` after the optional
-    ``negative_crop`` and ``depth_splice`` (masks resampled bilinearly, then > 0.5, so they stay
-    binary); gain 0.8–1.2, contrast 0.85–1.15 about the image mean, gamma e^±0.3; multiplicative
-    speckle-like noise (Gaussian at half resolution, upsampled, σ ≤ 0.15). Random numbers come
-    from ``generator`` on its own device (CPU by default) so a seed gives the same batch whatever
-    device trains."""
+    ±10°, scale 0.9–1.1, translation ±5 % of the side, optional aspect ``stretch``; ranges from
+    ``geometry``, uniform draws) applied to the whole batch with one ``affine_grid`` /
+    ``grid_sample`` after the optional ``negative_crop``, ``lesion_paste`` and ``depth_splice``
+    (masks resampled bilinearly, then > 0.5, so they stay binary); gain 0.8–1.2, contrast
+    0.85–1.15 about the image mean, gamma e^±0.3; optionally blur or unsharp masking of random
+    strength up to ``sharpness`` (scanners differ in resolution and speckle size); multiplicative
+    speckle-like noise (Gaussian at half resolution, upsampled, σ ≤ 0.15). Random numbers come from ``generator`` on its own
+    device (CPU by default) so a seed gives the same batch whatever device trains."""
     b, _, h, w = images.shape
     dev, gdev = images.device, generator.device
 
@@ -111,6 +154,8 @@ def augment_batch(
 
     if geometry.negative_crop > 0:
         images, masks = negative_crop(images, masks, geometry, rand)
+    if geometry.lesion_paste > 0:
+        images, masks = lesion_paste(images, masks, geometry, rand)
     if geometry.depth_splice > 0 and b > 1:
         images, masks = depth_splice(images, masks, geometry, rand)
     flip = rand(b) < 0.5
@@ -119,8 +164,13 @@ def augment_batch(
     shift = (rand(b, 2) * 2 - 1) * 2 * geometry.translate  # affine_grid spans [-1, 1]: 2 = the side
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     sx = torch.where(flip, -1.0, 1.0)
+    sy = torch.ones_like(sx)
+    if geometry.stretch > 0:  # drawn only when on, so configs without it keep their random stream
+        root = torch.exp((rand(b) * 2 - 1) * 0.5 * math.log1p(geometry.stretch))  # √a
+        sx, sy = sx / root, sy * root  # output x samples input x / √a: content √a wider, √a less tall
     theta = torch.stack(
-        [torch.stack([cos * sx, -sin, shift[:, 0]], 1), torch.stack([sin * sx, cos, shift[:, 1]], 1)], 1
+        [torch.stack([cos * sx, -sin * sy, shift[:, 0]], 1),
+         torch.stack([sin * sx, cos * sy, shift[:, 1]], 1)], 1
     ).to(images.dtype)
     grid = F.affine_grid(theta, [b, 1, h, w], align_corners=False)
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
@@ -137,8 +187,25 @@ def augment_batch(
     images = images.clamp(0, 1).pow(gamma)
     mean = images.mean(dim=(-2, -1), keepdim=True)
     images = ((images - mean) * contrast + mean) * gain
+    if geometry.sharpness > 0:  # drawn last, so the draws above match a run without it
+        amount = (rand(b, 1, 1, 1) * 2 - 1) * geometry.sharpness
+        images = images + amount * (images - _blur1(images))  # < 0 blurs, > 0 sharpens
     images = images * (1 + sigma * noise)
     return images.clamp_(0.0, 1.0), masks
+
+
+def _blur1(images: torch.Tensor) -> torch.Tensor:
+    """Gaussian blur of (B,1,H,W) with σ = 1 px (5 taps, reflected edges)."""
+    taps = torch.exp(-torch.arange(-2, 3, dtype=images.dtype, device=images.device) ** 2 / 2)
+    taps = taps / taps.sum()
+    out = F.conv2d(F.pad(images, (2, 2, 0, 0), mode="reflect"), taps.view(1, 1, 1, 5))
+    return F.conv2d(F.pad(out, (0, 0, 2, 2), mode="reflect"), taps.view(1, 1, 5, 1))
+
+
+def calm(geometry: AugmentConfig) -> AugmentConfig:
+    """``geometry`` without the centre-shift transforms (splice, crop, paste, stretch): what the
+    last ``calm_epochs`` epochs train on, so boundaries are learnt on unaltered images."""
+    return replace(geometry, depth_splice=0.0, negative_crop=0.0, lesion_paste=0.0, stretch=0.0)
 
 
 def augmentation(augment: bool | AugmentConfig | None) -> AugmentConfig | None:

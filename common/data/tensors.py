@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.atomic import atomic_write
 from common.config import AugmentConfig
 from common.data.augment import augment_batch, augmentation
 from common.records import Case
@@ -242,13 +241,6 @@ def cached_tensors(
         except Exception as exc:  # noqa: BLE001 - whatever is wrong with it, rebuild it
             log.warning("cache %s is unusable (%s: %s); rebuilding it", path, type(exc).__name__, exc)
     data = to_tensors(list(load_cases()), size)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({f.name: getattr(data, f.name) for f in fields(data)}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    payload = {f.name: getattr(data, f.name) for f in fields(data)}
+    atomic_write(path, lambda fh: torch.save(payload, fh), binary=True)
     return data

@@ -22,3 +22,13 @@ def test_all_images_last_epoch_both_arms(tmp_path, tiny_centres):
     assert np.isfinite(per_image[per_image.has_lesion].dice).all()
     history = pd.read_csv(tmp_path / "run" / "history.csv")
     assert "val_dice" not in history.columns and len(history) == 2
+
+
+def test_every_augmentation_flag_reaches_the_config_and_defaults_match_it():
+    from benchmarks.external_validation import AUG_FLAGS, arm_config, parse_args
+    from common.config import AugmentConfig
+    assert arm_config(parse_args([]), "plain", 16).data.augmentation == AugmentConfig()
+    argv = ["--aug-rotate", "5", "--depth-splice", "0.5", "--aug-stretch", "0.25", "--calm-epochs", "3"]
+    aug = arm_config(parse_args(argv), "consistency", 16).data.augmentation
+    assert (aug.rotate_deg, aug.depth_splice, aug.stretch, aug.calm_epochs) == (5.0, 0.5, 0.25, 3)
+    assert {name for _, name, _ in AUG_FLAGS} == set(AugmentConfig.__dataclass_fields__)

@@ -160,3 +160,78 @@ def test_negative_crop_never_shows_lesion_pixels_and_is_off_by_default():
     _, m2 = augment_batch(d.images, d.masks, torch.Generator().manual_seed(0),
                           AugmentConfig(negative_crop=1.0, negative_crop_min=0.3))
     assert m2.flatten(1).amax(1).sum() < d.masks.flatten(1).amax(1).sum()  # some lesions cropped away
+
+
+def test_stretch_changes_aspect_within_range_and_keeps_area() -> None:
+    """A centred 12×12 square, no rotation/zoom/shift: with stretch 1 (aspect a ∈ [1/2, 2]) its
+    width/height ratio spreads over both sides of 1, never past 2 (+ a pixel of resampling), and
+    its area stays about 144 (width × √a, height ÷ √a)."""
+    masks = torch.zeros(64, 1, 32, 32)
+    masks[:, :, 10:22, 10:22] = 1
+    images = masks * 0.5 + 0.25
+    cfg = AugmentConfig(rotate_deg=0, scale=0, translate=0, stretch=1.0)
+    _, out = augment_batch(images, masks, torch.Generator().manual_seed(0), cfg)
+    width = out.amax(dim=2).flatten(1).sum(1)
+    height = out.amax(dim=3).flatten(1).sum(1)
+    ratio = width / height
+    assert ratio.min() < 0.8 and ratio.max() > 1.25
+    assert (ratio < 2 * 14 / 12).all() and (ratio > 0.5 * 10 / 12).all()
+    assert ((out.flatten(1).sum(1) / 144 - 1).abs() < 0.25).all()
+    _, plain = augment_batch(images, masks, torch.Generator().manual_seed(0),
+                             AugmentConfig(rotate_deg=0, scale=0, translate=0))
+    assert (plain.amax(dim=2).flatten(1).sum(1) == 12).all()  # stretch 0: the square stays square
+
+
+def test_lesion_paste_by_hand() -> None:
+    """Image 0 has a 4×4 lesion at rows 4–7 (value 0.1 on 0.9 background), image 1 none. With
+    margin round(0.1·32) = 3 the donor box is rows/cols 1–10; forcing the draws puts it at row
+    22, col 22 of image 1 (the last place it fits): its lesion lands at rows 25–28, the ramp is
+    1 there, and the host's own mask and pixels outside the box are untouched."""
+    from common.data.augment import lesion_paste
+    images = torch.full((2, 1, 32, 32), 0.9)
+    masks = torch.zeros(2, 1, 32, 32)
+    images[0, 0, 4:8, 4:8], masks[0, 0, 4:8, 4:8] = 0.1, 1
+    draws = iter([torch.tensor([0.9, 0.0]),  # apply: image 1 only
+                  torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, 1.0]])])  # donor 0, far corner
+    out, m = lesion_paste(images, masks, AugmentConfig(lesion_paste=0.5), lambda *s: next(draws))
+    assert torch.equal(out[0], images[0]) and torch.equal(m[0], masks[0])
+    assert m[1, 0].sum() == 16 and m[1, 0, 25:29, 25:29].all()
+    assert torch.allclose(out[1, 0, 25:29, 25:29], torch.tensor(0.1))
+    assert torch.equal(out[1, 0, :22], images[1, 0, :22]) and torch.equal(out[1, 0, :, :22], images[1, 0, :, :22])
+    assert (out[1, 0, 22:, 22:] > 0.1).any() and (out[1, 0, 22:, 22:] < 0.9).any()  # the ramp blends
+    assert torch.equal(masks[1], torch.zeros(1, 32, 32))  # inputs not modified in place
+
+
+def test_lesion_paste_in_augment_batch_adds_lesions_and_keeps_masks_binary() -> None:
+    masks = torch.zeros(6, 1, 64, 64)
+    masks[::2, :, 10:18, 20:30] = 1  # small lesions in images 0, 2, 4 (the synthetic ones are too big)
+    images = 0.8 - 0.6 * masks
+    cfg = AugmentConfig(rotate_deg=0, scale=0, translate=0, lesion_paste=1.0)
+    _, pasted = augment_batch(images, masks, torch.Generator().manual_seed(1), cfg)
+    _, plain = augment_batch(images, masks, torch.Generator().manual_seed(1),
+                             AugmentConfig(rotate_deg=0, scale=0, translate=0))
+    assert set(pasted.unique().tolist()) <= {0.0, 1.0}
+    assert pasted.sum() > plain.sum()
+
+
+def test_sharpness_blurs_or_sharpens_a_step_edge() -> None:
+    """A vertical step 0.3 → 0.7, no geometry. The sharpness draw comes after every other draw, so
+    with the same seed the runs with and without it differ only by that step: far from the edge
+    nothing changes (the blur of a flat region is itself); on the dark pixel next to the edge
+    some images get brighter (blurred towards the bright side), some darker (overshoot)."""
+    from common.data.augment import _blur1
+    step = torch.full((1, 1, 16, 16), 0.3)
+    step[..., 8:] = 0.7
+    blurred = _blur1(step)
+    assert torch.allclose(blurred[..., :, :5], step[..., :, :5]) and blurred[0, 0, 0, 7] > 0.3
+    images, masks = step.repeat(64, 1, 1, 1), torch.zeros(64, 1, 16, 16)
+    cfg = dict(rotate_deg=0, scale=0, translate=0)
+    sharp, _ = augment_batch(images, masks, torch.Generator().manual_seed(0),
+                             AugmentConfig(**cfg, sharpness=1.0))
+    plain, _ = augment_batch(images, masks, torch.Generator().manual_seed(0), AugmentConfig(**cfg))
+    flip = plain[:, 0, 4, 0] > plain[:, 0, 4, -1]  # put the dark side on the left again
+    sharp = torch.where(flip[:, None, None, None], sharp.flip(-1), sharp)
+    plain = torch.where(flip[:, None, None, None], plain.flip(-1), plain)
+    assert torch.allclose(sharp[..., :, :4], plain[..., :, :4], atol=1e-6)
+    ratio = sharp[:, 0, 4, 7] / plain[:, 0, 4, 7]
+    assert ratio.max() > 1.1 and ratio.min() < 0.9

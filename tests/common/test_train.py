@@ -177,3 +177,26 @@ def test_encoder_lr_scale_puts_the_encoder_in_its_own_group():
     assert len(_optimizer(named, cfg(lr=1e-3)).param_groups) == 1  # default: one group
     with pytest.raises(ValueError, match="no 'backbone.encoder"):
         _optimizer(list(torch.nn.Linear(2, 2).named_parameters()), cfg(encoder_lr_scale=0.1))
+
+
+@pytest.mark.parametrize("calm_epochs, splices", [(1, [0.5, 0.5, 0.0]), (0, [0.5] * 3), (5, [0.0] * 3)])
+def test_calm_epochs_turn_the_centre_shift_transforms_off_at_the_end(data, monkeypatch, calm_epochs, splices):
+    """16 images in batches of 8: two augment calls per epoch; the last ``calm_epochs`` epochs
+    (all of them when it exceeds the epochs) get the geometry without splice/paste/stretch and
+    with everything else kept."""
+    import common.train as train_mod
+    from common.config import AugmentConfig
+    seen: list[AugmentConfig] = []
+    real = train_mod.augment_batch
+
+    def spy(raw, mask, generator, geometry):
+        seen.append(geometry)
+        return real(raw, mask, generator, geometry)
+
+    monkeypatch.setattr(train_mod, "augment_batch", spy)
+    geometry = AugmentConfig(depth_splice=0.5, lesion_paste=0.3, stretch=0.2, sharpness=0.4,
+                             calm_epochs=calm_epochs)
+    train_local(fresh(), data, cfg(epochs=3), LossConfig(), augment=geometry)
+    assert [g.depth_splice for g in seen] == [s for s in splices for _ in range(2)]
+    calm = [g for g in seen if g.depth_splice == 0]
+    assert all(g.lesion_paste == 0 and g.stretch == 0 and g.sharpness == 0.4 for g in calm)
