@@ -48,9 +48,8 @@ class AugmentConfig:
     sharpening of strength up to ``sharpness``; an aspect change of up to 1 + ``stretch`` either
     way (frames of aspect 0.9–1.5 are all resized to a square, so each centre distorts its
     lesions by its own factor); the last ``calm_epochs`` epochs without the splice, crop, paste
-    and stretch. Centres differ in where the lesion sits, how large it is and how
-    their scanners render it, so these ranges set how far a model trained on one centre carries
-    to another."""
+    and stretch. Centres differ in where the lesion sits, how large it is and how their scanners
+    render it, so these ranges set how far a model trained on one centre carries to another."""
 
     rotate_deg: float = 10.0
     scale: float = 0.1
@@ -62,8 +61,9 @@ class AugmentConfig:
     lesion_paste: float = 0.0  # probability per image (common.data.augment.lesion_paste)
     sharpness: float = 0.0  # image + s·(image − blur_σ=1px(image)), s uniform in ±sharpness
     stretch: float = 0.0  # aspect change: width × √a, height ÷ √a, log a uniform in ±log(1 + stretch)
-    # the last calm_epochs epochs of each train_local call run without the four transforms above
-    # (splice, crop, paste, stretch): they cut detection failures but blur boundaries
+    # the last calm_epochs epochs of each train_local call (each round, in a federation) run
+    # without splice, crop, paste and stretch, so boundaries are last learnt on unaltered images
+    # (measured: no help after lesion_paste, docs/external_validation.md)
     calm_epochs: int = 0
 
     def __post_init__(self) -> None:

@@ -144,8 +144,9 @@ def augment_batch(
     (masks resampled bilinearly, then > 0.5, so they stay binary); gain 0.8–1.2, contrast
     0.85–1.15 about the image mean, gamma e^±0.3; optionally blur or unsharp masking of random
     strength up to ``sharpness`` (scanners differ in resolution and speckle size); multiplicative
-    speckle-like noise (Gaussian at half resolution, upsampled, σ ≤ 0.15). Random numbers come from ``generator`` on its own
-    device (CPU by default) so a seed gives the same batch whatever device trains."""
+    speckle-like noise (Gaussian at half resolution, upsampled, σ ≤ 0.15). Random numbers come
+    from ``generator`` on its own device (CPU by default) so a seed gives the same batch whatever
+    device trains."""
     b, _, h, w = images.shape
     dev, gdev = images.device, generator.device
 
