@@ -20,13 +20,11 @@ import yaml
 from torch import Tensor, nn
 
 from benchmarks.external_validation import (
-    TRAIN_CENTRE, FlipLargestComponent, default_data_root, load_external,
+    DEFAULT_CACHE, TRAIN_CENTRE, cache_dir_of, default_data_root, load_external, score,
 )
-from common import metrics
 from common.config import ExperimentConfig, from_dict
 from common.data import discover_centres
 from common.device import set_threads
-from common.evaluate import evaluate
 from common.model import build_model
 
 
@@ -68,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", type=Path, nargs="+", help="run folders of one arm each, same arm and size")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--data-root", type=Path, default=default_data_root())
-    p.add_argument("--cache-dir", type=Path, default=Path(__file__).resolve().parents[1] / "runs" / "cache")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--postprocess", action="store_true", help="also score flip TTA + largest component")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -84,18 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     arm, size, cfg, _ = members[0]
     net = MeanOfModels([m for *_, m in members]).eval()
     centres = discover_centres(args.data_root)
-    tests = [c for c in centres if c != TRAIN_CENTRE]
-    cache = args.cache_dir if str(args.cache_dir) not in ("", ".") else None
     t0 = time.perf_counter()
-    rows, per_image = [], []
-    variants = {"raw": net, **({"flip+lcc": FlipLargestComponent(net)} if args.postprocess else {})}
-    for inference, model in variants.items():
-        for centre in tests:
-            res = evaluate(model, load_external(centre, centres[centre], size, cache), device=cfg.train.device)
-            lo, hi = metrics.bootstrap_ci(res.per_image["dice"].to_numpy(), seed=0)
-            rows.append({"arm": arm, "inference": inference, "centre": centre, "members": len(members),
-                         **res.summary, "dice_ci_lo": lo, "dice_ci_hi": hi})
-            per_image.append(res.per_image.assign(arm=arm, inference=inference, eval_centre=centre))
+    scored = {c: load_external(c, root, size, cache_dir_of(args.cache_dir))
+              for c, root in centres.items() if c != TRAIN_CENTRE}
+    rows, per_image = score(net, scored, args.postprocess, cfg.train.device, 0,
+                            arm=arm, members=len(members))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "members.txt").write_text("\n".join(str(r.resolve()) for r in args.runs) + "\n")
     table = pd.DataFrame(rows).astype({"n_images": int, "n_lesion": int})

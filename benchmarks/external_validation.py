@@ -46,6 +46,8 @@ from sim.selection import EpochSelector  # noqa: E402
 
 ARM_NAMES = ("plain", "consistency")
 TRAIN_CENTRE = "BrEaST"
+#: Decoded external centres are cached here between runs (``--cache-dir``).
+DEFAULT_CACHE = REPO / "runs" / "cache"
 
 
 #: Augmentation options: flag, ``data.augmentation`` field (its default is the flag's), help.
@@ -106,7 +108,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--postprocess", action="store_true",
                    help="also score each arm with horizontal-flip TTA + largest connected "
                         "component (rows with inference 'flip+lcc'; same for both arms)")
-    p.add_argument("--cache-dir", type=Path, default=REPO / "runs" / "cache",
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
                    help="decoded external centres are cached here ('' to disable)")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--select", choices=["val", "last"], default="val")
@@ -186,6 +188,30 @@ class FlipLargestComponent(torch.nn.Module):
                            mask.new_tensor(-20.0)), cls
 
 
+def score(
+    model: torch.nn.Module, scored: dict[str, TensorData], postprocess: bool, device: str, seed: int,
+    arm: str, **row_labels: object,
+) -> tuple[list[dict], list[pd.DataFrame]]:
+    """Score ``model`` (and, with ``postprocess``, its flip+lcc wrapper) on each centre of
+    ``scored``: metrics rows (``arm``, inference, centre, ``row_labels`` such as epoch=, the
+    summary and a bootstrap CI of Dice) and per-image frames (with arm, inference, centre)."""
+    variants = {"raw": model, **({"flip+lcc": FlipLargestComponent(model)} if postprocess else {})}
+    rows, per_image = [], []
+    for inference, net in variants.items():
+        for centre, data in scored.items():
+            res = evaluate(net, data, device=device)
+            lo, hi = metrics.bootstrap_ci(res.per_image["dice"].to_numpy(), seed=seed)
+            rows.append({"arm": arm, "inference": inference, "centre": centre, **row_labels,
+                         **res.summary, "dice_ci_lo": lo, "dice_ci_hi": hi})
+            per_image.append(res.per_image.assign(arm=arm, inference=inference, eval_centre=centre))
+    return rows, per_image
+
+
+def cache_dir_of(path: Path) -> Path | None:
+    """``--cache-dir`` → the cache folder, or None when given as '' (no cache)."""
+    return path if str(path) not in ("", ".") else None
+
+
 def load_external(name: str, root: Path, size: int, cache_dir: Path | None) -> TensorData:
     """A test centre as tensors, through the on-disk cache when ``cache_dir`` is set (keyed by
     the folder, its modification time and the size)."""
@@ -243,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     if val is None and args.select != "last":
         print("--val-fraction 0 leaves no validation images: use --select last", file=sys.stderr)
         return 2
-    cache = args.cache_dir if str(args.cache_dir) not in ("", ".") else None
-    external = {c: load_external(c, centres[c], args.size, cache) for c in tests}
+    external = {c: load_external(c, centres[c], args.size, cache_dir_of(args.cache_dir))
+                for c in tests}
     n_val = len(val) if val is not None else 0
     print(f"data ({time.perf_counter() - t0:.0f}s): {TRAIN_CENTRE} train {len(train)} / val {n_val}; "
           + ", ".join(f"{c} {len(d)}" for c, d in external.items()), flush=True)
@@ -271,17 +297,11 @@ def main(argv: list[str] | None = None) -> int:
               f"prior weights {model.prior.weights()}", flush=True)
         histories += hist
         torch.save(model.state_dict(), out / f"model_{name}.pt")
-        variants = {"raw": model, **({"flip+lcc": FlipLargestComponent(model)}
-                                     if args.postprocess else {})}
-        for inference, net in variants.items():
-            scored = external if val is None else {f"{TRAIN_CENTRE}-val": val, **external}
-            for centre, data in scored.items():
-                res = evaluate(net, data, device=cfg.train.device)
-                lo, hi = metrics.bootstrap_ci(res.per_image["dice"].to_numpy(), seed=args.seed)
-                rows.append({"arm": name, "inference": inference, "centre": centre,
-                             "epoch": epoch, **res.summary, "dice_ci_lo": lo, "dice_ci_hi": hi})
-                per_image.append(res.per_image.assign(arm=name, inference=inference,
-                                                      eval_centre=centre))
+        scored = external if val is None else {f"{TRAIN_CENTRE}-val": val, **external}
+        arm_rows, arm_images = score(model, scored, args.postprocess, cfg.train.device, args.seed,
+                                     arm=name, epoch=epoch)
+        rows += arm_rows
+        per_image += arm_images
 
     table = pd.DataFrame(rows)
     pi = pd.concat(per_image, ignore_index=True)

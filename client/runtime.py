@@ -31,6 +31,7 @@ from common.config import (
 from common.device import resolve_device, set_threads
 from common.evaluate import evaluate
 from common.federation import (
+    LR_SCHEDULES,
     RunSpec,
     SiteSpec,
     build_experiment_model,
@@ -98,10 +99,10 @@ class RoundConfig:
 
     def schedule_span(self) -> tuple[float, float]:
         """This round's slice of the run-wide lr schedule (``federation.lr_schedule``)."""
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"server config: unknown lr-schedule {self.lr_schedule!r}")
         if self.lr_schedule == "round":
             return FULL_SPAN
-        if self.lr_schedule != "global":
-            raise ConfigError(f"server config: unknown lr-schedule {self.lr_schedule!r}")
         try:
             return round_span(self.server_round, self.num_rounds)
         except ValueError as err:
