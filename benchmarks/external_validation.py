@@ -62,6 +62,7 @@ AUG_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--lesion-paste", "lesion_paste", "probability of pasting a lesion of the batch at a random place"),
     ("--aug-stretch", "stretch", "aspect change up to 1 + this either way (log-uniform)"),
     ("--aug-sharpness", "sharpness", "blur (< 0) or unsharp masking (> 0) of strength up to ± this"),
+    ("--aug-gin", "gin", "probability of a random shallow-conv-net intensity transform (GIN)"),
     ("--calm-epochs", "calm_epochs", "last epochs without splice / negative crop / lesion paste / stretch"),
 )
 
@@ -105,6 +106,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default = getattr(defaults, name)
         p.add_argument(flag, type=type(default), default=default, help=f"augmentation: {text}")
     p.add_argument("--cls-head", choices=["bottleneck", "multiscale"], default="bottleneck")
+    p.add_argument("--mixstyle", type=float, default=0.0,
+                   help="lite0/lite1: probability per batch of MixStyle (feature-statistics mixing) "
+                        "at strides 2-8")
     p.add_argument("--postprocess", action="store_true",
                    help="also score each arm with horizontal-flip TTA + largest connected "
                         "component (rows with inference 'flip+lcc'; same for both arms)")
@@ -144,6 +148,7 @@ def arm_config(args: argparse.Namespace, arm: str, n_train: int) -> ExperimentCo
         "data.image_size": args.size, "data.val_fraction": args.val_fraction, "data.seed": args.seed,
         "model.arch": args.arch, "model.pretrained_path": pretrained_path(args),
         "model.cls_head": args.cls_head, "model.encoder_norm": args.encoder_norm,
+        "model.mixstyle": args.mixstyle,
         "loss.consistency": args.lam if consistency else 0.0,
         "loss.consistency_warmup_steps": round(args.lam_warmup * steps) if consistency else 0,
         "loss.consistency_ramp_steps": round(args.lam_ramp * steps) if consistency else 0,

@@ -47,9 +47,11 @@ class AugmentConfig:
     probability ``lesion_paste`` a lesion of the batch pasted at a random place; blur or
     sharpening of strength up to ``sharpness``; an aspect change of up to 1 + ``stretch`` either
     way (frames of aspect 0.9–1.5 are all resized to a square, so each centre distorts its
-    lesions by its own factor); the last ``calm_epochs`` epochs without the splice, crop, paste
-    and stretch. Centres differ in where the lesion sits, how large it is and how their scanners
-    render it, so these ranges set how far a model trained on one centre carries to another."""
+    lesions by its own factor); with probability ``gin`` an image's intensities remapped by a
+    random shallow conv net (texture and contrast of another "scanner"); the last
+    ``calm_epochs`` epochs without the splice, crop, paste and stretch. Centres differ in where
+    the lesion sits, how large it is and how their scanners render it, so these ranges set how
+    far a model trained on one centre carries to another."""
 
     rotate_deg: float = 10.0
     scale: float = 0.1
@@ -61,6 +63,7 @@ class AugmentConfig:
     lesion_paste: float = 0.0  # probability per image (common.data.augment.lesion_paste)
     sharpness: float = 0.0  # image + s·(image − blur_σ=1px(image)), s uniform in ±sharpness
     stretch: float = 0.0  # aspect change: width × √a, height ÷ √a, log a uniform in ±log(1 + stretch)
+    gin: float = 0.0  # probability per image of a random-conv-net intensity map (common.data.augment.gin)
     # the last calm_epochs epochs of each train_local call (each round, in a federation) run
     # without splice, crop, paste and stretch, so boundaries are last learnt on unaltered images
     # (measured: no help after lesion_paste, docs/external_validation.md)
@@ -71,12 +74,13 @@ class AugmentConfig:
                 and 0 <= self.depth_splice <= 1 and 0 <= self.depth_splice_max < 1
                 and 0 <= self.negative_crop <= 1 and 0 < self.negative_crop_min <= 1
                 and 0 <= self.lesion_paste <= 1 and 0 <= self.stretch <= 3
-                and 0 <= self.sharpness <= 3 and self.calm_epochs >= 0):
+                and 0 <= self.sharpness <= 3 and 0 <= self.gin <= 1 and self.calm_epochs >= 0):
             raise ConfigError(f"data.augmentation: need 0 ≤ scale < 1, 0 ≤ translate ≤ 0.5, "
                               f"0 ≤ rotate_deg ≤ 180, 0 ≤ depth_splice ≤ 1, "
                               f"0 ≤ depth_splice_max < 1, 0 ≤ negative_crop ≤ 1, "
                               f"0 < negative_crop_min ≤ 1, 0 ≤ lesion_paste ≤ 1, "
-                              f"0 ≤ stretch ≤ 3, 0 ≤ sharpness ≤ 3, calm_epochs ≥ 0; got {self}")
+                              f"0 ≤ stretch ≤ 3, 0 ≤ sharpness ≤ 3, 0 ≤ gin ≤ 1, calm_epochs ≥ 0; "
+                              f"got {self}")
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,7 @@ class ModelConfig:
     in_channels: int = 1
     pretrained_path: str | None = None  # a weights file, or "auto" (lite0/1: the pip package's file)
     encoder_norm: str = "group"  # lite0/1: "group" | "affine" (ImageNet BatchNorm statistics folded)
+    mixstyle: float = 0.0  # lite0/1: probability per batch of MixStyle at strides 2-8 (not under DP)
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,8 @@ def _backbone(cfg: ModelConfig, cin: int) -> nn.Module:
     if cfg.arch == "effb1_attention":
         return EncoderDecoder(EfficientNetB1Encoder(cin, cfg.num_groups), cfg.num_groups)
     if cfg.arch in LITE_VARIANTS:
-        encoder = LiteEncoder(cin, cfg.num_groups, norm=cfg.encoder_norm, variant=cfg.arch)
+        encoder = LiteEncoder(cin, cfg.num_groups, norm=cfg.encoder_norm, variant=cfg.arch,
+                              mixstyle=cfg.mixstyle)
         return EncoderDecoder(encoder, cfg.num_groups)
     raise ValueError(f"model.arch: unknown {cfg.arch!r}; known: {list(ARCHES)}")
 
@@ -100,6 +101,9 @@ def build_model(
         raise ValueError(f"model.cls_head: unknown {model_cfg.cls_head!r}; known: {sorted(HEADS)}")
     if model_cfg.refine_passes < 1:
         raise ValueError(f"model.refine_passes must be >= 1, got {model_cfg.refine_passes}")
+    if model_cfg.mixstyle and (model_cfg.arch not in LITE_VARIANTS or not 0 < model_cfg.mixstyle <= 1):
+        raise ValueError(f"model.mixstyle: a probability in (0, 1] for arch "
+                         f"{' / '.join(LITE_VARIANTS)}; got {model_cfg.mixstyle} for {model_cfg.arch!r}")
     extra = 1 if model_cfg.refine_passes > 1 else 0
     backbone = _backbone(model_cfg, model_cfg.in_channels + extra)
     head = HEADS[model_cfg.cls_head](backbone.feature_channels, model_cfg.dropout)

@@ -39,6 +39,7 @@ from common.data.tensors import TensorData, batches, normalise
 from common.device import resolve_device, seed_everything, set_threads
 from common.ema import ParameterEma
 from common.losses import MultiTaskLoss
+from common.nets.mixstyle import MixStyle
 from common.schedule import FULL_SPAN, lr_schedule
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,9 @@ def train_local(
     model.to(dev)
     if train_cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    if privacy is not None and any(isinstance(m, MixStyle) and m.p > 0 for m in model.modules()):
+        raise ValueError("model.mixstyle mixes feature statistics across the images of a batch, "
+                         "so per-sample gradients (DP-SGD) would be wrong: set it to 0 under privacy")
     if privacy is not None:
         # Under DP a label-derived weight would be an un-noised statistic of the site's data, and a
         # lesion-count denominator would couple images: use the configured weight (or none) and

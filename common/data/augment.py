@@ -191,8 +191,46 @@ def augment_batch(
     if geometry.sharpness > 0:  # drawn last, so the draws above match a run without it
         amount = (rand(b, 1, 1, 1) * 2 - 1) * geometry.sharpness
         images = images + amount * (images - _blur1(images))  # < 0 blurs, > 0 sharpens
+    if geometry.gin > 0:  # after sharpness, for the same reason
+        images = gin(images.clamp(0, 1), geometry.gin, rand,
+                     lambda *shape: torch.randn(*shape, generator=generator, device=gdev).to(dev))
     images = images * (1 + sigma * noise)
     return images.clamp_(0.0, 1.0), masks
+
+
+def gin(
+    images: torch.Tensor, p: float, rand: Callable[..., torch.Tensor],
+    randn: Callable[..., torch.Tensor], layers: int = 4, width: int = 2,
+) -> torch.Tensor:
+    """GIN (Ouyang et al. 2022, single-source domain generalisation for medical segmentation):
+    with probability ``p`` per image of (B,1,H,W) in [0,1], a freshly drawn shallow conv net
+    (``layers`` layers of ``width`` channels, kernels of 1 or 3 px, Gaussian weights and biases,
+    leaky ReLU between layers) remaps the intensities; its output, rescaled to the image's own
+    [min, max] and signed to correlate positively with it (no inverted echogenicity), is mixed
+    with the image by α ~ U(0, 1). Shapes stay put (masks are unchanged);
+    texture and contrast become those of another "scanner". Draws a fixed count per batch."""
+    b, _, h, w = images.shape
+    pick, alpha = rand(b) < p, rand(b).view(b, 1, 1, 1)
+    x, cin = images.reshape(1, b, h, w), 1
+    for layer in range(layers):
+        cout = 1 if layer == layers - 1 else width
+        k = 3 if rand(1).item() < 0.5 else 1
+        weight = randn(b * cout, cin, k, k).to(images.dtype) / math.sqrt(cin * k * k)
+        x = F.conv2d(F.pad(x, (k // 2,) * 4, mode="reflect") if k > 1 else x, weight,
+                     randn(b * cout).to(images.dtype), groups=b)
+        if layer < layers - 1:
+            x = F.leaky_relu(x, 0.2)
+        cin = cout
+    y = x.reshape(b, 1, h, w)
+    # keep polarity: lesions are hypoechoic at every centre, an inverted image is no scanner's
+    centred = images - images.mean((2, 3), keepdim=True)
+    agree = (centred * (y - y.mean((2, 3), keepdim=True))).sum((2, 3), keepdim=True)
+    y = y * torch.where(agree < 0, -1.0, 1.0)
+    lo, hi = images.amin((2, 3), keepdim=True), images.amax((2, 3), keepdim=True)
+    y_lo, y_hi = y.amin((2, 3), keepdim=True), y.amax((2, 3), keepdim=True)
+    y = (y - y_lo) / (y_hi - y_lo).clamp_min(1e-6) * (hi - lo) + lo
+    mixed = alpha * y + (1 - alpha) * images
+    return torch.where(pick.view(b, 1, 1, 1), mixed, images)
 
 
 def _blur1(images: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from common.nets.blocks import AttentionUNetDecoder, group_count, group_norm
+from common.nets.mixstyle import MixStyle
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +137,12 @@ class _LiteBlock(nn.Module):
 
 
 class LiteEncoder(nn.Module):
-    """EfficientNet-Lite0/Lite1 feature extractor; state_dict names match the published weights."""
+    """EfficientNet-Lite0/Lite1 feature extractor; state_dict names match the published weights.
+    ``mixstyle`` > 0: ``MixStyle`` with that probability after the features at strides 2, 4, 8
+    (training only; it has no parameters, so the state_dict is unchanged)."""
 
     def __init__(self, in_channels: int, num_groups: int, drop_connect: float = 0.2,
-                 norm: str = "group", variant: str = "lite0") -> None:
+                 norm: str = "group", variant: str = "lite0", mixstyle: float = 0.0) -> None:
         super().__init__()
         if variant not in LITE_VARIANTS:
             raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; known: {list(LITE_VARIANTS)}")
@@ -159,12 +162,16 @@ class LiteEncoder(nn.Module):
             if stage in _LITE_TAPS:
                 self._taps.append(idx - 1)
         self._blocks = nn.Sequential(*blocks)
+        self.mixstyle = MixStyle(mixstyle) if mixstyle > 0 else None
+        self._mix_at = frozenset(self._taps[:3]) if self.mixstyle is not None else frozenset()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.act(self._bn0(self._conv_stem(x)))
         feats = []
         for i, block in enumerate(self._blocks):
             x = block(x)
+            if i in self._mix_at:
+                x = self.mixstyle(x)
             if i in self._taps:
                 feats.append(x)
         return feats

@@ -235,3 +235,33 @@ def test_sharpness_blurs_or_sharpens_a_step_edge() -> None:
     assert torch.allclose(sharp[..., :, :4], plain[..., :, :4], atol=1e-6)
     ratio = sharp[:, 0, 4, 7] / plain[:, 0, 4, 7]
     assert ratio.max() > 1.1 and ratio.min() < 0.9
+
+
+def test_gin_keeps_range_polarity_and_masks_and_is_off_by_default() -> None:
+    """A dark disc on a bright ramp. GIN at p = 1 changes the texture but keeps each image's
+    [min, max], correlates positively with the input (a hypoechoic lesion stays darker than its
+    surroundings) and never touches the masks; at p = 0 (the default) no draw happens."""
+    from common.data.augment import gin
+    ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    disc = ((ys - 16) ** 2 + (xs - 16) ** 2 < 36).float()
+    images = (0.4 + 0.5 * xs / 31 - 0.35 * disc).expand(16, 1, 32, 32).clone()
+    g = torch.Generator().manual_seed(0)
+    out = gin(images, 1.0, lambda *s: torch.rand(*s, generator=g),
+              lambda *s: torch.randn(*s, generator=g))
+    assert not torch.allclose(out, images)
+    assert (out.amin((2, 3)) >= images.amin((2, 3)) - 1e-5).all()
+    assert (out.amax((2, 3)) <= images.amax((2, 3)) + 1e-5).all()
+    inside = (out * disc).sum((2, 3)) / disc.sum()
+    outside = (out * (1 - disc)).sum((2, 3)) / (1 - disc).sum()
+    centred_in = images - images.mean((2, 3), keepdim=True)
+    centred_out = out - out.mean((2, 3), keepdim=True)
+    assert ((centred_in * centred_out).sum((2, 3)) > 0).all()
+    assert (inside < outside).float().mean() >= 0.75  # polarity mostly survives the remap
+    cfg = dict(rotate_deg=0, scale=0, translate=0)
+    masks = disc.expand(16, 1, 32, 32).clone()
+    a, ma = augment_batch(images, masks, torch.Generator().manual_seed(1), AugmentConfig(**cfg, gin=1.0))
+    b, mb = augment_batch(images, masks, torch.Generator().manual_seed(1), AugmentConfig(**cfg))
+    assert torch.equal(ma, mb) and not torch.allclose(a, b)
+    g0 = torch.Generator().manual_seed(2)
+    assert torch.equal(gin(images, 0.0, lambda *s: torch.rand(*s, generator=g0),
+                           lambda *s: torch.randn(*s, generator=g0)), images)
