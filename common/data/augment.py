@@ -143,7 +143,8 @@ def augment_batch(
     ``grid_sample`` after the optional ``negative_crop``, ``lesion_paste`` and ``depth_splice``
     (masks resampled bilinearly, then > 0.5, so they stay binary); gain 0.8–1.2, contrast
     0.85–1.15 about the image mean, gamma e^±0.3; optionally blur or unsharp masking of random
-    strength up to ``sharpness`` (scanners differ in resolution and speckle size); multiplicative
+    strength up to ``sharpness`` (scanners differ in resolution and speckle size); optionally
+    ``gin`` (a random shallow conv net remaps the intensities); multiplicative
     speckle-like noise (Gaussian at half resolution, upsampled, σ ≤ 0.15). Random numbers come
     from ``generator`` on its own device (CPU by default) so a seed gives the same batch whatever
     device trains."""
@@ -152,6 +153,9 @@ def augment_batch(
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.rand(*shape, generator=generator, device=gdev).to(dev)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, device=gdev).to(dev)
 
     if geometry.negative_crop > 0:
         images, masks = negative_crop(images, masks, geometry, rand)
@@ -183,7 +187,7 @@ def augment_batch(
     contrast = 0.85 + rand(b, 1, 1, 1) * 0.3
     gamma = torch.exp((rand(b, 1, 1, 1) * 2 - 1) * 0.3)
     sigma = rand(b, 1, 1, 1) * 0.15
-    noise = torch.randn(b, 1, max(1, h // 2), max(1, w // 2), generator=generator, device=gdev).to(dev)
+    noise = randn(b, 1, max(1, h // 2), max(1, w // 2))
     noise = F.interpolate(noise, size=(h, w), mode="bilinear", align_corners=False)
     images = images.clamp(0, 1).pow(gamma)
     mean = images.mean(dim=(-2, -1), keepdim=True)
@@ -192,8 +196,7 @@ def augment_batch(
         amount = (rand(b, 1, 1, 1) * 2 - 1) * geometry.sharpness
         images = images + amount * (images - _blur1(images))  # < 0 blurs, > 0 sharpens
     if geometry.gin > 0:  # after sharpness, for the same reason
-        images = gin(images.clamp(0, 1), geometry.gin, rand,
-                     lambda *shape: torch.randn(*shape, generator=generator, device=gdev).to(dev))
+        images = gin(images.clamp(0, 1), geometry.gin, rand, randn)
     images = images * (1 + sigma * noise)
     return images.clamp_(0.0, 1.0), masks
 
