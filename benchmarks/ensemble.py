@@ -6,6 +6,8 @@ is scored on the external centres with the same code as a single run, and writte
 files (metrics.csv, per_image.csv), so ``benchmarks.pair_runs`` compares it with any other run:
 
     python -m benchmarks.ensemble runs/D1 runs/D1s1 --out runs/D1x2 --postprocess
+
+Members trained at different image sizes are scored together at the largest of them.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import pandas as pd
 import torch
 import yaml
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from benchmarks.external_validation import (
     DEFAULT_CACHE, TRAIN_CENTRE, cache_dir_of, default_data_root, load_external, score,
@@ -30,16 +33,32 @@ from common.model import build_model
 
 class MeanOfModels(nn.Module):
     """(mask logits (B,1,H,W), malignancy logits (B,)) of the mean of the members' probabilities:
-    averaging probabilities, not logits, keeps one over-confident member from deciding alone."""
+    averaging probabilities, not logits, keeps one over-confident member from deciding alone.
 
-    def __init__(self, members: list[nn.Module]) -> None:
+    ``sizes`` (one per member, optional): a member trained at another image size gets x resized
+    to its size (bilinear, antialiased) and its mask probabilities resized back to (H, W)."""
+
+    def __init__(self, members: list[nn.Module], sizes: list[int] | None = None) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
+        if sizes is not None and len(sizes) != len(members):
+            raise ValueError(f"MeanOfModels: {len(sizes)} sizes for {len(members)} members")
+        self.sizes = sizes
+
+    def _member(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        hw = tuple(x.shape[-2:])
+        s = self.sizes[i] if self.sizes is not None else None
+        if s is None or (s, s) == hw:
+            m, c = self.members[i](x)
+            return torch.sigmoid(m), torch.sigmoid(c)
+        m, c = self.members[i](F.interpolate(x, size=(s, s), mode="bilinear", antialias=True,
+                                             align_corners=False))
+        return F.interpolate(torch.sigmoid(m), size=hw, mode="bilinear", align_corners=False), torch.sigmoid(c)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        outs = [m(x) for m in self.members]
-        mask = torch.stack([torch.sigmoid(o[0]) for o in outs]).mean(0)
-        cls = torch.stack([torch.sigmoid(o[1]) for o in outs]).mean(0)
+        outs = [self._member(i, x) for i in range(len(self.members))]
+        mask = torch.stack([o[0] for o in outs]).mean(0)
+        cls = torch.stack([o[1] for o in outs]).mean(0)
         return torch.logit(mask, eps=1e-6), torch.logit(cls, eps=1e-6)
 
 
@@ -63,7 +82,9 @@ def load_member(run: Path) -> tuple[str, int, ExperimentConfig, nn.Module]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", type=Path, nargs="+", help="run folders of one arm each, same arm and size")
+    p.add_argument("runs", type=Path, nargs="+",
+                   help="run folders of one arm each, the same arm; of different image sizes, the "
+                        "ensemble is scored at the largest (smaller members see a resized image)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--data-root", type=Path, default=default_data_root())
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
@@ -76,11 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(exc, file=sys.stderr)
         return 2
-    if len({(arm, size) for arm, size, _, _ in members}) != 1:
-        print(f"runs differ in arm or image size: {[(a, s) for a, s, _, _ in members]}", file=sys.stderr)
+    if len({arm for arm, *_ in members}) != 1:
+        print(f"runs differ in arm: {[a for a, *_ in members]}", file=sys.stderr)
         return 2
-    arm, size, cfg, _ = members[0]
-    net = MeanOfModels([m for *_, m in members]).eval()
+    arm, _, cfg, _ = members[0]
+    size = max(s for _, s, _, _ in members)
+    net = MeanOfModels([m for *_, m in members], [s for _, s, _, _ in members]).eval()
     centres = discover_centres(args.data_root)
     t0 = time.perf_counter()
     scored = {c: load_external(c, root, size, cache_dir_of(args.cache_dir))

@@ -109,6 +109,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mixstyle", type=float, default=0.0,
                    help="lite0/lite1: probability per batch of MixStyle (feature-statistics mixing) "
                         "at strides 2-8")
+    p.add_argument("--mixstyle-mode", choices=["mix", "dsu"], default="mix",
+                   help="mix: MixStyle (mix with another image's statistics); dsu: Gaussian shifts "
+                        "scaled by the batch's spread of the statistics (Li et al. 2022)")
     p.add_argument("--postprocess", action="store_true",
                    help="also score each arm with horizontal-flip TTA + largest connected "
                         "component (rows with inference 'flip+lcc'; same for both arms)")
@@ -148,7 +151,7 @@ def arm_config(args: argparse.Namespace, arm: str, n_train: int) -> ExperimentCo
         "data.image_size": args.size, "data.val_fraction": args.val_fraction, "data.seed": args.seed,
         "model.arch": args.arch, "model.pretrained_path": pretrained_path(args),
         "model.cls_head": args.cls_head, "model.encoder_norm": args.encoder_norm,
-        "model.mixstyle": args.mixstyle,
+        "model.mixstyle": args.mixstyle, "model.mixstyle_mode": args.mixstyle_mode,
         "loss.consistency": args.lam if consistency else 0.0,
         "loss.consistency_warmup_steps": round(args.lam_warmup * steps) if consistency else 0,
         "loss.consistency_ramp_steps": round(args.lam_ramp * steps) if consistency else 0,

@@ -117,6 +117,7 @@ class ModelConfig:
     pretrained_path: str | None = None  # a weights file, or "auto" (lite0/1: the pip package's file)
     encoder_norm: str = "group"  # lite0/1: "group" | "affine" (ImageNet BatchNorm statistics folded)
     mixstyle: float = 0.0  # lite0/1: probability per batch of MixStyle at strides 2-8 (not under DP)
+    mixstyle_mode: str = "mix"  # "mix" (MixStyle) | "dsu" (Gaussian style shifts, Li et al. 2022)
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,7 @@ def _backbone(cfg: ModelConfig, cin: int) -> nn.Module:
         return EncoderDecoder(EfficientNetB1Encoder(cin, cfg.num_groups), cfg.num_groups)
     if cfg.arch in LITE_VARIANTS:
         encoder = LiteEncoder(cin, cfg.num_groups, norm=cfg.encoder_norm, variant=cfg.arch,
-                              mixstyle=cfg.mixstyle)
+                              mixstyle=cfg.mixstyle, mixstyle_mode=cfg.mixstyle_mode)
         return EncoderDecoder(encoder, cfg.num_groups)
     raise ValueError(f"model.arch: unknown {cfg.arch!r}; known: {list(ARCHES)}")
 

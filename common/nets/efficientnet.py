@@ -138,11 +138,12 @@ class _LiteBlock(nn.Module):
 
 class LiteEncoder(nn.Module):
     """EfficientNet-Lite0/Lite1 feature extractor; state_dict names match the published weights.
-    ``mixstyle`` > 0: ``MixStyle`` with that probability after the features at strides 2, 4, 8
+    ``mixstyle`` > 0: ``MixStyle`` (``mixstyle_mode``) with that probability after the features at strides 2, 4, 8
     (training only; it has no parameters, so the state_dict is unchanged)."""
 
     def __init__(self, in_channels: int, num_groups: int, drop_connect: float = 0.2,
-                 norm: str = "group", variant: str = "lite0", mixstyle: float = 0.0) -> None:
+                 norm: str = "group", variant: str = "lite0", mixstyle: float = 0.0,
+                 mixstyle_mode: str = "mix") -> None:
         super().__init__()
         if variant not in LITE_VARIANTS:
             raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; known: {list(LITE_VARIANTS)}")
@@ -162,7 +163,7 @@ class LiteEncoder(nn.Module):
             if stage in _LITE_TAPS:
                 self._taps.append(idx - 1)
         self._blocks = nn.Sequential(*blocks)
-        self.mixstyle = MixStyle(mixstyle) if mixstyle > 0 else None
+        self.mixstyle = MixStyle(mixstyle, mode=mixstyle_mode) if mixstyle > 0 else None
         self._mix_at = frozenset(self._taps[:3]) if self.mixstyle is not None else frozenset()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -26,6 +26,31 @@ def test_mean_of_models_averages_probabilities_not_logits():
     assert torch.sigmoid(cls) == pytest.approx(torch.full_like(cls, 0.55), abs=1e-6)
 
 
+class LeftHalf(nn.Module):
+    """Mask logit +10 on the left half of whatever size it is given, −10 elsewhere; records sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[int, ...]] = []
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.seen.append(tuple(x.shape[-2:]))
+        m = torch.full((x.shape[0], 1, *x.shape[2:]), -10.0)
+        m[..., : x.shape[-1] // 2] = 10.0
+        return m, torch.zeros(x.shape[0])
+
+
+def test_mean_of_models_resizes_for_a_member_of_another_size():
+    small, native = LeftHalf(), LeftHalf()
+    mask, cls = MeanOfModels([small, native], sizes=[4, 8])(torch.rand(2, 1, 8, 8))
+    assert small.seen == [(4, 4)] and native.seen == [(8, 8)]
+    assert mask.shape == (2, 1, 8, 8) and cls.shape == (2,)
+    prob = torch.sigmoid(mask)
+    assert (prob[..., :3] > 0.99).all() and (prob[..., 5:] < 0.01).all()  # both agree away from the edge
+    with pytest.raises(ValueError, match="2 sizes for 1 members"):
+        MeanOfModels([small], sizes=[4, 8])
+
+
 def test_ensemble_of_two_seeds_and_a_one_member_ensemble_reproduces_its_run(tmp_path, tiny_centres):
     root, options = tiny_centres
     common = options + ["--select", "last"]
