@@ -53,7 +53,8 @@ class MeanOfModels(nn.Module):
             return torch.sigmoid(m), torch.sigmoid(c)
         m, c = self.members[i](F.interpolate(x, size=(s, s), mode="bilinear", antialias=True,
                                              align_corners=False))
-        return F.interpolate(torch.sigmoid(m), size=hw, mode="bilinear", align_corners=False), torch.sigmoid(c)
+        back = F.interpolate(torch.sigmoid(m), size=hw, mode="bilinear", align_corners=False)
+        return back, torch.sigmoid(c)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         outs = [self._member(i, x) for i in range(len(self.members))]

@@ -30,6 +30,7 @@ from common.nets.efficientnet import (
     load_lite_imagenet,
 )
 from common.nets.heads import HEADS
+from common.nets.mixstyle import MODES as MIXSTYLE_MODES
 from common.nets.small_unet import SmallUNet
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,9 @@ def build_model(
     if model_cfg.mixstyle and (model_cfg.arch not in LITE_VARIANTS or not 0 < model_cfg.mixstyle <= 1):
         raise ValueError(f"model.mixstyle: a probability in (0, 1] for arch "
                          f"{' / '.join(LITE_VARIANTS)}; got {model_cfg.mixstyle} for {model_cfg.arch!r}")
+    if model_cfg.mixstyle_mode not in MIXSTYLE_MODES:
+        raise ValueError(f"model.mixstyle_mode: unknown {model_cfg.mixstyle_mode!r}; "
+                         f"known: {list(MIXSTYLE_MODES)}")
     extra = 1 if model_cfg.refine_passes > 1 else 0
     backbone = _backbone(model_cfg, model_cfg.in_channels + extra)
     head = HEADS[model_cfg.cls_head](backbone.feature_channels, model_cfg.dropout)

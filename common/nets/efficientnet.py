@@ -138,8 +138,8 @@ class _LiteBlock(nn.Module):
 
 class LiteEncoder(nn.Module):
     """EfficientNet-Lite0/Lite1 feature extractor; state_dict names match the published weights.
-    ``mixstyle`` > 0: ``MixStyle`` (``mixstyle_mode``) with that probability after the features at strides 2, 4, 8
-    (training only; it has no parameters, so the state_dict is unchanged)."""
+    ``mixstyle`` > 0: ``MixStyle`` (mode ``mixstyle_mode``) with that probability after the
+    features at strides 2, 4, 8 (training only; no parameters, so the state_dict is unchanged)."""
 
     def __init__(self, in_channels: int, num_groups: int, drop_connect: float = 0.2,
                  norm: str = "group", variant: str = "lite0", mixstyle: float = 0.0,

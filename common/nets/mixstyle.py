@@ -46,7 +46,8 @@ class MixStyle(nn.Module):
         if self.mode == "dsu":
             new_mu = mu + torch.randn_like(mu) * (mu.var(dim=0, keepdim=True) + self.eps).sqrt()
             log_sig = sig.log()
-            new_sig = (log_sig + torch.randn_like(sig) * (log_sig.var(dim=0, keepdim=True) + self.eps).sqrt()).exp()
+            spread = (log_sig.var(dim=0, keepdim=True) + self.eps).sqrt()
+            new_sig = (log_sig + torch.randn_like(sig) * spread).exp()
             return (x - mu) / sig * new_sig + new_mu
         lam = torch.distributions.Beta(self.alpha, self.alpha).sample((b, 1, 1, 1)).to(x)
         perm = torch.randperm(b).to(x.device)

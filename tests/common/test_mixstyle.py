@@ -63,6 +63,8 @@ def test_bad_probability_raises():
         MixStyle(1.5)
     with pytest.raises(ValueError, match="model.mixstyle"):
         build_model(ModelConfig(arch="small", mixstyle=0.5), PAPER_FEATURES)
+    with pytest.raises(ValueError, match="model.mixstyle_mode"):
+        build_model(ModelConfig(arch="lite0", mixstyle_mode="fourier"), PAPER_FEATURES)
 
 
 def test_lite_encoder_with_mixstyle_keeps_its_state_dict_and_eval_output():
