@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from benchmarks.external_validation import (
-    DEFAULT_CACHE, TRAIN_CENTRE, cache_dir_of, default_data_root, load_external, score,
+    DEFAULT_CACHE, TRAIN_CENTRE, cache_dir_of, default_data_root, load_external, parse_shifts, score,
 )
 from common.config import ExperimentConfig, from_dict
 from common.data import discover_centres
@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", type=Path, default=default_data_root())
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--postprocess", action="store_true", help="also score flip TTA + largest component")
+    p.add_argument("--depth-tta", type=parse_shifts, default=(),
+                   help="also score depth-shift TTA with these upward shifts, e.g. 0.15,0.3,0.45")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     set_threads(args.threads)
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     scored = {c: load_external(c, root, size, cache_dir_of(args.cache_dir))
               for c, root in centres.items() if c != TRAIN_CENTRE}
     rows, per_image = score(net, scored, args.postprocess, cfg.train.device, 0,
-                            arm=arm, members=len(members))
+                            arm=arm, depth_tta=args.depth_tta, members=len(members))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "members.txt").write_text("\n".join(str(r.resolve()) for r in args.runs) + "\n")
     table = pd.DataFrame(rows).astype({"n_images": int, "n_lesion": int})

@@ -42,6 +42,7 @@ from common.evaluate import evaluate  # noqa: E402
 from common.model import build_model  # noqa: E402
 from common.nets.efficientnet import LITE_VARIANTS, lite_package_weights  # noqa: E402
 from common.train import train_local  # noqa: E402
+from common.tta import DepthShiftTTA  # noqa: E402
 from sim.selection import EpochSelector  # noqa: E402
 
 ARM_NAMES = ("plain", "consistency")
@@ -69,6 +70,17 @@ AUG_FLAGS: tuple[tuple[str, str, str], ...] = (
 
 def default_data_root() -> Path:
     return Path(os.environ.get("FEDBUS_DATA_ROOT", REPO.parent / "shared" / "data"))
+
+
+def parse_shifts(text: str) -> tuple[float, ...]:
+    """'0.15,0.3' → (0.15, 0.3); '' → () (no depth-shift TTA)."""
+    try:
+        shifts = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma list of numbers: {text!r}") from None
+    if any(not 0.0 < v < 1.0 for v in shifts):
+        raise argparse.ArgumentTypeError(f"shifts must lie in (0, 1): {text!r}")
+    return shifts
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -115,6 +127,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--postprocess", action="store_true",
                    help="also score each arm with horizontal-flip TTA + largest connected "
                         "component (rows with inference 'flip+lcc'; same for both arms)")
+    p.add_argument("--depth-tta", type=parse_shifts, default=(),
+                   help="also score each arm with depth-shift TTA (common/tta.py): comma list of "
+                        "upward shifts as fractions of the height, e.g. 0.15,0.3,0.45 (rows with "
+                        "inference 'flip+shift')")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
                    help="decoded external centres are cached here ('' to disable)")
     p.add_argument("--val-fraction", type=float, default=0.2)
@@ -198,12 +214,14 @@ class FlipLargestComponent(torch.nn.Module):
 
 def score(
     model: torch.nn.Module, scored: dict[str, TensorData], postprocess: bool, device: str, seed: int,
-    arm: str, **row_labels: object,
+    arm: str, depth_tta: tuple[float, ...] = (), **row_labels: object,
 ) -> tuple[list[dict], list[pd.DataFrame]]:
-    """Score ``model`` (and, with ``postprocess``, its flip+lcc wrapper) on each centre of
-    ``scored``: metrics rows (``arm``, inference, centre, ``row_labels`` such as epoch=, the
-    summary and a bootstrap CI of Dice) and per-image frames (with arm, inference, centre)."""
-    variants = {"raw": model, **({"flip+lcc": FlipLargestComponent(model)} if postprocess else {})}
+    """Score ``model`` (with ``postprocess`` also its flip+lcc wrapper, with ``depth_tta`` shifts
+    its DepthShiftTTA wrapper) on each centre of ``scored``: metrics rows (``arm``, inference,
+    centre, ``row_labels`` such as epoch=, the summary and a bootstrap CI of Dice) and per-image
+    frames (with arm, inference, centre)."""
+    variants = {"raw": model, **({"flip+lcc": FlipLargestComponent(model)} if postprocess else {}),
+                **({"flip+shift": DepthShiftTTA(model, depth_tta)} if depth_tta else {})}
     rows, per_image = [], []
     for inference, net in variants.items():
         for centre, data in scored.items():
@@ -307,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.save(model.state_dict(), out / f"model_{name}.pt")
         scored = external if val is None else {f"{TRAIN_CENTRE}-val": val, **external}
         arm_rows, arm_images = score(model, scored, args.postprocess, cfg.train.device, args.seed,
-                                     arm=name, epoch=epoch)
+                                     arm=name, depth_tta=args.depth_tta, epoch=epoch)
         rows += arm_rows
         per_image += arm_images
 

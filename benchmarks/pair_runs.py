@@ -6,6 +6,10 @@ as two processes at once (``--arms plain --threads 1`` and ``--arms consistency 
 same seed and options, hence the same initial weights and data order) and be paired afterwards:
 
     python -m benchmarks.pair_runs runs/Z1 runs/C1
+
+Two inference variants of one run (or of two) pair the same way:
+
+    python -m benchmarks.pair_runs runs/MS1 runs/MS1 --inference-a raw --inference-b flip+shift
 """
 from __future__ import annotations
 
@@ -48,8 +52,9 @@ def pair_frames(a_pi: pd.DataFrame, b_pi: pd.DataFrame, names: tuple[str, str] =
     return pd.DataFrame(rows)
 
 
-def pair(a_dir: Path, b_dir: Path) -> pd.DataFrame:
-    """``pair_frames`` of the per_image.csv of two run folders holding one arm each."""
+def pair(a_dir: Path, b_dir: Path, inference: tuple[str, str] | None = None) -> pd.DataFrame:
+    """``pair_frames`` of the per_image.csv of two run folders holding one arm each; with
+    ``inference`` (variant of A, variant of B) only those rows, paired with each other."""
     frames = []
     for d in (a_dir, b_dir):
         path = d / "per_image.csv"
@@ -60,6 +65,13 @@ def pair(a_dir: Path, b_dir: Path) -> pd.DataFrame:
         if len(arms) != 1:
             raise ValueError(f"{path}: holds arms {list(arms)}; pair runs of one arm each")
         frames.append(pi)
+    if inference is not None:
+        label = " vs ".join(inference)
+        for i, (d, variant) in enumerate(zip((a_dir, b_dir), inference)):
+            kept = frames[i][frames[i]["inference"] == variant]
+            if kept.empty:
+                raise ValueError(f"{d / 'per_image.csv'}: no rows with inference {variant!r}")
+            frames[i] = kept.assign(inference=label)
     return pair_frames(frames[0], frames[1], (str(a_dir), str(b_dir)))
 
 
@@ -67,9 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_a", type=Path, help="reference run folder (e.g. the plain arm)")
     p.add_argument("run_b", type=Path, help="compared run folder (e.g. the consistency arm)")
+    p.add_argument("--inference-a", help="pair only this inference variant of A (e.g. raw) ...")
+    p.add_argument("--inference-b", help="... with this one of B (e.g. flip+shift)")
     args = p.parse_args(argv)
+    if (args.inference_a is None) != (args.inference_b is None):
+        p.error("--inference-a and --inference-b go together")
+    variants = None if args.inference_a is None else (args.inference_a, args.inference_b)
     try:
-        table = pair(args.run_a, args.run_b)
+        table = pair(args.run_a, args.run_b, variants)
     except (FileNotFoundError, ValueError) as exc:
         print(exc, file=sys.stderr)
         return 2

@@ -65,11 +65,11 @@ def test_ensemble_of_two_seeds_and_a_one_member_ensemble_reproduces_its_run(tmp_
     pd.testing.assert_series_equal(alone.sort_index(), own.sort_index(), check_exact=False, atol=1e-6)
 
     assert ensemble_main([str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "two"),
-                          "--postprocess"] + ens) == 0
+                          "--postprocess", "--depth-tta", "0.25,0.5"] + ens) == 0
     table = pd.read_csv(tmp_path / "two" / "metrics.csv")
-    assert set(table.inference) == {"raw", "flip+lcc"} and (table.members == 2).all()
+    assert set(table.inference) == {"raw", "flip+lcc", "flip+shift"} and (table.members == 2).all()
     per_image = pd.read_csv(tmp_path / "two" / "per_image.csv")
-    assert len(per_image) == 2 * 5 and np.isfinite(per_image[per_image.has_lesion].dice).all()
+    assert len(per_image) == 3 * 5 and np.isfinite(per_image[per_image.has_lesion].dice).all()
 
     mixed = [str(tmp_path / "s0"), str(tmp_path / "c"), "--out", str(tmp_path / "mixed")] + ens
     assert ensemble_main(mixed) == 2  # plain and consistency are not one arm

@@ -32,3 +32,12 @@ def test_every_augmentation_flag_reaches_the_config_and_defaults_match_it():
     aug = arm_config(parse_args(argv), "consistency", 16).data.augmentation
     assert (aug.rotate_deg, aug.depth_splice, aug.stretch, aug.calm_epochs) == (5.0, 0.5, 0.25, 3)
     assert {name for _, name, _ in AUG_FLAGS} == set(AugmentConfig.__dataclass_fields__)
+
+
+def test_depth_tta_shifts_are_parsed_and_checked():
+    from benchmarks.external_validation import parse_args
+    assert parse_args(["--depth-tta", "0.15,0.3"]).depth_tta == (0.15, 0.3)
+    assert parse_args([]).depth_tta == ()
+    for bad in ("0.3,x", "0.3,1.2"):
+        with pytest.raises(SystemExit):
+            parse_args(["--depth-tta", bad])

@@ -49,3 +49,19 @@ def test_pairing_is_by_case_id_not_row_order():
     assert same.p_wilcoxon < 1e-4 and shuffled.p_wilcoxon == same.p_wilcoxon
     with pytest.raises(ValueError, match="scored twice"):
         pair_frames(a, pd.concat([b, b.iloc[:1]]))
+
+
+def test_two_inference_variants_of_one_run(tmp_path, capsys):
+    write(tmp_path / "a", "consistency", [0.1 * i for i in range(8)])
+    pi = pd.read_csv(tmp_path / "a" / "per_image.csv")
+    pd.concat([pi, pi.assign(inference="flip+shift", dice=pi.dice + 0.02)]).to_csv(
+        tmp_path / "a" / "per_image.csv", index=False)
+    row = pair(tmp_path / "a", tmp_path / "a", ("raw", "flip+shift")).iloc[0]
+    assert row.inference == "raw vs flip+shift" and row.b_minus_a == pytest.approx(0.02)
+    with pytest.raises(ValueError, match="no rows with inference 'flip\\+lcc'"):
+        pair(tmp_path / "a", tmp_path / "a", ("raw", "flip+lcc"))
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "a"), str(tmp_path / "a"), "--inference-a", "raw"])
+    assert main([str(tmp_path / "a"), str(tmp_path / "a"), "--inference-a", "raw",
+                 "--inference-b", "flip+shift"]) == 0
+    assert "raw vs flip+shift" in capsys.readouterr().out
