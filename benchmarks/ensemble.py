@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--postprocess", action="store_true", help="also score flip TTA + largest component")
     p.add_argument("--depth-tta", type=parse_shifts, default=(),
-                   help="also score depth-shift TTA with these upward shifts, e.g. 0.15,0.3,0.45")
+                   help="also score depth-shift TTA with these upward shifts, e.g. 0.15,0.3")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     set_threads(args.threads)

@@ -129,7 +129,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "component (rows with inference 'flip+lcc'; same for both arms)")
     p.add_argument("--depth-tta", type=parse_shifts, default=(),
                    help="also score each arm with depth-shift TTA (common/tta.py): comma list of "
-                        "upward shifts as fractions of the height, e.g. 0.15,0.3,0.45 (rows with "
+                        "upward shifts as fractions of the height, e.g. 0.15,0.3 (rows with "
                         "inference 'flip+shift')")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
                    help="decoded external centres are cached here ('' to disable)")
