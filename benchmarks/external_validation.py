@@ -42,7 +42,7 @@ from common.evaluate import evaluate  # noqa: E402
 from common.model import build_model  # noqa: E402
 from common.nets.efficientnet import LITE_VARIANTS, lite_package_weights  # noqa: E402
 from common.train import train_local  # noqa: E402
-from common.tta import DepthShiftTTA  # noqa: E402
+from common.tta import DepthShiftTTA, check_shifts  # noqa: E402
 from sim.selection import EpochSelector  # noqa: E402
 
 ARM_NAMES = ("plain", "consistency")
@@ -75,12 +75,9 @@ def default_data_root() -> Path:
 def parse_shifts(text: str) -> tuple[float, ...]:
     """'0.15,0.3' → (0.15, 0.3); '' → () (no depth-shift TTA)."""
     try:
-        shifts = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma list of numbers: {text!r}") from None
-    if any(not 0.0 < v < 1.0 for v in shifts):
-        raise argparse.ArgumentTypeError(f"shifts must lie in (0, 1): {text!r}")
-    return shifts
+        return check_shifts([float(v) for v in text.split(",") if v.strip()])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

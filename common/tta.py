@@ -18,6 +18,14 @@ from torch import Tensor, nn
 from common.data.tensors import normalise
 
 
+def check_shifts(shifts: Sequence[float]) -> tuple[float, ...]:
+    """``shifts`` as floats, each a fraction of the height in (0, 1); ValueError otherwise."""
+    out = tuple(float(s) for s in shifts)
+    if any(not 0.0 < s < 1.0 for s in out):
+        raise ValueError(f"DepthShiftTTA: shifts must lie in (0, 1), got {list(out)}")
+    return out
+
+
 def shift_up(x: Tensor, rows: int) -> Tensor:
     """x (B,C,H,W) moved up by ``rows``; the bottom ``rows`` take each image's minimum (the dark
     far field), then the per-image z-score is redone, as the model's input always is."""
@@ -41,10 +49,8 @@ class DepthShiftTTA(nn.Module):
     def __init__(self, model: nn.Module, shifts: Sequence[float] = (0.15, 0.3),
                  flip: bool = True) -> None:
         super().__init__()
-        if any(not 0.0 < s < 1.0 for s in shifts):
-            raise ValueError(f"DepthShiftTTA: shifts must lie in (0, 1), got {list(shifts)}")
         self.model = model
-        self.shifts = tuple(float(s) for s in shifts)
+        self.shifts = check_shifts(shifts)
         self.flip = flip
 
     def _probs(self, x: Tensor) -> tuple[Tensor, Tensor]:
