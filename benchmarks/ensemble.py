@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--postprocess", action="store_true", help="also score flip TTA + largest component")
     p.add_argument("--depth-tta", type=parse_shifts, default=(),
                    help="also score depth-shift TTA with these upward shifts, e.g. 0.15,0.3")
+    p.add_argument("--channels-last", action="store_true",
+                   help="members in channels-last memory format (faster on CPU, same predictions "
+                        "to float rounding)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     set_threads(args.threads)
@@ -106,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     arm, _, cfg, _ = members[0]
     size = max(s for _, s, _, _ in members)
     net = MeanOfModels([m for *_, m in members], [s for _, s, _, _ in members]).eval()
+    if args.channels_last:
+        net.to(memory_format=torch.channels_last)
     centres = discover_centres(args.data_root)
     t0 = time.perf_counter()
     scored = {c: load_external(c, root, size, cache_dir_of(args.cache_dir))

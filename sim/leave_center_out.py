@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--selection", choices=["best_val", "last"], default=None,
                    help="centralised arms keep the epoch with the best validation score (mean of val "
                         "Dice and AUC; default) or the last epoch; federated arms keep the last round")
+    t.add_argument("--depth-tta", type=lambda s: [float(x) for x in _csv(s)], default=None, metavar="SHIFTS",
+                   help="score the test centres with depth-shift test-time augmentation: the image, its "
+                        "mirror and the image shifted up by these fractions of its height, e.g. 0.15,0.3 "
+                        "(common/tta.py; model selection stays on the raw model); default none")
     t.add_argument("--batch-size", type=int, default=None, help="train.batch_size (the expected batch under DP)")
     t.add_argument("--threads", type=int, default=None,
                    help="torch threads of this process (train.num_threads; simulated sites use 1 each)")
@@ -172,7 +176,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[ExperimentConfig, LcoOpt
             "fed_arms": args.fed_arms, "strategies": args.strategies, "rounds": args.rounds,
             "local_epochs": args.local_epochs, "seeds": args.seeds, "lambda_sweep": args.lambda_sweep,
             "ablate_features": args.ablate_features, "epsilons": args.epsilons, "dp_arms": args.dp_arms,
-            "selection": args.selection, "lr_schedule": args.lr_schedule,
+            "selection": args.selection, "lr_schedule": args.lr_schedule, "depth_tta": args.depth_tta,
         },
     }
     flags = {s: {k: v for k, v in sec.items() if v is not None} for s, sec in flags.items()}

@@ -61,6 +61,8 @@ def write_outputs(folder: RunFolder, cfg: ExperimentConfig, opts: LcoOptions, ce
         "FedProx μ": opts.proximal_mu, "consistency λ": cfg.loss.consistency, "prior features": ", ".join(cfg.loss.features),
         "seeds": ", ".join(map(str, opts.seeds)), "validation fraction": cfg.data.val_fraction,
         "bootstrap resamples": opts.bootstrap, "model selection": opts.selection,
+        "test-time augmentation": (f"image + mirror + shifted up by {', '.join(f'{s:g}' for s in opts.depth_tta)} "
+                                   "of the height (common/tta.py)" if opts.depth_tta else "none (the raw model)"),
     }
     if opts.epsilons:
         p = cfg.privacy

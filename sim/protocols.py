@@ -35,6 +35,7 @@ import pandas as pd
 from common.config import ConfigError, ExperimentConfig, replace
 from common.federation import LR_SCHEDULES, SiteSpec
 from common.metrics import binary_auc, bootstrap_ci
+from common.tta import check_shifts
 from sim.runfolder import Unit
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class LcoOptions:
     epsilons: tuple[float, ...] = ()  # DP-SGD target ε of extra arms; inf = the arm without DP
     dp_arms: tuple[str, ...] = ("consistency",)  # arms that get the DP variants
     selection: str = "best_val"  # centralised model selection: best_val | last
+    depth_tta: tuple[float, ...] = ()  # test-time: image + mirror + shifted up by these (common/tta.py)
 
     def __post_init__(self) -> None:
         bad = [p for p in self.protocols if p not in PROTOCOL_GROUPS]
@@ -113,6 +115,10 @@ class LcoOptions:
             raise ConfigError(f"lco.dp_arms: unknown {bad}; known: {list(BASE_ARMS)}")
         if self.selection not in SELECTIONS:
             raise ConfigError(f"lco.selection: {self.selection!r} not one of {list(SELECTIONS)}")
+        try:
+            check_shifts(self.depth_tta)
+        except ValueError as exc:
+            raise ConfigError(f"lco.depth_tta: {exc}") from None
 
 
 # ------------------------------------------------------------------------------- arms

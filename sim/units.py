@@ -26,6 +26,7 @@ from common.federation import build_experiment_model
 from common.privacy import PrivacySession
 from common.sitedata import load_site_tensors, load_test_tensors, site_cases
 from common.train import train_local
+from common.tta import DepthShiftTTA
 from sim.examples import merge_examples, pick_examples
 from sim.federated import run_federated
 from sim.protocols import LcoOptions, PlannedUnit, Runtime, arm_config, metric_rows
@@ -92,13 +93,14 @@ def run_unit(pu: PlannedUnit, cfg: ExperimentConfig, opts: LcoOptions, rt: Runti
         train, val, internal = training_data(pu, cfg, opts, rt)
         trained = train_centralised(pu, cfg, train, val, rt, opts.selection)
     model = trained.model
+    scorer = DepthShiftTTA(model, opts.depth_tta) if opts.depth_tta else model  # selection stays raw
     rows: list[dict[str, Any]] = []
     images: list[pd.DataFrame] = []
     examples: list[dict[str, np.ndarray]] = []
     for centre in pu.test_sites:
         own = internal is not None and centre in pu.train_sites
         data = internal if own else load_test_tensors(rt.sites[centre], cfg.data, rt.cache_dir)
-        probs, p_mal = predict(model, data, cfg.train.batch_size, device)
+        probs, p_mal = predict(scorer, data, cfg.train.batch_size, device)
         result = score(probs, p_mal, data)
         rows += metric_rows(result.per_image, result.summary, centre, cfg.loss.cls_weight > 0,
                             opts.bootstrap, pu.unit.seed)

@@ -3,6 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from benchmarks.ensemble import MeanOfModels
@@ -54,8 +55,14 @@ def test_mean_of_models_resizes_for_a_member_of_another_size():
 def test_ensemble_of_two_seeds_and_a_one_member_ensemble_reproduces_its_run(tmp_path, tiny_centres):
     root, options = tiny_centres
     common = options + ["--select", "last"]
-    for seed in (0, 1):
-        assert train_main(common + ["--arms", "plain", "--seed", str(seed), "--out", str(tmp_path / f"s{seed}")]) == 0
+    assert train_main(common + ["--arms", "plain", "--out", str(tmp_path / "s0")]) == 0
+    # a member trained for the ensemble only: saved, not scored
+    assert train_main(common + ["--arms", "plain", "--seed", "1", "--no-score", "--channels-last",
+                                "--out", str(tmp_path / "s1")]) == 0
+    assert (tmp_path / "s1" / "model_plain.pt").is_file() and not (tmp_path / "s1" / "metrics.csv").exists()
+    saved = yaml.safe_load((tmp_path / "s1" / "config.yaml").read_text())
+    assert saved["arms"]["plain"]["train"]["channels_last"] is True
+    assert len(pd.read_csv(tmp_path / "s1" / "history.csv")) == 1
     assert train_main(common + ["--arms", "consistency", "--out", str(tmp_path / "c")]) == 0
     ens = ["--data-root", str(root), "--cache-dir", "", "--threads", "1"]
 
@@ -63,6 +70,11 @@ def test_ensemble_of_two_seeds_and_a_one_member_ensemble_reproduces_its_run(tmp_
     own = pd.read_csv(tmp_path / "s0" / "per_image.csv").set_index("case_id")["dice"]
     alone = pd.read_csv(tmp_path / "one" / "per_image.csv").set_index("case_id")["dice"]
     pd.testing.assert_series_equal(alone.sort_index(), own.sort_index(), check_exact=False, atol=1e-6)
+    # channels-last members: the same predictions to float rounding
+    assert ensemble_main([str(tmp_path / "s0"), "--out", str(tmp_path / "one_cl"), "--channels-last"] + ens) == 0
+    cl = pd.read_csv(tmp_path / "one_cl" / "per_image.csv").set_index("case_id")
+    base = pd.read_csv(tmp_path / "one" / "per_image.csv").set_index("case_id")
+    np.testing.assert_allclose(cl["p_malignant"].sort_index(), base["p_malignant"].sort_index(), atol=1e-5)
 
     assert ensemble_main([str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "two"),
                           "--postprocess", "--depth-tta", "0.25,0.5"] + ens) == 0

@@ -33,7 +33,7 @@ def test_help_lists_every_option(capsys):
     text = capsys.readouterr().out
     for flag in ("--data-root", "--protocols", "--arms", "--train-center", "--epochs", "--rounds",
                  "--local-epochs", "--size", "--seeds", "--lambda-sweep", "--ablate-features", "--config",
-                 "--out", "--resume", "--quick", "--threads", "--epsilons", "--dp-arms", "--selection"):
+                 "--out", "--resume", "--quick", "--threads", "--epsilons", "--dp-arms", "--selection", "--depth-tta"):
         assert flag in text
 
 
@@ -69,6 +69,8 @@ def test_unknown_section_names_file(tmp_path):
         lco.parse_settings({"trian": {}}, str(tmp_path / "exp.yaml"))
     with pytest.raises(ConfigError, match="lco.protocols"):
         LcoOptions(protocols=("papers",))
+    with pytest.raises(ConfigError, match="lco.depth_tta"):
+        LcoOptions(depth_tta=(0.3, 1.0))
 
 
 def test_arm_configs():
@@ -216,6 +218,23 @@ def test_centralised_protocols_write_everything_and_resume(tmp_path, monkeypatch
         pd.read_csv(folder / "per_image.csv").query("arm == 'consistency' and protocol == 'paper'"))
     events = [e["event"] for e in json.loads((folder / "provenance.json").read_text())["events"]]
     assert events.count("resume") == 2
+
+
+def test_depth_tta_changes_the_scoring_not_the_training(tmp_path):
+    sites = list(lco.site_specs(LcoOptions()))[:2]
+    argv = [*TINY, "--protocols", "paper", "--arms", "multitask", "--centres", ",".join(sites)]
+    folders = {}
+    for name, extra in (("raw", []), ("tta", ["--depth-tta", "0.25,0.5"])):
+        assert lco.main(argv + extra + ["--out", str(tmp_path / name)]) == 0
+        folders[name] = _run_folder(tmp_path / name)
+    curves = {k: pd.read_csv(f / "curves.csv") for k, f in folders.items()}
+    pd.testing.assert_frame_equal(curves["raw"], curves["tta"])  # same model, same selection
+    images = {k: pd.read_csv(f / "per_image.csv").sort_values("case_id") for k, f in folders.items()}
+    assert list(images["raw"]["case_id"]) == list(images["tta"]["case_id"])
+    assert not np.allclose(images["raw"]["p_malignant"], images["tta"]["p_malignant"])  # mirror averaged
+    assert yaml.safe_load((folders["tta"] / "config.yaml").read_text())["lco"]["depth_tta"] == [0.25, 0.5]
+    assert "shifted up by 0.25, 0.5 of the height" in (folders["tta"] / "report.md").read_text()
+    assert "none (the raw model)" in (folders["raw"] / "report.md").read_text()
 
 
 def test_a_site_left_out_of_a_round_is_found(tmp_path):
