@@ -26,7 +26,7 @@ import inspect
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import torch
@@ -189,8 +189,13 @@ def train_local(
     dev = resolve_device(device if device is not None else train_cfg.device)
     generator = seed_everything(train_cfg.seed)
     model.to(dev)
-    if train_cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
+    if train_cfg.channels_last and privacy is not None:
+        # Opacus 1.6's conv per-sample gradients are wrong for channels-last tensors (their mean is
+        # not the gradient; tests/common/test_privacy.py): a speed option must not corrupt DP-SGD.
+        log.warning("%s: train.channels_last is ignored under privacy (Opacus per-sample "
+                    "gradients need contiguous tensors)", desc or "train_local")
+        train_cfg = replace(train_cfg, channels_last=False)
+    model.to(memory_format=torch.channels_last if train_cfg.channels_last else torch.contiguous_format)
     if privacy is not None and any(isinstance(m, MixStyle) and m.p > 0 for m in model.modules()):
         raise ValueError("model.mixstyle mixes feature statistics across the images of a batch, "
                          "so per-sample gradients (DP-SGD) would be wrong: set it to 0 under privacy")

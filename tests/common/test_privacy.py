@@ -90,6 +90,32 @@ def test_dp_training_runs_on_the_real_model_and_returns_plain_keys(data) -> None
     assert model.prior.track_running_stats  # restored by close()
 
 
+def test_channels_last_is_ignored_under_dp_so_per_sample_gradients_stay_right(data, caplog) -> None:
+    # Opacus 1.6 computes wrong conv per-sample gradients for channels-last tensors (their batch
+    # mean differs from the true gradient by O(100) on a 2-conv net), so DP must train contiguous.
+    runs = []
+    for channels_last in (False, True):
+        model, sess = fresh(), session(pcfg())
+        with caplog.at_level("WARNING", logger="common.train"):
+            train_local(model, data, tcfg(channels_last=channels_last), LossConfig(pos_weight=1.0),
+                        privacy=sess, augment=False)
+        sess.close()
+        runs.append(model.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert all(v.is_contiguous() for v in runs[1].values())
+    assert sum("channels_last is ignored under privacy" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_opacus_per_sample_conv_gradients_average_to_the_gradient_on_contiguous_tensors() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.GroupNorm(2, 8),
+                              torch.nn.Conv2d(8, 4, 3, padding=1, stride=2))
+    gsm = GradSampleModule(net, loss_reduction="mean")
+    (gsm(torch.randn(4, 3, 16, 16)) ** 2).mean().backward()
+    for p in gsm.parameters():
+        torch.testing.assert_close(p.grad_sample.mean(0), p.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_unwrap_state_dict_strips_the_grad_sample_prefix() -> None:
     model = fresh()
     gsm = GradSampleModule(model)
