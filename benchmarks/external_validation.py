@@ -133,7 +133,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "model_<arm>.pt only, e.g. for members that benchmarks.ensemble scores)")
     p.add_argument("--channels-last", action="store_true",
                    help="channels-last memory format in training and scoring (faster on CPU: "
-                        "1.18x per training step, 1.35x per forward pass for lite0 at 160 px)")
+                        "1.15x per training image, 1.36x per forward pass for lite0 at 160 px; "
+                        "benchmarks/perf_channels_last.py)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
                    help="decoded external centres are cached here ('' to disable)")
     p.add_argument("--val-fraction", type=float, default=0.2)
