@@ -69,6 +69,18 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in _csv(text)]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in _csv(text)]
+
+
+# argparse names the type in its error ("invalid comma-separated numbers value: 'a'")
+_floats.__name__, _ints.__name__ = "comma-separated numbers", "comma-separated integers"
+
+
 def _defaults(section: str, key: str) -> str:
     return f"{SYNTHETIC_DEFAULTS[section][key]} synthetic, {REAL_DEFAULTS[section][key]} real"
 
@@ -99,11 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--strategies", type=_csv, default=None, help="federated strategies (fedavg,fedprox)")
     w.add_argument("--held-out", type=_csv, default=None,
                    help="federated/pooled: hold out only these centres (default: each centre in turn)")
-    w.add_argument("--lambda-sweep", type=lambda s: [float(x) for x in _csv(s)], default=None,
+    w.add_argument("--lambda-sweep", type=_floats, default=None,
                    help="extra paper arms with these consistency weights λ, e.g. 0.1,1,2")
     w.add_argument("--ablate-features", action="store_true", default=None,
                    help="extra paper arms leaving each BI-RADS feature out of the prior in turn")
-    w.add_argument("--epsilons", type=lambda s: [float(x) for x in _csv(s)], default=None,
+    w.add_argument("--epsilons", type=_floats, default=None,
                    help="DP-SGD targets, e.g. 1,3,8,inf: each arm of --dp-arms gets an extra arm "
                         "<arm>-eps<ε> per finite ε (sample-level, δ = privacy.target_delta); inf is the arm "
                         "without DP. The report adds an ε-utility table")
@@ -116,12 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
                    help="federated lr schedule: restart train.schedule every round (round; default) "
                         "or lay one over rounds × local epochs, as centralised training (global)")
-    t.add_argument("--seeds", type=lambda s: [int(x) for x in _csv(s)], default=None,
+    t.add_argument("--seeds", type=_ints, default=None,
                    help="comma list of training seeds (model init, data order); splits stay fixed")
     t.add_argument("--selection", choices=["best_val", "last"], default=None,
                    help="centralised arms keep the epoch with the best validation score (mean of val "
                         "Dice and AUC; default) or the last epoch; federated arms keep the last round")
-    t.add_argument("--depth-tta", type=lambda s: [float(x) for x in _csv(s)], default=None, metavar="SHIFTS",
+    t.add_argument("--depth-tta", type=_floats, default=None, metavar="SHIFTS",
                    help="score the test centres with depth-shift test-time augmentation: the image, its "
                         "mirror and the image shifted up by these fractions of its height, e.g. 0.15,0.3 "
                         "(common/tta.py; model selection stays on the raw model); default none")

@@ -37,6 +37,15 @@ def test_help_lists_every_option(capsys):
         assert flag in text
 
 
+@pytest.mark.parametrize("flag, value, kind", [("--depth-tta", "0.15,x", "numbers"),
+                                                ("--seeds", "0,1.5", "integers")])
+def test_a_malformed_list_option_is_named(flag, value, kind, capsys):
+    with pytest.raises(SystemExit) as exc:
+        lco.main([flag, value])
+    assert exc.value.code == 2
+    assert f"argument {flag}: invalid comma-separated {kind} value: '{value}'" in capsys.readouterr().err
+
+
 def test_settings_precedence_defaults_yaml_flags(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump({"train": {"epochs": 7, "lr": 0.01}, "lco": {"rounds": 4, "seeds": [1, 2]}}))
