@@ -61,6 +61,8 @@ AUG_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--negative-crop", "negative_crop", "probability of replacing a lesion image by a lesion-free crop"),
     ("--negative-crop-min", "negative_crop_min", "smallest lesion-free crop, fraction of the side"),
     ("--lesion-paste", "lesion_paste", "probability of pasting a lesion of the batch at a random place"),
+    ("--lateral-roll", "lateral_roll", "probability of rolling the image sideways (lesions off mid-width)"),
+    ("--lateral-roll-max", "lateral_roll_max", "largest sideways roll, as a fraction of the width"),
     ("--aug-stretch", "stretch", "aspect change up to 1 + this either way (log-uniform)"),
     ("--aug-sharpness", "sharpness", "blur (< 0) or unsharp masking (> 0) of strength up to ± this"),
     ("--aug-gin", "gin", "probability of a random shallow-conv-net intensity transform (GIN)"),

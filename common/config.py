@@ -44,7 +44,9 @@ class AugmentConfig:
     ±``rotate_deg``, zoom 1 ± ``scale``, shift ± ``translate`` × the side in x and y; with
     probability ``depth_splice`` another image's near field spliced above the image; with
     probability ``negative_crop`` a lesion image replaced by a lesion-free crop of itself; with
-    probability ``lesion_paste`` a lesion of the batch pasted at a random place; blur or
+    probability ``lesion_paste`` a lesion of the batch pasted at a random place; with
+    probability ``lateral_roll`` the image rolled sideways by up to ``lateral_roll_max`` × the
+    width (BrEaST's lesions sit mid-width, BUSI's anywhere); blur or
     sharpening of strength up to ``sharpness``; an aspect change of up to 1 + ``stretch`` either
     way (frames of aspect 0.9–1.5 are all resized to a square, so each centre distorts its
     lesions by its own factor); with probability ``gin`` an image's intensities remapped by a
@@ -61,6 +63,8 @@ class AugmentConfig:
     negative_crop: float = 0.0  # probability per lesion image (common.data.augment.negative_crop)
     negative_crop_min: float = 0.5  # smallest crop side, fraction of the image side
     lesion_paste: float = 0.0  # probability per image (common.data.augment.lesion_paste)
+    lateral_roll: float = 0.0  # probability per image (common.data.augment.lateral_roll)
+    lateral_roll_max: float = 0.35  # largest sideways roll, fraction of the width
     sharpness: float = 0.0  # image + s·(image − blur_σ=1px(image)), s uniform in ±sharpness
     stretch: float = 0.0  # aspect change: width × √a, height ÷ √a, log a uniform in ±log(1 + stretch)
     gin: float = 0.0  # probability per image of a random-conv-net intensity map (common.data.augment.gin)
@@ -73,12 +77,14 @@ class AugmentConfig:
         if not (0 <= self.scale < 1 and 0 <= self.translate <= 0.5 and 0 <= self.rotate_deg <= 180
                 and 0 <= self.depth_splice <= 1 and 0 <= self.depth_splice_max < 1
                 and 0 <= self.negative_crop <= 1 and 0 < self.negative_crop_min <= 1
-                and 0 <= self.lesion_paste <= 1 and 0 <= self.stretch <= 3
+                and 0 <= self.lesion_paste <= 1 and 0 <= self.lateral_roll <= 1
+                and 0 <= self.lateral_roll_max <= 0.5 and 0 <= self.stretch <= 3
                 and 0 <= self.sharpness <= 3 and 0 <= self.gin <= 1 and self.calm_epochs >= 0):
             raise ConfigError(f"data.augmentation: need 0 ≤ scale < 1, 0 ≤ translate ≤ 0.5, "
                               f"0 ≤ rotate_deg ≤ 180, 0 ≤ depth_splice ≤ 1, "
                               f"0 ≤ depth_splice_max < 1, 0 ≤ negative_crop ≤ 1, "
                               f"0 < negative_crop_min ≤ 1, 0 ≤ lesion_paste ≤ 1, "
+                              f"0 ≤ lateral_roll ≤ 1, 0 ≤ lateral_roll_max ≤ 0.5, "
                               f"0 ≤ stretch ≤ 3, 0 ≤ sharpness ≤ 3, 0 ≤ gin ≤ 1, calm_epochs ≥ 0; "
                               f"got {self}")
 

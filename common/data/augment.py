@@ -130,6 +130,25 @@ def lesion_paste(
     return images, masks
 
 
+def lateral_roll(
+    images: torch.Tensor, masks: torch.Tensor, geometry: AugmentConfig,
+    rand: Callable[..., torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """With probability ``geometry.lateral_roll`` per image of (B,1,H,W): roll it (and its mask)
+    sideways by k columns, k uniform in ±``lateral_roll_max`` · W; what leaves one side comes
+    back on the other. BrEaST's lesion centres sit at 39–60 % of the width (5th–95th
+    percentile), BUSI's at 23–76 %; a BrEaST-trained model fails on most lesions off mid-width
+    (docs/external_validation.md). Linear-probe frames hold tissue out to both edges, so the
+    seam joins tissue to tissue, unlike a translation that fills with black."""
+    b, _, _, w = images.shape
+    apply = rand(b) < geometry.lateral_roll
+    k = torch.round((rand(b) * 2 - 1) * geometry.lateral_roll_max * w).long()
+    k = torch.where(apply, k, 0)
+    cols = (torch.arange(w, device=images.device)[None, :] - k[:, None]) % w  # (B,W) source column
+    index = cols[:, None, None, :].expand(-1, images.shape[1], images.shape[2], -1)
+    return images.gather(-1, index), masks.gather(-1, index.expand(-1, masks.shape[1], -1, -1))
+
+
 def augment_batch(
     images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator,
     geometry: AugmentConfig = AugmentConfig(),
@@ -140,7 +159,8 @@ def augment_batch(
     shadowing and enhancement lie below the lesion); one affine per image (by default rotation
     ±10°, scale 0.9–1.1, translation ±5 % of the side, optional aspect ``stretch``; ranges from
     ``geometry``, uniform draws) applied to the whole batch with one ``affine_grid`` /
-    ``grid_sample`` after the optional ``negative_crop``, ``lesion_paste`` and ``depth_splice``
+    ``grid_sample`` after the optional ``negative_crop``, ``lesion_paste``, ``depth_splice`` and
+    ``lateral_roll``
     (masks resampled bilinearly, then > 0.5, so they stay binary); gain 0.8–1.2, contrast
     0.85–1.15 about the image mean, gamma e^±0.3; optionally blur or unsharp masking of random
     strength up to ``sharpness`` (scanners differ in resolution and speckle size); optionally
@@ -163,6 +183,8 @@ def augment_batch(
         images, masks = lesion_paste(images, masks, geometry, rand)
     if geometry.depth_splice > 0 and b > 1:
         images, masks = depth_splice(images, masks, geometry, rand)
+    if geometry.lateral_roll > 0:  # drawn only when on, so configs without it keep their stream
+        images, masks = lateral_roll(images, masks, geometry, rand)
     flip = rand(b) < 0.5
     angle = (rand(b) * 2 - 1) * math.radians(geometry.rotate_deg)
     scale = 1 - geometry.scale + rand(b) * 2 * geometry.scale
@@ -245,9 +267,10 @@ def _blur1(images: torch.Tensor) -> torch.Tensor:
 
 
 def calm(geometry: AugmentConfig) -> AugmentConfig:
-    """``geometry`` without the centre-shift transforms (splice, crop, paste, stretch): what the
-    last ``calm_epochs`` epochs train on, so boundaries are learnt on unaltered images."""
-    return replace(geometry, depth_splice=0.0, negative_crop=0.0, lesion_paste=0.0, stretch=0.0)
+    """``geometry`` without the centre-shift transforms (splice, crop, paste, roll, stretch): what
+    the last ``calm_epochs`` epochs train on, so boundaries are learnt on unaltered images."""
+    return replace(geometry, depth_splice=0.0, negative_crop=0.0, lesion_paste=0.0,
+                   lateral_roll=0.0, stretch=0.0)
 
 
 def augmentation(augment: bool | AugmentConfig | None) -> AugmentConfig | None:

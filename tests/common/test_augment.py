@@ -1,10 +1,12 @@
 """Batch augmentation: deterministic, binary masks, flips never vertical, ranges that act, and the
-depth splice (hand-checked rows)."""
+depth splice and lateral roll (hand-checked rows and columns)."""
+from dataclasses import replace
+
 import pytest
 import torch
 
-from common.config import AugmentConfig
-from common.data.augment import augment_batch, augmentation, depth_splice, negative_crop
+from common.config import AugmentConfig, ConfigError
+from common.data.augment import augment_batch, augmentation, calm, depth_splice, lateral_roll, negative_crop
 from common.data.synthetic import make_centre
 from common.data.tensors import TensorData, to_tensors
 from tests.common.test_tensors import _asym_case
@@ -116,6 +118,42 @@ def test_depth_splice_in_augment_batch_keeps_masks_binary_and_moves_lesions_down
     again = augment_batch(d.images, d.masks, torch.Generator().manual_seed(0),
                           AugmentConfig(depth_splice=0.0, depth_splice_max=0.3))
     assert torch.equal(same[0], again[0])  # off: the random stream of the default is unchanged
+
+
+def test_lateral_roll_by_hand():
+    """Columns hold their index: image 0 rolled right by round((2·0.75 − 1) · 0.5 · 8) = 2 columns,
+    image 1 left by 4 (the largest roll), image 2 not drawn; masks move with their images."""
+    images = torch.arange(8, dtype=torch.float32).view(1, 1, 1, 8).repeat(3, 1, 4, 1)
+    masks = torch.zeros(3, 1, 4, 8)
+    masks[:, 0, 1:3, 3] = 1  # a lesion in column 3 of every image
+    cfg = AugmentConfig(lateral_roll=0.5, lateral_roll_max=0.5)
+    out, m = lateral_roll(images, masks, cfg, _rand_from([0.1, 0.2, 0.9], [0.75, 0.0, 0.3]))
+    assert out[0, 0, 0].tolist() == [6, 7, 0, 1, 2, 3, 4, 5]  # what left on the right came back
+    assert out[1, 0, 0].tolist() == [4, 5, 6, 7, 0, 1, 2, 3]
+    assert torch.equal(out[2], images[2]) and torch.equal(m[2], masks[2])
+    assert torch.nonzero(m[0, 0, 1])[:, 0].tolist() == [5] and torch.nonzero(m[1, 0, 1])[:, 0].tolist() == [7]
+    assert torch.equal(m.sum((1, 2, 3)), masks.sum((1, 2, 3)))  # nothing lost at an edge
+
+
+def test_lateral_roll_spreads_lesions_across_the_width_and_is_off_by_default():
+    d = _data(16)
+    flat = AugmentConfig(rotate_deg=0, scale=0, translate=0)
+    def off_centre(m: torch.Tensor) -> torch.Tensor:  # |lesion centre column − mid-width|: flip-blind
+        c = torch.arange(m.shape[-1], dtype=torch.float32).view(1, 1, 1, -1) - (m.shape[-1] - 1) / 2
+        return ((m * c).flatten(1).sum(1) / m.flatten(1).sum(1).clamp(min=1)).abs()
+    ref = augment_batch(d.images, d.masks, torch.Generator().manual_seed(0), flat)
+    _, m = augment_batch(d.images, d.masks, torch.Generator().manual_seed(0),
+                         replace(flat, lateral_roll=1.0, lateral_roll_max=0.25))
+    assert set(m.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(m.sum((1, 2, 3)), d.masks.sum((1, 2, 3)))  # a roll keeps every lesion pixel
+    torch.testing.assert_close(off_centre(ref[1]), off_centre(d.masks))  # flips only
+    assert (off_centre(m) - off_centre(d.masks)).abs().max() > 2  # the roll moved lesions sideways
+    again = augment_batch(d.images, d.masks, torch.Generator().manual_seed(0),
+                          replace(flat, lateral_roll=0.0, lateral_roll_max=0.3))
+    assert torch.equal(ref[0], again[0])  # off: the random stream is unchanged
+    assert calm(AugmentConfig(lateral_roll=0.5)).lateral_roll == 0.0
+    with pytest.raises(ConfigError, match="lateral_roll"):
+        AugmentConfig(lateral_roll_max=0.6)
 
 
 def test_negative_crop_by_hand():
