@@ -137,9 +137,10 @@ def lateral_roll(
     """With probability ``geometry.lateral_roll`` per image of (B,1,H,W): roll it (and its mask)
     sideways by k columns, k uniform in ±``lateral_roll_max`` · W; what leaves one side comes
     back on the other. BrEaST's lesion centres sit at 39–60 % of the width (5th–95th
-    percentile), BUSI's at 23–76 %; a BrEaST-trained model fails on most lesions off mid-width
-    (docs/external_validation.md). Linear-probe frames hold tissue out to both edges, so the
-    seam joins tissue to tissue, unlike a translation that fills with black."""
+    percentile), BUSI's at 24–76 %; a BrEaST-trained model misses many lesions off mid-width
+    (``benchmarks.lesion_position``). Linear-probe frames hold tissue out to both edges, so the
+    seam joins tissue to tissue, unlike a translation that fills with black. Measured: it helps
+    those lesions and costs the centred ones about as much (docs/external_validation.md)."""
     b, _, _, w = images.shape
     apply = rand(b) < geometry.lateral_roll
     k = torch.round((rand(b) * 2 - 1) * geometry.lateral_roll_max * w).long()
