@@ -67,6 +67,15 @@ def by_position(dice: pd.DataFrame, pos: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _run_size(run: Path) -> int | None:
+    """Image size of a run folder of ``benchmarks.external_validation`` (its config.yaml), or of
+    an ensemble folder of ``benchmarks.ensemble`` (its first member's, from members.txt)."""
+    cfg = run / "config.yaml"
+    if not cfg.is_file() and (run / "members.txt").is_file():
+        cfg = Path((run / "members.txt").read_text().split()[0]) / "config.yaml"
+    return int(yaml.safe_load(cfg.read_text())["args"]["size"]) if cfg.is_file() else None
+
+
 def _positions(centre: str, root: Path, size: int, cache: Path | None) -> pd.DataFrame:
     data = (to_tensors(load_centre(centre, root, strict=False), size) if centre == TRAIN_CENTRE
             else load_external(centre, root, size, cache))
@@ -77,15 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", type=Path, nargs="*", help="run folders (per_image.csv of one arm)")
     p.add_argument("--inference", default="raw", help="inference variant of the runs' rows")
-    p.add_argument("--size", type=int, default=None, help="mask size (default: the first run's)")
+    p.add_argument("--size", type=int, default=None, help="mask size (default: the first run's, or its first member's; else 128)")
     p.add_argument("--data-root", type=Path, default=default_data_root())
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     args = p.parse_args(argv)
     logging.getLogger("common.data").setLevel(logging.ERROR)  # repairs are counted elsewhere
-    size = args.size
-    if size is None:
-        cfg = args.runs[0] / "config.yaml" if args.runs else None
-        size = int(yaml.safe_load(cfg.read_text())["args"]["size"]) if cfg and cfg.is_file() else 128
+    size = args.size or (_run_size(args.runs[0]) if args.runs else None) or 128
     centres = discover_centres(args.data_root)
     if not centres:
         print(f"{args.data_root}: no centre found", file=sys.stderr)

@@ -51,3 +51,16 @@ def test_main_on_tiny_centres(tmp_path, tiny_centres, capsys):
     assert "BUSI: Dice by lesion position" in out and "lateral" in out and "depth" in out
     assert main([str(run), "--inference", "flip+shift", "--size", "16", "--data-root", str(root),
                  "--cache-dir", ""]) == 2
+
+
+def test_run_size_from_a_run_or_an_ensemble_folder(tmp_path):
+    from benchmarks.lesion_position import _run_size
+
+    member = tmp_path / "m"
+    member.mkdir()
+    (member / "config.yaml").write_text("args:\n  size: 160\n")
+    ens = tmp_path / "e"
+    ens.mkdir()
+    (ens / "members.txt").write_text(f"{member}\n{tmp_path / 'other'}\n")
+    assert _run_size(member) == 160 and _run_size(ens) == 160
+    assert _run_size(tmp_path) is None
