@@ -14,14 +14,15 @@ import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import torch
 import yaml
-from torch import nn
 
 from common.config import AUTO_PRETRAINED, ConfigError, ExperimentConfig, from_dict, load_yaml, to_dict
-from common.model import build_model
+
+if TYPE_CHECKING:  # torch (and MONAI behind common.model) load only where a network is built:
+    import torch  # the launchers parse RunSpec/SiteSpec without them (benchmarks/launcher_startup.py)
+    from torch import nn
 
 STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedbn", "fedadam", "fedmedian")
 #: "round": each round's local training runs train.schedule from its start (warm-up, then decay
@@ -180,18 +181,20 @@ def site_seed(seed: int, server_round: int, site: str) -> int:
 
 def build_experiment_model(exp: ExperimentConfig) -> nn.Module:
     """The experiment's network, built identically by the server (initial weights) and sites."""
+    from common.model import build_model
+
     return build_model(exp.model, exp.loss.features, sign_constrained=exp.loss.sign_constrained)
-
-
-_NORM_TYPES = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._NormBase)
 
 
 def norm_keys(model: nn.Module) -> frozenset[str]:
     """State-dict keys of normalisation layers (GroupNorm/LayerNorm/BatchNorm/InstanceNorm):
     the parameters FedBN keeps local to each site."""
+    from torch import nn
+
+    norm_types = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._NormBase)
     keys: set[str] = set()
     for prefix, module in model.named_modules():
-        if isinstance(module, _NORM_TYPES):
+        if isinstance(module, norm_types):
             for name in module.state_dict().keys():
                 keys.add(f"{prefix}.{name}" if prefix else name)
     return frozenset(keys)
@@ -313,6 +316,8 @@ def _weighted(pairs: list[tuple[float, float]]) -> float:
 
 def state_is_finite(state: Mapping[str, torch.Tensor]) -> bool:
     """True when every floating tensor of a state dict is finite (diverged sites send nothing)."""
+    import torch
+
     return all(
         bool(torch.isfinite(t).all()) for t in state.values() if torch.is_floating_point(t)
     )
