@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -44,14 +45,28 @@ class DepthShiftTTA(nn.Module):
     The shifted views are not mirrored: on the external centres (docs/external_validation.md)
     mirrored shifts diluted the unshifted views and cost Dice on BUSI.
 
-    The input is what the model takes (per-image z-scored); the wrapper changes no weight."""
+    The input is what the model takes (per-image z-scored); the wrapper changes no weight.
+    ``keep_plain``: every call also stores the plain (unaugmented) view's probabilities, so
+    the plain model is scored from the same pass (``take_plain``) instead of a fifth one."""
 
     def __init__(self, model: nn.Module, shifts: Sequence[float] = (0.15, 0.3),
-                 flip: bool = True) -> None:
+                 flip: bool = True, keep_plain: bool = False) -> None:
         super().__init__()
         self.model = model
         self.shifts = check_shifts(shifts)
         self.flip = flip
+        self.keep_plain = keep_plain
+        self._plain: list[tuple[Tensor, Tensor]] = []
+
+    def take_plain(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mask probabilities (N,1,H,W), malignancy probabilities (N,)) float32 of the plain
+        view over every call since the last take, in call order; empties the store."""
+        if not self._plain:
+            raise RuntimeError("DepthShiftTTA.take_plain: nothing stored (keep_plain=False?)")
+        probs = torch.cat([p for p, _ in self._plain]).numpy()
+        mal = torch.cat([c for _, c in self._plain]).numpy()
+        self._plain.clear()
+        return probs, mal
 
     def _probs(self, x: Tensor) -> tuple[Tensor, Tensor]:
         m, c = self.model(x)
@@ -62,6 +77,8 @@ class DepthShiftTTA(nn.Module):
         total = x.new_zeros(b, 1, h, w)
         count = x.new_zeros(b, 1, h, 1)  # how many views saw each row
         p, c = self._probs(x)
+        if self.keep_plain:
+            self._plain.append((p.float().cpu(), c.float().cpu()))
         total += p
         count += 1
         cls = [c]

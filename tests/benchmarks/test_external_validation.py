@@ -41,3 +41,28 @@ def test_depth_tta_shifts_are_parsed_and_checked():
     for bad in ("0.3,x", "0.3,1.2"):
         with pytest.raises(SystemExit):
             parse_args(["--depth-tta", bad])
+
+
+def test_raw_rows_scored_from_the_tta_pass_equal_a_separate_raw_pass():
+    import torch
+
+    from benchmarks.external_validation import score
+    from common.config import LossConfig, ModelConfig
+    from common.data.tensors import TensorData
+    from common.model import build_model
+
+    torch.manual_seed(0)
+    n, s = 6, 32
+    masks = torch.zeros(n, 1, s, s)
+    masks[:4, :, 8:20, 10:22] = 1.0  # four lesion images, two normal
+    data = TensorData(images=torch.rand(n, 1, s, s), masks=masks, labels=torch.tensor([0, 1, 0, 1, 2, 2]),
+                      malignant=torch.tensor([0.0, 1, 0, 1, 0, 0]), has_lesion=masks.flatten(1).amax(1) > 0,
+                      spacing_mm=torch.full((n,), float("nan")), case_ids=[f"c{i}" for i in range(n)],
+                      centres=["BUSI"] * n)
+    model = build_model(ModelConfig(base_channels=4, depth=2), LossConfig().features).eval()
+    alone, alone_images = score(model, {"BUSI": data}, False, "cpu", 0, arm="a")
+    both, both_images = score(model, {"BUSI": data}, False, "cpu", 0, arm="a", depth_tta=(0.25,))
+    assert [r["inference"] for r in both] == ["raw", "flip+shift"]
+    assert both[0] == alone[0]
+    pd.testing.assert_frame_equal(both_images[0], alone_images[0])
+    assert not both_images[1]["p_malignant"].equals(both_images[0]["p_malignant"])  # the TTA is not the raw

@@ -63,3 +63,19 @@ def test_the_mirror_is_mapped_back_and_shifted_views_are_not_mirrored():
 def test_shifts_outside_zero_one_are_refused(shifts):
     with pytest.raises(ValueError, match="shifts must lie in"):
         DepthShiftTTA(TopHalf(), shifts=shifts)
+
+
+def test_the_plain_view_is_kept_across_calls_in_order_and_taken_once():
+    x = normalise(torch.rand(5, 1, 8, 6))
+    model = TopHalf()
+    tta = DepthShiftTTA(model, shifts=(0.25,), keep_plain=True)
+    for batch in (x[:3], x[3:]):  # as predict() calls it, batch by batch
+        tta(batch)
+    probs, mal = tta.take_plain()
+    m, c = model(x)
+    assert probs.shape == (5, 1, 8, 6) and mal.shape == (5,)
+    torch.testing.assert_close(torch.from_numpy(probs), torch.sigmoid(m))
+    torch.testing.assert_close(torch.from_numpy(mal), torch.sigmoid(c))
+    with pytest.raises(RuntimeError, match="nothing stored"):
+        tta.take_plain()
+    DepthShiftTTA(model, shifts=(0.25,))(x)  # off by default: nothing kept, nothing to take
