@@ -233,12 +233,12 @@ def score(
                 **({"flip+shift": tta} if tta is not None else {})}
     results: dict[tuple[str, str], EvalResult] = {}
     for centre, data in scored.items():
-        if tta is not None:  # the TTA's plain view is the raw model: score both from one pass
-            results["flip+shift", centre] = evaluate(tta, data, device=device)
-            results["raw", centre] = score_predictions(*tta.take_plain(), data)
         for inference, net in variants.items():
-            if (inference, centre) not in results:
-                results[inference, centre] = evaluate(net, data, device=device)
+            if inference == "raw" and tta is not None:
+                continue  # the TTA's plain view is the raw model: scored from its pass below
+            results[inference, centre] = evaluate(net, data, device=device)
+        if tta is not None:
+            results["raw", centre] = score_predictions(*tta.take_plain(), data)
     rows, per_image = [], []
     for inference in variants:
         for centre, data in scored.items():

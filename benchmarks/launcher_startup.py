@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.perfutil import OUT_DIR, format_table, write_csv  # noqa: E402
+from benchmarks.perfutil import OUT_DIR, format_table, machine_note, write_csv  # noqa: E402
 
 ARMS: dict[str, list[str]] = {
     "python": ["-c", "pass"],
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [{"arm": name, "median_cpu_s": round(statistics.median(v), 3),
              "min_cpu_s": round(min(v), 3), "ratio_to_network": round(statistics.median(v) / ref, 3)}
             for name, v in samples.items()]
+    print(machine_note())
     print(format_table(rows))
     print(f"wrote {write_csv(rows, args.out)}")
     return 0

@@ -48,17 +48,12 @@ def test_raw_rows_scored_from_the_tta_pass_equal_a_separate_raw_pass():
 
     from benchmarks.external_validation import score
     from common.config import LossConfig, ModelConfig
-    from common.data.tensors import TensorData
+    from common.data.synthetic import make_centre
+    from common.data.tensors import to_tensors
     from common.model import build_model
 
     torch.manual_seed(0)
-    n, s = 6, 32
-    masks = torch.zeros(n, 1, s, s)
-    masks[:4, :, 8:20, 10:22] = 1.0  # four lesion images, two normal
-    data = TensorData(images=torch.rand(n, 1, s, s), masks=masks, labels=torch.tensor([0, 1, 0, 1, 2, 2]),
-                      malignant=torch.tensor([0.0, 1, 0, 1, 0, 0]), has_lesion=masks.flatten(1).amax(1) > 0,
-                      spacing_mm=torch.full((n,), float("nan")), case_ids=[f"c{i}" for i in range(n)],
-                      centres=["BUSI"] * n)
+    data = to_tensors(make_centre("SynEG", 6, size=32, seed=0), 32)
     model = build_model(ModelConfig(base_channels=4, depth=2), LossConfig().features).eval()
     alone, alone_images = score(model, {"BUSI": data}, False, "cpu", 0, arm="a")
     both, both_images = score(model, {"BUSI": data}, False, "cpu", 0, arm="a", depth_tta=(0.25,))
