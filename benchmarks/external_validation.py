@@ -41,7 +41,7 @@ from common.device import seed_everything, set_threads  # noqa: E402
 from common.evaluate import EvalResult, evaluate  # noqa: E402
 from common.evaluate import score as score_predictions  # noqa: E402
 from common.model import build_model  # noqa: E402
-from common.nets.efficientnet import LITE_VARIANTS, lite_package_weights  # noqa: E402
+from common.nets.efficientnet import LITE_VARIANTS, fold_affine, lite_package_weights  # noqa: E402
 from common.train import train_local  # noqa: E402
 from common.tta import DepthShiftTTA, check_shifts  # noqa: E402
 from sim.selection import EpochSelector  # noqa: E402
@@ -227,7 +227,9 @@ def score(
     its DepthShiftTTA wrapper) on each centre of ``scored``: metrics rows (``arm``, inference,
     centre, ``row_labels`` such as epoch=, the summary and a bootstrap CI of Dice) and per-image
     frames (with arm, inference, centre). With ``depth_tta`` the raw rows come from the TTA's
-    own plain view (one pass of 4 views instead of 5; the same probabilities)."""
+    own plain view (one pass of 4 views instead of 5; the same probabilities). A frozen-BatchNorm
+    encoder is scored with its affines folded into the convolutions (``fold_affine``)."""
+    model = fold_affine(model)
     tta = DepthShiftTTA(model, depth_tta, keep_plain=True) if depth_tta else None
     variants = {"raw": model, **({"flip+lcc": FlipLargestComponent(model)} if postprocess else {}),
                 **({"flip+shift": tta} if tta is not None else {})}

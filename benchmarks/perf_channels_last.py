@@ -11,6 +11,8 @@ in channels-last. Arms (same initial weights, same synthetic images held in memo
 - predict     ``common.evaluate.predict`` (inference_mode, batch 32)
 - predict_cl  the same network converted with ``.to(memory_format=torch.channels_last)``
 - tta, tta_cl ``predict`` through ``DepthShiftTTA`` (image, mirror, two shifts) in either format
+- tta_cl_fold  tta_cl with the encoder's affines folded into its convolutions (``fold_affine``,
+              what ``benchmarks.external_validation.score`` predicts with)
 
 Rates are images per CPU second of this process (one thread: time on the core, whatever else
 the machine runs); a ratio is the median over repeats of two runs adjacent in time.
@@ -37,7 +39,7 @@ from common.config import AUTO_PRETRAINED, LossConfig, ModelConfig, TrainConfig,
 from common.data.tensors import TensorData, to_tensors  # noqa: E402
 from common.evaluate import predict  # noqa: E402
 from common.model import build_model  # noqa: E402
-from common.nets.efficientnet import lite_package_weights  # noqa: E402
+from common.nets.efficientnet import fold_affine, lite_package_weights  # noqa: E402
 from common.tta import DepthShiftTTA  # noqa: E402
 
 
@@ -58,8 +60,9 @@ def train_arm(init: torch.nn.Module, data: TensorData, cfg: TrainConfig) -> Arm:
     return once
 
 
-def predict_arm(init: torch.nn.Module, data: TensorData, channels_last: bool, tta: bool) -> Arm:
-    model = copy.deepcopy(init).eval()
+def predict_arm(init: torch.nn.Module, data: TensorData, channels_last: bool, tta: bool,
+                fold: bool = False) -> Arm:
+    model = (fold_affine(init) if fold else copy.deepcopy(init)).eval()
     if channels_last:
         model.to(memory_format=torch.channels_last)
     net = DepthShiftTTA(model, (0.15, 0.3)).eval() if tta else model
@@ -103,6 +106,7 @@ def _run(args: argparse.Namespace) -> int:
         "predict_cl": predict_arm(init, data, True, False),
         "tta": predict_arm(init, data, False, True),
         "tta_cl": predict_arm(init, data, True, True),
+        "tta_cl_fold": predict_arm(init, data, True, True, fold=True),
     }
     results = interleaved(arms, args.repeats)
     cpu = {k: statistics.median(v[1] for v in vals) for k, vals in results.items()}
@@ -110,6 +114,9 @@ def _run(args: argparse.Namespace) -> int:
              "value": paired(results, f"{name}_cl", name),
              "detail": f"{cpu[name + '_cl']:.2f} vs {cpu[name]:.2f} img/CPU-s"}
             for name in ("train", "predict", "tta")]
+    rows.append({"measure": "tta_cl folded affines / unfolded (img per CPU-s)",
+                 "value": paired(results, "tta_cl_fold", "tta_cl"),
+                 "detail": f"{cpu['tta_cl_fold']:.2f} vs {cpu['tta_cl']:.2f} img/CPU-s"})
     print(f"lite0 (affine, MixStyle 0.5), {args.size} px, {args.images} images, training batch "
           f"{args.batch_size}, {args.repeats} repeat(s), 1 thread")
     print(format_table(rows))

@@ -9,7 +9,13 @@ from torch import nn
 from common.birads import BiradsPrior
 from common.config import PAPER_FEATURES, ModelConfig
 from common.model import build_model, count_parameters, flops_per_image, load_pretrained
-from common.nets.efficientnet import LiteEncoder, convert_lite_imagenet, lite_package_weights
+from common.nets.efficientnet import (
+    ChannelAffine,
+    LiteEncoder,
+    convert_lite_imagenet,
+    fold_affine,
+    lite_package_weights,
+)
 
 FEATS = PAPER_FEATURES
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -180,3 +186,33 @@ def test_lite0_affine_norm_folds_batchnorm_statistics_exactly():
     x = torch.randn(2, 1, 32, 32)
     for a, b in zip(enc.eval()(x), ref.eval()(x)):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_fold_affine_predicts_the_same_and_leaves_the_model_untouched():
+    """Every conv → ChannelAffine pair merged: same outputs (eval, both memory formats), none
+    left, the copy frozen; the original's parameters and state_dict keys unchanged."""
+    model = build_model(ModelConfig(arch="lite0", encoder_norm="affine", mixstyle=0.5), FEATS).eval()
+    with torch.no_grad():  # affines away from identity, so a wrong fold shows
+        for m in model.modules():
+            if isinstance(m, ChannelAffine):
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.3, 0.3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = fold_affine(model)
+    assert not any(isinstance(m, ChannelAffine) for m in folded.modules())
+    assert sum(isinstance(m, ChannelAffine) for m in model.modules()) == 1 + 16 * 3 - 1  # block 0: no expand
+    assert not any(p.requires_grad for p in folded.parameters())
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    x = torch.randn(3, 1, 64, 64)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        a, b = model.to(memory_format=fmt), folded.to(memory_format=fmt)
+        with torch.inference_mode():
+            (ma, ca), (mb, cb) = a(x.contiguous(memory_format=fmt)), b(x.contiguous(memory_format=fmt))
+        assert torch.allclose(ma, mb, atol=1e-4) and torch.allclose(ca, cb, atol=1e-4)
+
+
+def test_fold_affine_reaches_wrapped_members_and_skips_group_norm_encoders():
+    members = nn.ModuleList([build_model(ModelConfig(arch="lite0", encoder_norm="affine"), FEATS)])
+    assert not any(isinstance(m, ChannelAffine) for m in fold_affine(members).modules())
+    plain = build_model(ModelConfig(arch="lite0"), FEATS)
+    assert fold_affine(plain) is plain
