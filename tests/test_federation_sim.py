@@ -26,6 +26,8 @@ from server.app import make_server_app  # noqa: E402
 from server.state import RunFolder  # noqa: E402
 from tests.server.local_grid import SITES, tiny_spec  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group("ray")  # one Ray cluster at a time under pytest -n
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _offline_flower() -> Iterator[None]:

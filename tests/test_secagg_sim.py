@@ -21,6 +21,7 @@ from server.secagg_app import SecAggConfig, make_secagg_server_app  # noqa: E402
 from server.state import RunFolder  # noqa: E402
 from tests.server.local_grid import SITES, tiny_spec  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group("ray")  # one Ray cluster at a time under pytest -n
 SECAGG = SecAggConfig(num_shares=3, reconstruction_threshold=2, clipping_range=0.5, max_weight=64.0)
 
 

@@ -14,7 +14,9 @@ from server.state import RunFolder
 
 from .conftest import SITES, Federation, kill_tree, wait_until
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+# One worker runs these one after another under pytest -n: each starts a SuperLink and three
+# SuperNodes, and two such federations at once only contend for the same two cores.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900), pytest.mark.xdist_group("deployment")]
 RUN_LIMIT = 600.0  # seconds for a whole run: generous (shared 2-core CI machines), but bounded
 
 

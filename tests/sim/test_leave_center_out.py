@@ -256,6 +256,7 @@ def test_a_site_left_out_of_a_round_is_found(tmp_path):
     assert missing_updates(tmp_path / "none", ["A"], 1) == [(1, "A")]
 
 
+@pytest.mark.xdist_group("ray")  # one Ray cluster at a time under pytest -n
 def test_federated_protocol_runs_flower_simulation(tmp_path):
     out = tmp_path / "runs"
     sites = list(lco.site_specs(LcoOptions()))[:3]
