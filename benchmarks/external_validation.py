@@ -138,6 +138,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="channels-last memory format in training and scoring (faster on CPU: "
                         "1.15x per training image, 1.36x per forward pass for lite0 at 160 px; "
                         "benchmarks/perf_channels_last.py)")
+    p.add_argument("--low-res-epochs", type=int, default=0,
+                   help="progressive resizing: the first N epochs train on batches shrunk by "
+                        "--low-res-scale (a 128-px lite0 step costs about 0.62 of a 160-px one)")
+    p.add_argument("--low-res-scale", type=float, default=0.8)
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
                    help="decoded external centres are cached here ('' to disable)")
     p.add_argument("--val-fraction", type=float, default=0.2)
@@ -190,6 +194,7 @@ def arm_config(args: argparse.Namespace, arm: str, n_train: int) -> ExperimentCo
         "train.warmup_steps": round(args.lr_warmup_epochs * steps),
         "train.seed": args.seed, "train.device": args.device, "train.num_threads": args.threads,
         "train.channels_last": args.channels_last, "train.progress": False,
+        "train.low_res_epochs": args.low_res_epochs, "train.low_res_scale": args.low_res_scale,
     })
 
 

@@ -16,7 +16,8 @@ or None) must be called once per step after the noise is added and before the pa
 Without a session, gradient-norm clipping uses ``train_cfg.grad_clip``; with one, the session
 clips per sample and ``grad_clip`` is not applied. With ``train_cfg.ema_decay`` > 0 the moving
 average of the weights (``common.ema``) is what ``on_epoch_end`` sees and what the model holds
-at the end.
+at the end. With ``train_cfg.low_res_epochs`` the first epochs train on shrunk batches
+(``common.data.augment.shrink_batch``: progressive resizing).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from common.config import AugmentConfig, LossConfig, TrainConfig
-from common.data.augment import augment_batch, augmentation, calm
+from common.data.augment import augment_batch, augmentation, calm, shrink_batch
 from common.data.tensors import TensorData, batches, normalise
 from common.device import resolve_device, seed_everything, set_threads
 from common.ema import ParameterEma
@@ -279,6 +280,10 @@ def _run(
                 batch = {k: v.to(dev, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
                 if geometry is not None:  # here, not in the batch factory: DP batches get it too
                     raw, mask = augment_batch(batch["raw"], batch["mask"], generator, geometry)
+                    batch = {**batch, "raw": raw, "mask": mask, "image": normalise(raw),
+                             "has_lesion": mask.flatten(1).amax(1) > 0}
+                if epoch < cfg.low_res_epochs:
+                    raw, mask = shrink_batch(batch["raw"], batch["mask"], cfg.low_res_scale)
                     batch = {**batch, "raw": raw, "mask": mask, "image": normalise(raw),
                              "has_lesion": mask.flatten(1).amax(1) > 0}
                 x = batch["image"]

@@ -34,6 +34,13 @@ def test_every_augmentation_flag_reaches_the_config_and_defaults_match_it():
     assert {name for _, name, _ in AUG_FLAGS} == set(AugmentConfig.__dataclass_fields__)
 
 
+def test_low_res_flags_reach_the_train_config():
+    from benchmarks.external_validation import arm_config, parse_args
+    train = arm_config(parse_args(["--low-res-epochs", "36", "--low-res-scale", "0.75"]), "plain", 16).train
+    assert (train.low_res_epochs, train.low_res_scale) == (36, 0.75)
+    assert arm_config(parse_args([]), "plain", 16).train.low_res_epochs == 0
+
+
 def test_depth_tta_shifts_are_parsed_and_checked():
     from benchmarks.external_validation import parse_args
     assert parse_args(["--depth-tta", "0.15,0.3"]).depth_tta == (0.15, 0.3)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from common.config import AugmentConfig, ConfigError
-from common.data.augment import augment_batch, augmentation, calm, depth_splice, lateral_roll, negative_crop
+from common.data.augment import (augment_batch, augmentation, calm, depth_splice, lateral_roll, negative_crop,
+                                  shrink_batch)
 from common.data.synthetic import make_centre
 from common.data.tensors import TensorData, to_tensors
 from tests.common.test_tensors import _asym_case
@@ -303,3 +304,30 @@ def test_gin_keeps_range_polarity_and_masks_and_is_off_by_default() -> None:
     g0 = torch.Generator().manual_seed(2)
     assert torch.equal(gin(images, 0.0, lambda *s: torch.rand(*s, generator=g0),
                            lambda *s: torch.randn(*s, generator=g0)), images)
+
+
+def test_shrink_batch_by_hand_keeps_masks_binary_and_area_fractions() -> None:
+    """160 px × 0.8 → 128 px (a multiple of 32); a centred 80-px square (1/4 of the image) stays
+    1/4 to a row of pixels, the mask stays 0/1, a constant image stays constant."""
+    raw = torch.full((2, 1, 160, 160), 0.25)
+    mask = torch.zeros(2, 1, 160, 160)
+    mask[:, :, 40:120, 40:120] = 1
+    small_raw, small_mask = shrink_batch(raw, mask, 0.8)
+    assert small_raw.shape == small_mask.shape == (2, 1, 128, 128)
+    assert torch.allclose(small_raw, torch.full_like(small_raw, 0.25))
+    assert set(small_mask.unique().tolist()) == {0.0, 1.0}
+    assert abs(float(small_mask.mean()) - 0.25) < 2 / 128
+    # the side is rounded to a multiple of 32 and never below 32; no shrink → the same tensors
+    assert shrink_batch(raw, mask, 0.5)[0].shape[-1] == 96  # 80 → 96
+    assert shrink_batch(raw[..., :64, :64], mask[..., :64, :64], 0.1)[0].shape[-1] == 32
+    same = shrink_batch(raw, mask, 0.95)  # 152 → 160: nothing to do
+    assert same[0] is raw and same[1] is mask
+
+
+def test_shrink_batch_keeps_the_lesion_where_it_was() -> None:
+    """A lesion in the upper-left quarter is still there, at the scaled place, after shrinking."""
+    mask = torch.zeros(1, 1, 128, 128)
+    mask[:, :, 16:48, 16:48] = 1
+    _, small = shrink_batch(torch.rand(1, 1, 128, 128), mask, 0.5)
+    rows, cols = torch.nonzero(small[0, 0], as_tuple=True)
+    assert (int(rows.min()), int(rows.max()), int(cols.min()), int(cols.max())) == (8, 23, 8, 23)

@@ -200,3 +200,18 @@ def test_calm_epochs_turn_the_centre_shift_transforms_off_at_the_end(data, monke
     assert [g.depth_splice for g in seen] == [s for s in splices for _ in range(2)]
     calm = [g for g in seen if g.depth_splice == 0]
     assert all(g.lesion_paste == 0 and g.stretch == 0 and g.sharpness == 0.4 for g in calm)
+
+
+@pytest.mark.parametrize("low_res_epochs", [0, 2])
+def test_low_res_epochs_train_the_first_epochs_on_shrunk_batches(low_res_epochs):
+    """64-px images, scale 0.5: the first ``low_res_epochs`` epochs feed the network 32-px batches
+    (masks shrunk with them, so the loss sees matching shapes), the rest 64 px."""
+    data64 = to_tensors(make_centre("SynPL", 8, size=64, seed=0), 64)
+    model = fresh()
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda _m, args: seen.append(int(args[0].shape[-1])))
+    result = train_local(model, data64, cfg(epochs=3, low_res_epochs=low_res_epochs, low_res_scale=0.5),
+                         LossConfig())
+    expected = [32] * low_res_epochs + [64] * (3 - low_res_epochs)
+    assert seen == expected and len(result.history) == 3
+    assert all(math.isfinite(h["loss"]) for h in result.history)
