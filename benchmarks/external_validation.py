@@ -118,6 +118,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default = getattr(defaults, name)
         p.add_argument(flag, type=type(default), default=default, help=f"augmentation: {text}")
     p.add_argument("--cls-head", choices=["bottleneck", "multiscale"], default="bottleneck")
+    p.add_argument("--mask-head", choices=["full", "half"], default="full",
+                   help="half: mask logits at stride 2, upsampled (no last full-resolution decoder "
+                        "block; a 160-px lite0 training step costs about 0.68 of a full one)")
     p.add_argument("--mixstyle", type=float, default=0.0,
                    help="lite0/lite1: probability per batch of MixStyle (feature-statistics mixing) "
                         "at strides 2-8")
@@ -177,7 +180,8 @@ def arm_config(args: argparse.Namespace, arm: str, n_train: int) -> ExperimentCo
     return replace(ExperimentConfig(), **{
         "data.image_size": args.size, "data.val_fraction": args.val_fraction, "data.seed": args.seed,
         "model.arch": args.arch, "model.pretrained_path": pretrained_path(args),
-        "model.cls_head": args.cls_head, "model.encoder_norm": args.encoder_norm,
+        "model.cls_head": args.cls_head, "model.mask_head": args.mask_head,
+        "model.encoder_norm": args.encoder_norm,
         "model.mixstyle": args.mixstyle, "model.mixstyle_mode": args.mixstyle_mode,
         "loss.consistency": args.lam if consistency else 0.0,
         "loss.consistency_warmup_steps": round(args.lam_warmup * steps) if consistency else 0,

@@ -124,6 +124,9 @@ class ModelConfig:
     encoder_norm: str = "group"  # lite0/1: "group" | "affine" (ImageNet BatchNorm statistics folded)
     mixstyle: float = 0.0  # lite0/1: probability per batch of MixStyle at strides 2-8 (not under DP)
     mixstyle_mode: str = "mix"  # "mix" (MixStyle) | "dsu" (Gaussian style shifts, Li et al. 2022)
+    # effb1/lite0/lite1: "full" decoder back to the input size, or "half": logits at stride 2,
+    # upsampled bilinearly (no last full-resolution block: 0.68 of a 160-px lite0 training step)
+    mask_head: str = "full"
 
 
 @dataclass(frozen=True)

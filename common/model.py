@@ -36,6 +36,7 @@ from common.nets.small_unet import SmallUNet
 log = logging.getLogger(__name__)
 
 ARCHES = ("small", "effb1_attention", "lite0", "lite1")
+MASK_HEADS = ("full", "half")
 
 
 class MultiTaskNet(nn.Module):
@@ -78,12 +79,13 @@ class MultiTaskNet(nn.Module):
 def _backbone(cfg: ModelConfig, cin: int) -> nn.Module:
     if cfg.arch == "small":
         return SmallUNet(cin, cfg.base_channels, cfg.depth, cfg.num_groups)
+    final_block = cfg.mask_head == "full"
     if cfg.arch == "effb1_attention":
-        return EncoderDecoder(EfficientNetB1Encoder(cin, cfg.num_groups), cfg.num_groups)
+        return EncoderDecoder(EfficientNetB1Encoder(cin, cfg.num_groups), cfg.num_groups, final_block=final_block)
     if cfg.arch in LITE_VARIANTS:
         encoder = LiteEncoder(cin, cfg.num_groups, norm=cfg.encoder_norm, variant=cfg.arch,
                               mixstyle=cfg.mixstyle, mixstyle_mode=cfg.mixstyle_mode)
-        return EncoderDecoder(encoder, cfg.num_groups)
+        return EncoderDecoder(encoder, cfg.num_groups, final_block=final_block)
     raise ValueError(f"model.arch: unknown {cfg.arch!r}; known: {list(ARCHES)}")
 
 
@@ -108,6 +110,9 @@ def build_model(
     if model_cfg.mixstyle_mode not in MIXSTYLE_MODES:
         raise ValueError(f"model.mixstyle_mode: unknown {model_cfg.mixstyle_mode!r}; "
                          f"known: {list(MIXSTYLE_MODES)}")
+    if model_cfg.mask_head not in MASK_HEADS or (model_cfg.mask_head != "full" and model_cfg.arch == "small"):
+        raise ValueError(f"model.mask_head: one of {list(MASK_HEADS)} ('half' not for arch 'small'); "
+                         f"got {model_cfg.mask_head!r} for {model_cfg.arch!r}")
     extra = 1 if model_cfg.refine_passes > 1 else 0
     backbone = _backbone(model_cfg, model_cfg.in_channels + extra)
     head = HEADS[model_cfg.cls_head](backbone.feature_channels, model_cfg.dropout)

@@ -82,6 +82,9 @@ class AttentionUNetDecoder(nn.Module):
     encoder_channels: channels of those features, shallow → deep. One block per skip (deep →
     shallow) plus a last block back to the input resolution without a skip. forward returns
     (mask_logits (B,1,S,S), [bottleneck, decoder stage outputs deep → shallow]).
+    ``final_block=False`` drops that last block: the logits come from the stride-2 stage and are
+    upsampled bilinearly. The dropped block sees no encoder feature (there is no stride-1 skip),
+    yet at full resolution it costs about a third of a lite0 training step.
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class AttentionUNetDecoder(nn.Module):
         encoder_channels: Sequence[int],
         decoder_channels: Sequence[int],
         num_groups: int,
+        final_block: bool = True,
     ) -> None:
         super().__init__()
         enc = list(encoder_channels)
@@ -98,13 +102,14 @@ class AttentionUNetDecoder(nn.Module):
                 f"got {len(decoder_channels)}"
             )
         skips = enc[:-1][::-1] + [0]
+        channels = list(decoder_channels) if final_block else list(decoder_channels)[:-1]
         blocks, cin = [], enc[-1]
-        for cskip, cout in zip(skips, decoder_channels):
+        for cskip, cout in zip(skips, channels):
             blocks.append(AttentionDecoderBlock(cin, cskip, cout, num_groups))
             cin = cout
         self.blocks = nn.ModuleList(blocks)
         self.out = nn.Conv2d(cin, 1, 1)
-        self.feature_channels: tuple[int, ...] = (enc[-1], *decoder_channels)
+        self.feature_channels: tuple[int, ...] = (enc[-1], *channels)
 
     def forward(
         self, feats: Sequence[torch.Tensor], size: Sequence[int]
@@ -116,4 +121,7 @@ class AttentionUNetDecoder(nn.Module):
             target = skip.shape[-2:] if skip is not None else size
             x = block(x, skip, target)
             stages.append(x)
-        return self.out(x), stages
+        logits = self.out(x)
+        if logits.shape[-2:] != tuple(size):  # no final block: stride-2 logits → input size
+            logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+        return logits, stages

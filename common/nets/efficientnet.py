@@ -283,10 +283,11 @@ def load_lite_imagenet(encoder: LiteEncoder, path: str | Path, image_channels: i
 class EncoderDecoder(nn.Module):
     """encoder features → attention U-Net decoder; forward -> (mask_logits, stages deep → shallow)."""
 
-    def __init__(self, encoder: nn.Module, num_groups: int, decoder_channels: Sequence[int] = DECODER_CHANNELS) -> None:
+    def __init__(self, encoder: nn.Module, num_groups: int, decoder_channels: Sequence[int] = DECODER_CHANNELS,
+                 final_block: bool = True) -> None:
         super().__init__()
         self.encoder = encoder
-        self.decoder = AttentionUNetDecoder(ENCODER_CHANNELS, decoder_channels, num_groups)
+        self.decoder = AttentionUNetDecoder(ENCODER_CHANNELS, decoder_channels, num_groups, final_block)
         self.feature_channels = self.decoder.feature_channels
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

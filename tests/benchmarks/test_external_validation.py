@@ -41,6 +41,12 @@ def test_low_res_flags_reach_the_train_config():
     assert arm_config(parse_args([]), "plain", 16).train.low_res_epochs == 0
 
 
+def test_mask_head_flag_reaches_the_model_config():
+    from benchmarks.external_validation import arm_config, parse_args
+    assert arm_config(parse_args(["--mask-head", "half"]), "plain", 16).model.mask_head == "half"
+    assert arm_config(parse_args([]), "plain", 16).model.mask_head == "full"
+
+
 def test_depth_tta_shifts_are_parsed_and_checked():
     from benchmarks.external_validation import parse_args
     assert parse_args(["--depth-tta", "0.15,0.3"]).depth_tta == (0.15, 0.3)

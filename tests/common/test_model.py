@@ -27,6 +27,7 @@ CASES = [
     ModelConfig(arch="effb1_attention", cls_head="multiscale", refine_passes=2),
     ModelConfig(arch="lite0"),
     ModelConfig(arch="lite0", cls_head="multiscale"),
+    ModelConfig(arch="lite0", cls_head="multiscale", mask_head="half"),
 ]
 
 
@@ -35,7 +36,7 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.mark.parametrize("cfg", CASES, ids=lambda c: f"{c.arch}-{c.cls_head}-r{c.refine_passes}")
+@pytest.mark.parametrize("cfg", CASES, ids=lambda c: f"{c.arch}-{c.cls_head}-r{c.refine_passes}-{c.mask_head}")
 def test_shapes_groupnorm_only_and_opacus_valid(cfg: ModelConfig):
     model = build_model(cfg, FEATS)
     size = 32
@@ -84,6 +85,30 @@ def test_wrong_channel_count_and_unknown_arch_raise():
         build_model(ModelConfig(arch="resnet"), FEATS)
     with pytest.raises(ValueError, match="cls_head"):
         build_model(ModelConfig(cls_head="mlp"), FEATS)
+
+
+@pytest.mark.parametrize("arch", ["lite0", "effb1_attention"])
+def test_half_mask_head_upsamples_stride_two_logits_and_drops_only_the_last_block(arch: str):
+    """mask_head "half": the same network without the last decoder block (the only one at full
+    resolution, with no skip); the logits are the stride-2 map upsampled bilinearly to the input."""
+    full = build_model(ModelConfig(arch=arch), FEATS)
+    half = build_model(ModelConfig(arch=arch, mask_head="half"), FEATS)
+    assert len(half.backbone.decoder.blocks) == len(full.backbone.decoder.blocks) - 1
+    last = {n for n in full.state_dict() if n.startswith(f"backbone.decoder.blocks.{len(half.backbone.decoder.blocks)}.")}
+    assert last and set(full.state_dict()) - set(half.state_dict()) == last
+    assert half.backbone.feature_channels == full.backbone.feature_channels[:-1]
+    stride2: list[torch.Tensor] = []
+    half.backbone.decoder.out.register_forward_hook(lambda _m, _a, out: stride2.append(out))
+    half.eval()
+    with torch.no_grad():
+        mask, _ = half(torch.randn(2, 1, 64, 64))
+    assert stride2[0].shape[-2:] == (32, 32) and mask.shape == (2, 1, 64, 64)
+    expected = torch.nn.functional.interpolate(stride2[0], size=(64, 64), mode="bilinear", align_corners=False)
+    assert torch.allclose(mask, expected)
+    with pytest.raises(ValueError, match="mask_head"):
+        build_model(ModelConfig(arch="small", mask_head="half"), FEATS)
+    with pytest.raises(ValueError, match="mask_head"):
+        build_model(ModelConfig(arch=arch, mask_head="quarter"), FEATS)
 
 
 def test_pretrained_path_loads_matching_tensors_and_reports_the_rest(tmp_path: Path, caplog):
