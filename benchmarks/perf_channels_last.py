@@ -13,6 +13,9 @@ in channels-last. Arms (same initial weights, same synthetic images held in memo
 - tta, tta_cl ``predict`` through ``DepthShiftTTA`` (image, mirror, two shifts) in either format
 - tta_cl_fold  tta_cl with the encoder's affines folded into its convolutions (``fold_affine``,
               what ``benchmarks.external_validation.score`` predicts with)
+- train_cl_lowres  train_cl on batches shrunk by 0.8 (``train.low_res_epochs``: progressive
+              resizing, the cost of one of its early epochs)
+- train_cl_half  train_cl with ``model.mask_head="half"`` (no last full-resolution decoder block)
 
 Rates are images per CPU second of this process (one thread: time on the core, whatever else
 the machine runs); a ratio is the median over repeats of two runs adjacent in time.
@@ -43,11 +46,12 @@ from common.nets.efficientnet import fold_affine, lite_package_weights  # noqa: 
 from common.tta import DepthShiftTTA  # noqa: E402
 
 
-def recipe_model() -> torch.nn.Module:
+def recipe_model(mask_head: str = "full") -> torch.nn.Module:
     """The external-validation network (ImageNet weights when the pip package is there: the
     speed does not depend on them, only the numbers a reader might print)."""
     weights = AUTO_PRETRAINED if lite_package_weights("lite0") is not None else None
-    cfg = ModelConfig(arch="lite0", encoder_norm="affine", mixstyle=0.5, pretrained_path=weights)
+    cfg = ModelConfig(arch="lite0", encoder_norm="affine", mixstyle=0.5, pretrained_path=weights,
+                      mask_head=mask_head)
     return build_model(cfg, LossConfig().features)
 
 
@@ -107,6 +111,9 @@ def _run(args: argparse.Namespace) -> int:
         "tta": predict_arm(init, data, False, True),
         "tta_cl": predict_arm(init, data, True, True),
         "tta_cl_fold": predict_arm(init, data, True, True, fold=True),
+        "train_cl_lowres": train_arm(init, data, replace(cfg, channels_last=True, low_res_epochs=1,
+                                                         low_res_scale=0.8)),
+        "train_cl_half": train_arm(recipe_model("half"), data, replace(cfg, channels_last=True)),
     }
     results = interleaved(arms, args.repeats)
     cpu = {k: statistics.median(v[1] for v in vals) for k, vals in results.items()}
@@ -117,6 +124,10 @@ def _run(args: argparse.Namespace) -> int:
     rows.append({"measure": "tta_cl folded affines / unfolded (img per CPU-s)",
                  "value": paired(results, "tta_cl_fold", "tta_cl"),
                  "detail": f"{cpu['tta_cl_fold']:.2f} vs {cpu['tta_cl']:.2f} img/CPU-s"})
+    for arm, text in (("train_cl_lowres", "train_cl shrunk by 0.8 (low_res_epochs) / full size"),
+                      ("train_cl_half", "train_cl half mask head / full")):
+        rows.append({"measure": f"{text} (img per CPU-s)", "value": paired(results, arm, "train_cl"),
+                     "detail": f"{cpu[arm]:.2f} vs {cpu['train_cl']:.2f} img/CPU-s"})
     print(f"lite0 (affine, MixStyle 0.5), {args.size} px, {args.images} images, training batch "
           f"{args.batch_size}, {args.repeats} repeat(s), 1 thread")
     print(format_table(rows))
