@@ -120,7 +120,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cls-head", choices=["bottleneck", "multiscale"], default="bottleneck")
     p.add_argument("--mask-head", choices=["full", "half"], default="full",
                    help="half: mask logits at stride 2, upsampled (no last full-resolution decoder "
-                        "block; a 160-px lite0 training step costs about 0.68 of a full one)")
+                        "block; lite0 at 160 px trains 1.2-1.35x faster, docs/performance.md §10)")
     p.add_argument("--mixstyle", type=float, default=0.0,
                    help="lite0/lite1: probability per batch of MixStyle (feature-statistics mixing) "
                         "at strides 2-8")
@@ -143,7 +143,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "benchmarks/perf_channels_last.py)")
     p.add_argument("--low-res-epochs", type=int, default=0,
                    help="progressive resizing: the first N epochs train on batches shrunk by "
-                        "--low-res-scale (a 128-px lite0 step costs about 0.62 of a 160-px one)")
+                        "--low-res-scale (lite0: 128 px trains 1.4x faster than 160 px)")
     p.add_argument("--low-res-scale", type=float, default=0.8)
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
                    help="decoded external centres are cached here ('' to disable)")

@@ -125,7 +125,7 @@ class ModelConfig:
     mixstyle: float = 0.0  # lite0/1: probability per batch of MixStyle at strides 2-8 (not under DP)
     mixstyle_mode: str = "mix"  # "mix" (MixStyle) | "dsu" (Gaussian style shifts, Li et al. 2022)
     # effb1/lite0/lite1: "full" decoder back to the input size, or "half": logits at stride 2,
-    # upsampled bilinearly (no last full-resolution block: 0.68 of a 160-px lite0 training step)
+    # upsampled bilinearly (no last full-resolution block: 160-px lite0 trains 1.2–1.35× faster)
     mask_head: str = "full"
 
 
@@ -173,8 +173,8 @@ class TrainConfig:
     channels_last: bool = False
     progress: bool = True
     # progressive resizing: the first low_res_epochs epochs of each train_local call see every batch
-    # (after augmentation) shrunk by low_res_scale (side rounded to a multiple of 32); a step costs
-    # about the pixel ratio (0.8 → 0.62 of a 160-px lite0 step), the last epochs fit full size
+    # (after augmentation) shrunk by low_res_scale (side rounded to a multiple of 32; 0.8 makes a
+    # 160-px lite0 step 1.4× faster, docs/performance.md §10); the last epochs fit full size
     low_res_epochs: int = 0
     low_res_scale: float = 0.8
 

@@ -283,8 +283,9 @@ def augmentation(augment: bool | AugmentConfig | None) -> AugmentConfig | None:
 
 
 def shrink_batch(raw: torch.Tensor, mask: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B,1,S,S) image in [0,1] and binary mask → both at side S·scale rounded to a multiple of 32 (≥ 32, so
-    every encoder stride divides it), by pixel-area averaging; the mask is re-binarised at 0.5.
+    """(B,1,S,S) image in [0,1] and binary mask → both at side S·scale rounded to a multiple of
+    32 (≥ 32, so every encoder stride divides it), by pixel-area averaging; the mask is
+    re-binarised at 0.5.
     Progressive resizing (``TrainConfig.low_res_epochs``): early epochs learn at a fraction of the
     cost, and BI-RADS features are resolution-invariant, so the prior sees the same quantities."""
     side = raw.shape[-1]
