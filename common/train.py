@@ -278,12 +278,13 @@ def _run(
                 if b == 0:  # Poisson sampling can draw an empty batch
                     continue
                 batch = {k: v.to(dev, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
-                if geometry is not None:  # here, not in the batch factory: DP batches get it too
-                    raw, mask = augment_batch(batch["raw"], batch["mask"], generator, geometry)
-                    batch = {**batch, "raw": raw, "mask": mask, "image": normalise(raw),
-                             "has_lesion": mask.flatten(1).amax(1) > 0}
-                if epoch < cfg.low_res_epochs:
-                    raw, mask = shrink_batch(batch["raw"], batch["mask"], cfg.low_res_scale)
+                low_res = epoch < cfg.low_res_epochs
+                if geometry is not None or low_res:  # here, not in the batch factory: DP batches too
+                    raw, mask = batch["raw"], batch["mask"]
+                    if geometry is not None:
+                        raw, mask = augment_batch(raw, mask, generator, geometry)
+                    if low_res:
+                        raw, mask = shrink_batch(raw, mask, cfg.low_res_scale)
                     batch = {**batch, "raw": raw, "mask": mask, "image": normalise(raw),
                              "has_lesion": mask.flatten(1).amax(1) > 0}
                 x = batch["image"]
