@@ -118,8 +118,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default = getattr(defaults, name)
         p.add_argument(flag, type=type(default), default=default, help=f"augmentation: {text}")
     p.add_argument("--cls-head", choices=["bottleneck", "multiscale"], default="bottleneck")
-    p.add_argument("--mask-head", choices=["full", "half"], default="full",
-                   help="half: mask logits at stride 2, upsampled (no last full-resolution decoder "
+    p.add_argument("--mask-head", choices=["full", "slim", "half"], default="full",
+                   help="slim: the last, full-resolution decoder block with 8 channels, not 16; "
+                        "half: mask logits at stride 2, upsampled (no last full-resolution decoder "
                         "block; lite0 at 160 px trains 1.2-1.35x faster, docs/performance.md §10)")
     p.add_argument("--mixstyle", type=float, default=0.0,
                    help="lite0/lite1: probability per batch of MixStyle (feature-statistics mixing) "

@@ -16,6 +16,8 @@ in channels-last. Arms (same initial weights, same synthetic images held in memo
 - train_cl_lowres  train_cl on batches shrunk by 0.8 (``train.low_res_epochs``: progressive
               resizing, the cost of one of its early epochs)
 - train_cl_half  train_cl with ``model.mask_head="half"`` (no last full-resolution decoder block)
+- train_cl_slim, tta_cl_slim, tta_cl_half  train_cl / tta_cl with ``model.mask_head="slim"`` (that
+              block with 8 channels) or "half"
 
 Rates are images per CPU second of this process (one thread: time on the core, whatever else
 the machine runs); a ratio is the median over repeats of two runs adjacent in time.
@@ -114,6 +116,9 @@ def _run(args: argparse.Namespace) -> int:
         "train_cl_lowres": train_arm(init, data, replace(cfg, channels_last=True, low_res_epochs=1,
                                                          low_res_scale=0.8)),
         "train_cl_half": train_arm(recipe_model("half"), data, replace(cfg, channels_last=True)),
+        "train_cl_slim": train_arm(recipe_model("slim"), data, replace(cfg, channels_last=True)),
+        "tta_cl_slim": predict_arm(recipe_model("slim"), data, True, True),
+        "tta_cl_half": predict_arm(recipe_model("half"), data, True, True),
     }
     results = interleaved(arms, args.repeats)
     cpu = {k: statistics.median(v[1] for v in vals) for k, vals in results.items()}
@@ -125,9 +130,13 @@ def _run(args: argparse.Namespace) -> int:
                  "value": paired(results, "tta_cl_fold", "tta_cl"),
                  "detail": f"{cpu['tta_cl_fold']:.2f} vs {cpu['tta_cl']:.2f} img/CPU-s"})
     for arm, text in (("train_cl_lowres", "train_cl shrunk by 0.8 (low_res_epochs) / full size"),
-                      ("train_cl_half", "train_cl half mask head / full")):
-        rows.append({"measure": f"{text} (img per CPU-s)", "value": paired(results, arm, "train_cl"),
-                     "detail": f"{cpu[arm]:.2f} vs {cpu['train_cl']:.2f} img/CPU-s"})
+                      ("train_cl_half", "train_cl half mask head / full"),
+                      ("train_cl_slim", "train_cl slim mask head / full"),
+                      ("tta_cl_half", "tta_cl half mask head / full"),
+                      ("tta_cl_slim", "tta_cl slim mask head / full")):
+        ref = "tta_cl" if arm.startswith("tta") else "train_cl"
+        rows.append({"measure": f"{text} (img per CPU-s)", "value": paired(results, arm, ref),
+                     "detail": f"{cpu[arm]:.2f} vs {cpu[ref]:.2f} img/CPU-s"})
     print(f"lite0 (affine, MixStyle 0.5), {args.size} px, {args.images} images, training batch "
           f"{args.batch_size}, {args.repeats} repeat(s), 1 thread")
     print(format_table(rows))

@@ -124,8 +124,9 @@ class ModelConfig:
     encoder_norm: str = "group"  # lite0/1: "group" | "affine" (ImageNet BatchNorm statistics folded)
     mixstyle: float = 0.0  # lite0/1: probability per batch of MixStyle at strides 2-8 (not under DP)
     mixstyle_mode: str = "mix"  # "mix" (MixStyle) | "dsu" (Gaussian style shifts, Li et al. 2022)
-    # effb1/lite0/lite1: "full" decoder back to the input size, or "half": logits at stride 2,
-    # upsampled bilinearly (no last full-resolution block: 160-px lite0 trains 1.2–1.35× faster)
+    # effb1/lite0/lite1: "full" decoder back to the input size; "slim": its last, full-resolution
+    # block with 8 channels instead of 16; "half": logits at stride 2, upsampled bilinearly (no
+    # last full-resolution block: 160-px lite0 trains 1.2–1.35× faster)
     mask_head: str = "full"
 
 

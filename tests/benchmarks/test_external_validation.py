@@ -44,6 +44,7 @@ def test_low_res_flags_reach_the_train_config():
 def test_mask_head_flag_reaches_the_model_config():
     from benchmarks.external_validation import arm_config, parse_args
     assert arm_config(parse_args(["--mask-head", "half"]), "plain", 16).model.mask_head == "half"
+    assert arm_config(parse_args(["--mask-head", "slim"]), "plain", 16).model.mask_head == "slim"
     assert arm_config(parse_args([]), "plain", 16).model.mask_head == "full"
 
 
