@@ -104,6 +104,7 @@ def _run(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     init = recipe_model()
     data = to_tensors(synthetic(args.images, args.size), args.size)
+    half, slim = recipe_model("half"), recipe_model("slim")  # each arm copies its network
     cfg = TrainConfig(epochs=1, batch_size=args.batch_size, num_threads=1, progress=False, device="cpu")
     arms: dict[str, Arm] = {
         "train": train_arm(init, data, cfg),
@@ -115,10 +116,10 @@ def _run(args: argparse.Namespace) -> int:
         "tta_cl_fold": predict_arm(init, data, True, True, fold=True),
         "train_cl_lowres": train_arm(init, data, replace(cfg, channels_last=True, low_res_epochs=1,
                                                          low_res_scale=0.8)),
-        "train_cl_half": train_arm(recipe_model("half"), data, replace(cfg, channels_last=True)),
-        "train_cl_slim": train_arm(recipe_model("slim"), data, replace(cfg, channels_last=True)),
-        "tta_cl_slim": predict_arm(recipe_model("slim"), data, True, True),
-        "tta_cl_half": predict_arm(recipe_model("half"), data, True, True),
+        "train_cl_half": train_arm(half, data, replace(cfg, channels_last=True)),
+        "train_cl_slim": train_arm(slim, data, replace(cfg, channels_last=True)),
+        "tta_cl_slim": predict_arm(slim, data, True, True),
+        "tta_cl_half": predict_arm(half, data, True, True),
     }
     results = interleaved(arms, args.repeats)
     cpu = {k: statistics.median(v[1] for v in vals) for k, vals in results.items()}
