@@ -1,7 +1,11 @@
 """Per-round deployment overhead of stock Flower 1.41 versus our launchers, in one run.
 
 A real SuperLink and three real SuperNodes on 127.0.0.1 (TLS + node authentication), synthetic
-data and a tiny model, driven through flower-server / flower-client. For every round:
+data and a tiny model, driven through flower-server / flower-client. The experiment is a
+settings document (``--preset``/``--set``, default ``smoke`` with 4 rounds, batch 8, a quarter
+of each site's images for validation, no augmentation) written into the run spec's
+``experiment:``, with the measurement's fixed conditions on top: the three sites in every round,
+no central test set, one CPU thread per site. For every round:
 
     overhead = (train-phase wall time + evaluate-phase wall time, measured by the ServerApp)
                - (slowest site's train seconds + slowest site's evaluate seconds)
@@ -10,14 +14,16 @@ i.e. everything that is not local computation on the critical path: polling, pro
 imports, data loading, (de)serialisation, TLS. Round 1 is reported but left out of the mean
 (first contact: FAB download, caches).
 
-    python benchmarks/deployment_overhead.py [--rounds 4] [--modes stock,ours] [--work-dir DIR]
+    python benchmarks/deployment_overhead.py [--modes stock,ours] [--work-dir DIR]
+        [--preset NAME|FILE] [--set federation.rounds=6 ...]
 
 Modes: stock (stock SuperExec + per-message flwr-clientapp, SQLite state and payloads, one
 object per tensor), ours (warm worker, short polls, SQLite state, payloads in memory, weights
 packed into one vector per message), ours-unpacked (ours with one object per tensor),
 ours-sqlite-payloads (ours with payloads in SQLite too), ours-memory (ours with all SuperLink
-state in memory). ``--model default`` uses the default network (85 tensors, 0.56 M parameters)
-instead of the tiny one (41 tensors). Rows go to ``--out`` (CSV).
+state in memory). ``--model preset`` uses the settings' own network (``smoke``: small U-Net,
+base 8, depth 3) instead of the tiny one (base 4, depth 2: 41 tensors). Rows go to ``--out``
+(CSV).
 """
 from __future__ import annotations
 
@@ -30,15 +36,29 @@ import tempfile
 import time
 from pathlib import Path
 
+from typing import Any
+
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from server.superlink import ManagedProcess, bin_path, flwr_env, free_port  # noqa: E402
+from benchmarks.perfutil import add_settings_args, settings_source  # noqa: E402
+from common.config import ConfigError  # noqa: E402
+from common.federation import spec_from_dict  # noqa: E402
+from common.settings import merge, parse_overrides  # noqa: E402
+from launch.flwr_env import flwr_env  # noqa: E402
+from launch.process import ManagedProcess, bin_path, free_port  # noqa: E402
 
 SITES = {"udiat": "SynES1", "busi": "SynEG", "bus-uclm": "SynES2"}  # synthetic stand-ins
-TINY_MODEL = {"base_channels": 4, "depth": 2}
+DEFAULT_PRESET = "smoke"
+DEFAULT_SET = ("federation.rounds=4", "train.batch_size=8", "data.val_fraction=0.25", "data.augment=false")
+TINY_MODEL = ("model.base_channels=4", "model.depth=2")
+#: What every mode runs under, whatever the settings: all sites each round, no central test set
+#: (the overhead is the sites' round trip), one thread per site, no progress bars in the logs.
+FIXED = {"train": {"device": "cpu", "num_threads": 1, "progress": False},
+         "federation": {"min_sites": len(SITES), "quorum_timeout_s": 120, "round_timeout_s": 300,
+                        "central_eval": False}}
 MODES = {  # coordinator settings; sites use tuning.fast = settings["fast"]
     "stock": {"fast": False, "database": "state.db", "payloads_in_memory": False, "packed": False},
     "ours": {"fast": True, "database": "state.db", "payloads_in_memory": True, "packed": True},
@@ -60,23 +80,30 @@ def _pki(root: Path) -> Path:
     return root
 
 
-def run_mode(mode: str, root: Path, pki: Path, rounds: int, images: int, timeout: float,
-             app_dir: Path | None = None, model: str = "tiny") -> list[dict]:
-    """One federation run in ``mode``; returns per-round timing rows."""
+def experiment_doc(preset: str, items: list[str], mode: str) -> dict[str, Any]:
+    """The run spec's ``experiment:`` settings document: ``preset`` (a file made absolute, as the
+    spec lives elsewhere), the ``--set`` items, then FIXED and the mode's weight packing."""
+    if Path(preset).is_file():
+        preset = str(Path(preset).resolve())
+    fixed = merge(FIXED, {"federation": {"packed_weights": MODES[mode]["packed"]}})
+    return {"preset": preset, **merge(parse_overrides(items), fixed)}
+
+
+def run_spec(experiment: dict[str, Any], images: int, run_dir: Path) -> dict[str, Any]:
+    """The RunSpec document flower-server reads: the experiment and the three synthetic sites."""
+    return {"experiment": experiment,
+            "sites": [{"name": n, "synthetic_centre": c, "synthetic_n": images} for n, c in SITES.items()],
+            "run_dir": str(run_dir)}
+
+
+def run_mode(mode: str, root: Path, pki: Path, experiment: dict[str, Any], images: int, timeout: float,
+             app_dir: Path | None = None) -> list[dict]:
+    """One federation run in ``mode`` of ``experiment`` (``experiment_doc``); returns per-round
+    timing rows."""
     root.mkdir(parents=True)
     port, settings = free_port(), MODES[mode]
     run_dir = root / "run"
-    spec = {
-        "experiment": {"data": {"image_size": 32, "val_fraction": 0.25, "augment": False},
-                       "model": TINY_MODEL if model == "tiny" else {},
-                       "train": {"batch_size": 8, "device": "cpu", "num_threads": 1, "progress": False}},
-        "federation": {"strategy": "fedavg", "rounds": rounds, "local_epochs": 1, "min_sites": 3,
-                       "quorum_timeout_s": 120, "round_timeout_s": 300, "central_eval": False,
-                       "packed_weights": settings["packed"]},
-        "sites": [{"name": n, "synthetic_centre": c, "synthetic_n": images} for n, c in SITES.items()],
-        "run_dir": str(run_dir),
-    }
-    (root / "experiment.yaml").write_text(yaml.safe_dump(spec))
+    (root / "experiment.yaml").write_text(yaml.safe_dump(run_spec(experiment, images, run_dir), sort_keys=False))
     (root / "coordinator.yaml").write_text(yaml.safe_dump({
         "port": port, "state_dir": str(root / "coordinator"), "database": settings["database"],
         "fast": settings["fast"], "payloads_in_memory": settings["payloads_in_memory"],
@@ -136,27 +163,35 @@ def round_timings(metrics_csv: Path) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=4)
+    add_settings_args(p, DEFAULT_PRESET, DEFAULT_SET)
     p.add_argument("--images", type=int, default=16, help="synthetic images per site")
     p.add_argument("--modes", default="stock,ours")
     p.add_argument("--work-dir", type=Path, default=None)
     p.add_argument("--timeout", type=float, default=900.0, help="per mode, seconds")
     p.add_argument("--app-dir", type=Path, default=None, help="Flower app to submit (default: this repo)")
-    p.add_argument("--model", choices=["tiny", "default"], default="tiny")
+    p.add_argument("--model", choices=["tiny", "preset"], default="tiny",
+                   help=f"tiny: --set {' '.join(TINY_MODEL)} before yours; preset: the settings' own network")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "benchmarks" / "deployment_overhead.csv")
     args = p.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = set(modes) - set(MODES)
     if unknown:
         p.error(f"unknown modes {sorted(unknown)}; known: {sorted(MODES)}")
+    preset, items = settings_source(args, TINY_MODEL if args.model == "tiny" else ())
+    experiments = {mode: experiment_doc(preset, items, mode) for mode in modes}
+    for mode, doc in experiments.items():  # every key and value checked before a process starts
+        try:
+            spec_from_dict(run_spec(doc, args.images, Path("run")), f"{mode} run spec")
+        except ConfigError as exc:
+            p.error(str(exc))
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="fedbus-overhead-"))
     pki = _pki(work / "pki")
     means: dict[str, float] = {}
     all_rows: list[dict] = []
     for mode in modes:
         t0 = time.perf_counter()
-        timings = run_mode(mode, work / mode, pki, args.rounds, args.images, args.timeout, args.app_dir,
-                           args.model)
+        timings = run_mode(mode, work / mode, pki, experiments[mode], args.images, args.timeout,
+                           args.app_dir)
         all_rows += [{"mode": mode, "model": args.model, **t} for t in timings]
         print(f"\n{mode}: {len(timings)} rounds in {time.perf_counter() - t0:.0f}s end to end")
         print(f"{'round':>5} {'wall s':>8} {'compute s':>10} {'overhead s':>11}")

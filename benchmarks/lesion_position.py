@@ -3,28 +3,37 @@
 A model trained on one centre learns where that centre's lesions sit. BrEaST's lie in the upper
 part of the frame and mid-width; the external centres put them deeper and further to the sides.
 This prints the spread of lesion centres (fractions of the width and height, ground-truth masks
-at the run's image size) for every centre found, then, for each run folder given, Dice and the
-failure rate (Dice < 0.1) of its lesion images by how far the lesion centre lies from mid-width
-and by depth:
+at the run's image size) for every centre found, then, for each simulation run folder given,
+Dice and the failure rate (Dice < 0.1) of one arm's lesion images (seeds averaged per image) by
+how far the lesion centre lies from mid-width and by depth. The masks are made with the data
+settings of the first run's ``config.yaml`` (the images it scored), else of ``--preset`` (default
+``paper``: 128 px), with any ``--set`` on top:
 
-    python -m benchmarks.lesion_position runs/T_cl45 --inference flip+shift
+    python -m benchmarks.lesion_position runs/lco-20250101-120000 --arm consistency-ens
+    python -m benchmarks.lesion_position --set data.image_size=160
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
-import yaml
 
-from benchmarks.external_validation import (
-    DEFAULT_CACHE, TRAIN_CENTRE, cache_dir_of, default_data_root, load_external,
-)
-from common.data import discover_centres, load_centre
-from common.data.tensors import to_tensors
+from benchmarks.pair_runs import arm_dice
+from benchmarks.perfutil import add_settings_args
+from common.config import ConfigError, DataConfig
+from common.data import discover_centres
+from common.federation import SiteSpec
+from common.settings import load_settings
+from common.sitedata import load_test_tensors
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_PRESET = "paper"  # 128 px masks, the size used before a run gives its own
 
 #: bands of |lesion centre column − mid-width| and of the lesion centre row, fractions of the side
 LATERAL_BANDS = (0.0, 0.1, 0.2, 0.3, 0.5)
@@ -67,56 +76,67 @@ def by_position(dice: pd.DataFrame, pos: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _run_size(run: Path) -> int | None:
-    """Image size of a run folder of ``benchmarks.external_validation`` (its config.yaml), or of
-    an ensemble folder of ``benchmarks.ensemble`` (its first member's, from members.txt)."""
-    cfg = run / "config.yaml"
-    if not cfg.is_file() and (run / "members.txt").is_file():
-        cfg = Path((run / "members.txt").read_text().split()[0]) / "config.yaml"
-    return int(yaml.safe_load(cfg.read_text())["args"]["size"]) if cfg.is_file() else None
+def default_data_root() -> Path:
+    return Path(os.environ.get("FEDBUS_DATA_ROOT", REPO.parent / "shared" / "data"))
 
 
-def _positions(centre: str, root: Path, size: int, cache: Path | None) -> pd.DataFrame:
-    data = (to_tensors(load_centre(centre, root, strict=False), size) if centre == TRAIN_CENTRE
-            else load_external(centre, root, size, cache))
+def run_data(run: Path | None, preset: str | None = None,
+             overrides: Sequence[str] = ()) -> tuple[DataConfig, str | None]:
+    """(data settings, tensor cache folder or None) of the masks: those of a simulation run
+    folder's resolved ``config.yaml`` (the images it scored; its cache), unless ``preset`` is
+    given; ``DEFAULT_PRESET`` without either; ``overrides`` (``--set`` items) on top."""
+    saved = run / "config.yaml" if run is not None else None
+    source = preset or (saved if saved is not None and saved.is_file() else DEFAULT_PRESET)
+    data_cfg = load_settings(source, overrides).experiment.data
+    cache = str(run / "cache") if run is not None and (run / "cache").is_dir() else None
+    return data_cfg, cache
+
+
+def _positions(centre: str, root: Path, data_cfg: DataConfig, cache: str | None) -> pd.DataFrame:
+    site = SiteSpec(name=centre, data_path=str(root), data_format=centre, strict=False)
+    data = load_test_tensors(site, data_cfg, cache)
     return lesion_centres(data.masks.cpu().numpy()).assign(case_id=list(data.case_ids))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", type=Path, nargs="*", help="run folders (per_image.csv of one arm)")
-    p.add_argument("--inference", default="raw", help="inference variant of the runs' rows")
-    p.add_argument("--size", type=int, default=None, help="mask size (default: the first run's, or its first member's; else 128)")
+    p.add_argument("runs", type=Path, nargs="*", help="run folders of python -m sim.leave_center_out")
+    p.add_argument("--protocol", default="paper", help="protocol of the rows (default paper)")
+    p.add_argument("--arm", default=None, help="arm of the rows (default: the protocol's only arm)")
+    add_settings_args(p, DEFAULT_PRESET, default_text=f"the first run's config.yaml, else {DEFAULT_PRESET}")
     p.add_argument("--data-root", type=Path, default=default_data_root())
-    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     args = p.parse_args(argv)
     logging.getLogger("common.data").setLevel(logging.ERROR)  # repairs are counted elsewhere
-    size = args.size or (_run_size(args.runs[0]) if args.runs else None) or 128
+    try:
+        data_cfg, cache = run_data(args.runs[0] if args.runs else None, args.preset, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     centres = discover_centres(args.data_root)
     if not centres:
         print(f"{args.data_root}: no centre found", file=sys.stderr)
         return 2
-    cache = cache_dir_of(args.cache_dir)
-    pos = {c: _positions(c, root, size, cache) for c, root in centres.items()}
+    pos = {c: _positions(c, root, data_cfg, cache) for c, root in centres.items()}
     table = pd.DataFrame([{"centre": c, "n_lesion": int(p_["cx"].notna().sum()), **spread(p_)}
                           for c, p_ in pos.items()])
-    print(f"lesion centres, fractions of width (cx) and height (cy), {size} px masks")
+    print(f"lesion centres, fractions of width (cx) and height (cy), {data_cfg.image_size} px masks")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     for run in args.runs:
         path = run / "per_image.csv"
         if not path.is_file():
             print(f"{path}: not found", file=sys.stderr)
             return 2
-        pi = pd.read_csv(path)
-        pi = pi[(pi["inference"] == args.inference) & pi["has_lesion"].astype(bool)]
-        if pi.empty:
-            print(f"{path}: no lesion rows with inference {args.inference!r}", file=sys.stderr)
+        try:
+            dice = arm_dice(pd.read_csv(path), args.protocol, args.arm, str(path)).reset_index()
+        except ValueError as exc:
+            print(exc, file=sys.stderr)
             return 2
-        for centre, g in pi.groupby("eval_centre"):
+        for (train_set, centre), g in dice.groupby(["train_set", "test_centre"], sort=False):
             if centre not in pos:
                 continue
             out = by_position(g[["case_id", "dice"]], pos[centre])
-            print(f"\n{run} ({args.inference}), {centre}: Dice by lesion position")
+            print(f"\n{run} ({args.arm or args.protocol}, trained on {train_set}), {centre}: "
+                  "Dice by lesion position")
             print(out.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     return 0
 

@@ -1,9 +1,10 @@
 """Local training throughput against a bare PyTorch loop and against the machine's limit; the
 data path against the trainer; CPU options (channels-last, threads, inference mode, image size).
 
-Every arm trains the default model (``ModelConfig()``: small U-Net, 128 px) from the same initial
-weights on the same synthetic images held in memory, batch 16, AdamW, the full multi-task loss.
-Arms run interleaved, ``--repeats`` times, after one warm-up run each. On a machine shared with
+Every arm trains the network of the settings (default: ``cpu-fast``'s small U-Net at 128 px,
+depth 4, batch 16; any ``--preset``/``--set``) from the same initial weights on
+the same synthetic images held in memory, with the settings' loss and augmentation. Arms run
+interleaved, ``--repeats`` times, after one warm-up run each. On a machine shared with
 other jobs, wall time mostly measures the other jobs: rates are images per CPU second of this
 process (one thread, so CPU time is time on the core), and a ratio is the median over repeats of
 the ratio of two runs adjacent in time. Wall-clock rates are printed alongside; the thread
@@ -11,19 +12,21 @@ settings (fresh processes) can only be compared on wall time.
 
 1. trainer  = ``common.train.train_local`` (wall time of the whole call, set-up included)
    bare     = the same step written inline: index a batch, ``augment_batch`` + ``normalise``,
-              forward, ``MultiTaskLoss``, backward, clip, ``torch.optim.AdamW`` step, LR schedule
+              forward, ``MultiTaskLoss``, backward, clip, stock ``torch.optim`` AdamW (or SGD)
+              step, cosine LR schedule
    ratio trainer / bare (goal >= 0.95), with and without augmentation.
    limit    = matmul GFLOP/s (``torch.mm`` n x n, float32, same threads) / training FLOPs per image
               (forward + backward convolutions and matmuls, ``torch.utils.flop_counter``);
               fraction = trainer images/s / limit.
-2. loader   = ``batches(..., augment=True)`` alone (indexing, augmentation, normalisation: the
+2. loader   = ``batches(..., augment=<ranges>)`` alone (indexing, augmentation, normalisation: the
               trainer's whole data path), against the trainer's consumption; ``to_tensors`` and
               ``cached_tensors`` (miss: build + save; hit: load) in images/s.
-6. options  = trainer with channels-last, at 96 and 64 px; 1 vs 2 threads with OpenMP's default
-              and passive wait policy (fresh processes); ``predict`` under
-              inference_mode (what it uses) against no_grad and grad-enabled.
+6. options  = trainer with channels-last, at 96 and 64 px (those below the settings' size); 1 vs
+              2 threads with OpenMP's default and passive wait policy (fresh processes);
+              ``predict`` under inference_mode (what it uses) against no_grad and grad-enabled.
 
     python benchmarks/perf_train.py [--images 32] [--epochs 1] [--repeats 5] [--quick]
+        [--preset NAME|FILE] [--set data.image_size=96 ...]
 """
 from __future__ import annotations
 
@@ -46,20 +49,32 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.perfutil import OUT_DIR, PeakMemory, format_table, machine_note, write_csv  # noqa: E402
-from common.config import LossConfig, ModelConfig, TrainConfig, replace  # noqa: E402
+from benchmarks.perfutil import (  # noqa: E402
+    OUT_DIR, PeakMemory, add_settings_args, format_table, machine_note, settings_from_args, write_csv,
+    write_settings,
+)
+from common.config import AugmentConfig, LossConfig, TrainConfig, replace  # noqa: E402
 from common.data.synthetic import make_centre  # noqa: E402
 from common.data.augment import augment_batch  # noqa: E402
 from common.data.tensors import TensorData, batches, cached_tensors, normalise, to_tensors  # noqa: E402
 from common.evaluate import predict  # noqa: E402
+from common.federation import build_experiment_model  # noqa: E402
 from common.losses import MultiTaskLoss  # noqa: E402
-from common.model import build_model  # noqa: E402
+from common.settings import Settings  # noqa: E402
 from common.train import balanced_pos_weight, train_local  # noqa: E402
+
+#: What this benchmark has always measured: the small U-Net of ``ModelConfig()`` (depth 4) at
+#: 128 px, batch 16, on top of ``cpu-fast`` (used when no ``--preset`` is given).
+DEFAULT_PRESET = "cpu-fast"
+DEFAULT_SET = ("data.image_size=128", "model.depth=4", "train.batch_size=16")
+QUICK_SET = ("data.image_size=64",)
 
 
 # ----------------------------------------------------------------------------- the two loops
-def bare_loop(model: nn.Module, data: TensorData, cfg: TrainConfig, loss_cfg: LossConfig, augment: bool) -> None:
-    """What ``train_local`` computes, inline, without its bookkeeping."""
+def bare_loop(model: nn.Module, data: TensorData, cfg: TrainConfig, loss_cfg: LossConfig,
+              geometry: AugmentConfig | None) -> None:
+    """What ``train_local`` computes, inline, without its bookkeeping (one parameter group and
+    no warm-up: neither changes the cost of a step)."""
     torch.set_num_threads(cfg.num_threads or torch.get_num_threads())
     gen = torch.Generator().manual_seed(cfg.seed)
     model.train()
@@ -70,7 +85,11 @@ def bare_loop(model: nn.Module, data: TensorData, cfg: TrainConfig, loss_cfg: Lo
         for p in model.prior.parameters():
             p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9,
+                                                     weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = math.ceil(len(data) / cfg.batch_size) * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     n = len(data)
@@ -79,8 +98,8 @@ def bare_loop(model: nn.Module, data: TensorData, cfg: TrainConfig, loss_cfg: Lo
         for start in range(0, n, cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
             raw, mask = data.images[idx], data.masks[idx]
-            if augment:
-                raw, mask = augment_batch(raw, mask, gen)
+            if geometry is not None:
+                raw, mask = augment_batch(raw, mask, gen, geometry)
             batch = {"image": normalise(raw), "raw": raw, "mask": mask, "malignant": data.malignant[idx],
                      "has_lesion": mask.flatten(1).amax(1) > 0, "spacing_mm": data.spacing_mm[idx]}
             x = batch["image"]
@@ -95,8 +114,9 @@ def bare_loop(model: nn.Module, data: TensorData, cfg: TrainConfig, loss_cfg: Lo
             sched.step()
 
 
-def trainer_run(model: nn.Module, data: TensorData, cfg: TrainConfig, loss_cfg: LossConfig, augment: bool) -> None:
-    train_local(model, data, cfg, loss_cfg, device="cpu", augment=augment)
+def trainer_run(model: nn.Module, data: TensorData, cfg: TrainConfig, loss_cfg: LossConfig,
+                geometry: AugmentConfig | None) -> None:
+    train_local(model, data, cfg, loss_cfg, device="cpu", augment=geometry)
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -144,22 +164,25 @@ def _rates(images: int, wall0: float, cpu0: float) -> tuple[float, float]:
     return images / (time.perf_counter() - wall0), images / max(time.process_time() - cpu0, 1e-9)
 
 
-def train_arm(run: Callable, init: nn.Module, data: TensorData, cfg: TrainConfig, augment: bool) -> Arm:
-    def once() -> float:
+def train_arm(run: Callable, init: nn.Module, data: TensorData, cfg: TrainConfig, loss_cfg: LossConfig,
+              geometry: AugmentConfig | None) -> Arm:
+    """``run`` (trainer_run or bare_loop) on a fresh copy of ``init``; augmentation ``geometry``
+    (None: off)."""
+    def once() -> tuple[float, float]:
         model = copy.deepcopy(init)
         t, c = time.perf_counter(), time.process_time()
-        run(model, data, cfg, LossConfig(), augment)
+        run(model, data, cfg, loss_cfg, geometry)
         return _rates(len(data) * cfg.epochs, t, c)
     return once
 
 
-def loader_arm(data: TensorData, cfg: TrainConfig, epochs: int) -> Arm:
-    def once() -> float:
+def loader_arm(data: TensorData, cfg: TrainConfig, epochs: int, geometry: AugmentConfig | None) -> Arm:
+    def once() -> tuple[float, float]:
         torch.set_num_threads(cfg.num_threads or torch.get_num_threads())
         gen = torch.Generator().manual_seed(0)
         t, c, seen = time.perf_counter(), time.process_time(), 0
         for _ in range(epochs):
-            for b in batches(data, cfg.batch_size, shuffle=True, generator=gen, augment=True):
+            for b in batches(data, cfg.batch_size, shuffle=True, generator=gen, augment=geometry):
                 seen += int(b["mask"].shape[0])
         return _rates(seen, t, c)
     return once
@@ -167,7 +190,7 @@ def loader_arm(data: TensorData, cfg: TrainConfig, epochs: int) -> Arm:
 
 def predict_arm(init: nn.Module, data: TensorData, threads: int, mode: str) -> Arm:
     """``predict`` as is (inference_mode), or the same loop under no_grad / with autograd on."""
-    def once() -> float:
+    def once() -> tuple[float, float]:
         torch.set_num_threads(threads)
         model = init.eval()
         t, c = time.perf_counter(), time.process_time()
@@ -223,31 +246,42 @@ def cache_rates(n: int, size: int) -> dict[str, float]:
 THREAD_SETTINGS = (("1 thread", 1, None), ("2 threads", 2, None), ("2 threads, OMP_WAIT_POLICY=PASSIVE", 2, "PASSIVE"))
 
 
-def thread_probe(args: argparse.Namespace) -> dict[str, list[tuple[float, float]]]:
+def thread_probe(args: argparse.Namespace, settings: Settings) -> dict[str, list[tuple[float, float]]]:
     """Trainer images/s in fresh processes per thread setting (OpenMP reads OMP_WAIT_POLICY
-    when torch loads, so each setting needs its own process), interleaved ``repeats`` times."""
+    when torch loads, so each setting needs its own process), interleaved ``repeats`` times.
+    The children load these very settings from a resolved file."""
     out: dict[str, list[tuple[float, float]]] = {label: [] for label, _, _ in THREAD_SETTINGS}
-    for _ in range(min(args.repeats, 2)):
-        for label, threads, policy in THREAD_SETTINGS:
-            env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
-            if policy:
-                env["OMP_WAIT_POLICY"] = policy
-            cmd = [sys.executable, __file__, "--child-threads", str(threads), "--size", str(args.size),
-                   "--images", str(args.images), "--epochs", str(args.epochs),
-                   "--batch-size", str(args.batch_size)]
-            res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-            wall = float(res.stdout.strip().splitlines()[-1])
-            out[label].append((wall, float("nan")))  # CPU rate: meaningless across thread counts
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_settings(settings, Path(tmp) / "settings.yaml")
+        for _ in range(min(args.repeats, 2)):
+            for label, threads, policy in THREAD_SETTINGS:
+                env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+                if policy:
+                    env["OMP_WAIT_POLICY"] = policy
+                cmd = [sys.executable, __file__, "--child-threads", str(threads), "--preset", str(path),
+                       "--images", str(args.images), "--epochs", str(args.epochs)]
+                res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+                wall = float(res.stdout.strip().splitlines()[-1])
+                out[label].append((wall, float("nan")))  # CPU rate: meaningless across thread counts
     return out
 
 
-def child_rate(args: argparse.Namespace) -> float:
+def bench_train(settings: Settings, epochs: int, threads: int) -> TrainConfig:
+    """The settings' training section as every arm runs it: ``epochs`` per timed run, ``threads``
+    intra-op threads, on the CPU, contiguous (channels-last is an arm), no progress bar."""
+    return replace(settings.experiment.train, epochs=epochs, num_threads=threads, device="cpu",
+                   progress=False, channels_last=False)
+
+
+def child_rate(args: argparse.Namespace, settings: Settings) -> float:
     """The trainer arm alone (one warm-up, one timed run) with ``--child-threads`` threads."""
+    exp = settings.experiment
     torch.manual_seed(0)
-    init = build_model(ModelConfig(), LossConfig().features)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, num_threads=args.child_threads,
-                      progress=False, device="cpu")
-    arm = train_arm(trainer_run, init, to_tensors(synthetic(args.images, args.size), args.size), cfg, True)
+    init = build_experiment_model(exp)
+    size = exp.data.image_size
+    cfg = bench_train(settings, args.epochs, args.child_threads)
+    data = to_tensors(synthetic(args.images, size), size)
+    arm = train_arm(trainer_run, init, data, cfg, exp.loss, exp.data.augmentation)
     arm()
     return arm()[0]
 
@@ -255,58 +289,60 @@ def child_rate(args: argparse.Namespace) -> float:
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_settings_args(p, DEFAULT_PRESET, DEFAULT_SET)
     p.add_argument("--images", type=int, default=32)
-    p.add_argument("--size", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=1, help="epochs per timed run")
+    p.add_argument("--epochs", type=int, default=1, help="epochs per timed run (replaces train.epochs)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads of every in-process arm (default 1: what a simulated site uses)")
     p.add_argument("--child-threads", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-options", action="store_true", help="skip the item-6 arms")
     p.add_argument("--quick", action="store_true",
-                   help="64 px, 16 images, 1 epoch, 1 repeat, one shared warm-up, no 96 px arm")
+                   help="64 px, 16 images, 1 epoch, 1 repeat, no 96 px arm, no thread probe")
     p.add_argument("--out", type=Path, default=OUT_DIR / "perf_train.csv")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
-        args.size, args.images, args.epochs, args.repeats = 64, 16, 1, 1
+        args.images, args.epochs, args.repeats = 16, 1, 1
+    settings = settings_from_args(args, QUICK_SET if args.quick else ())
     if args.child_threads:
-        print(child_rate(args))
+        print(child_rate(args, settings))
         return 0
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     print(machine_note())
+    exp = settings.experiment
+    size, loss, geometry = exp.data.image_size, exp.loss, exp.data.augmentation
     torch.manual_seed(0)
-    init = build_model(ModelConfig(), LossConfig().features)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, num_threads=args.threads, progress=False,
-                      device="cpu")
-    data = to_tensors(synthetic(args.images, args.size), args.size)
+    init = build_experiment_model(exp)
+    cfg = bench_train(settings, args.epochs, args.threads)
+    data = to_tensors(synthetic(args.images, size), size)
     arms: dict[str, Arm] = {
-        "trainer": train_arm(trainer_run, init, data, cfg, True),
-        "bare": train_arm(bare_loop, init, data, cfg, True),
-        "trainer_noaug": train_arm(trainer_run, init, data, cfg, False),
-        "bare_noaug": train_arm(bare_loop, init, data, cfg, False),
-        "loader": loader_arm(data, cfg, max(args.epochs, 2)),
+        "trainer": train_arm(trainer_run, init, data, cfg, loss, geometry),
+        "bare": train_arm(bare_loop, init, data, cfg, loss, geometry),
+        "trainer_noaug": train_arm(trainer_run, init, data, cfg, loss, None),
+        "bare_noaug": train_arm(bare_loop, init, data, cfg, loss, None),
+        "loader": loader_arm(data, cfg, max(args.epochs, 2), geometry),
     }
     if not args.no_options:
-        arms["trainer_channels_last"] = train_arm(trainer_run, init, data, replace(cfg, channels_last=True), True)
+        arms["trainer_channels_last"] = train_arm(trainer_run, init, data, replace(cfg, channels_last=True),
+                                                  loss, geometry)
         for s in (96, 64):
-            if s < args.size and not (args.quick and s == 96):
+            if s < size and s % exp.model.size_multiple == 0 and not (args.quick and s == 96):
                 small = to_tensors(synthetic(args.images, s), s)
-                arms[f"trainer_{s}px"] = train_arm(trainer_run, init, small, cfg, True)
+                arms[f"trainer_{s}px"] = train_arm(trainer_run, init, small, cfg, loss, geometry)
         for mode in ("inference_mode", "no_grad", "grad"):
             arms[f"predict_{mode}"] = predict_arm(init, data, args.threads, mode)
     with PeakMemory() as mem:
         results = interleaved(arms, args.repeats)
     if not args.no_options and not args.quick:
-        results.update({f"trainer_{k}": v for k, v in thread_probe(args).items()})
+        results.update({f"trainer_{k}": v for k, v in thread_probe(args, settings).items()})
     med = {k: statistics.median(v[1] for v in vals) for k, vals in results.items()}  # CPU rate
     wall = {k: statistics.median(v[0] for v in vals) for k, vals in results.items()}
 
     gflops = matmul_gflops(args.threads)
-    fwd, train_flops = flops_per_image(init, args.size, args.batch_size)
+    fwd, train_flops = flops_per_image(init, size, cfg.batch_size)
     limit = gflops * 1e9 / train_flops
-    rates = cache_rates(args.images, args.size)
+    rates = cache_rates(args.images, size)
     t = med["trainer"]
 
     def ratio_row(item: str, measure: str, a: str, b: str, goal: str, k: int = 1) -> dict:
@@ -344,14 +380,15 @@ def main(argv: list[str] | None = None) -> int:
             if name in results:
                 rows.append(ratio_row("6", f"trainer {label} / 1 thread (fresh processes, wall)", name, one,
                                       "keep if > 1", k=0))
-    print(f"size {args.size} px, {args.images} images, batch {args.batch_size}, {args.epochs} epoch(s) per run, "
-          f"{args.repeats} repeat(s), {args.threads} threads; peak RSS {mem.peak_mib:.0f} MiB")
+    print(f"{exp.model.arch} network, size {size} px, {args.images} images, batch {cfg.batch_size}, "
+          f"{args.epochs} epoch(s) per run, {args.repeats} repeat(s), {args.threads} threads; "
+          f"peak RSS {mem.peak_mib:.0f} MiB")
     print(format_table(rows))
     print()
     print(format_table([{"arm": k, "img_per_cpu_s": med[k], "img_per_wall_s": wall[k],
                          "runs (wall/cpu)": " ".join(f"{a:.1f}/{b:.1f}" for a, b in results[k])} for k in results]))
-    common = {"size": args.size, "images": args.images, "batch": args.batch_size, "threads": args.threads,
-              "epochs": args.epochs, "repeats": args.repeats}
+    common = {"arch": exp.model.arch, "size": size, "images": args.images, "batch": cfg.batch_size,
+              "threads": args.threads, "epochs": args.epochs, "repeats": args.repeats}
     write_csv([{**common, **r} for r in rows], args.out)
     write_csv([{**common, "arm": k, "img_per_cpu_s": med[k], "img_per_wall_s": wall[k],
                 "runs_wall": " ".join(f"{a:.3f}" for a, _ in results[k]),

@@ -1,4 +1,7 @@
-"""Shared helpers of the performance benchmarks: process-tree memory, tables, CSV output.
+"""Shared helpers of the benchmarks: the settings arguments, process-tree memory, tables, CSV.
+
+Every benchmark takes its configuration through ``common.settings.load_settings``: ``--preset
+NAME|FILE`` and repeatable ``--set section.key=value`` (``add_settings_args``, ``settings_from_args``).
 
 Memory is read from ``/proc`` (Linux; psutil is not a dependency): the RSS of this process and
 of every descendant (Ray's raylet, GCS and worker processes in a simulation), sampled by a
@@ -6,17 +9,72 @@ background thread, so the peak is the largest *sum* seen at one sampling instant
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import resource
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import yaml
+
+from common.config import ConfigError
+from common.settings import Settings, load_settings, settings_to_dict
+
 REPO = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO / "runs" / "benchmarks"
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def add_settings_args(parser: argparse.ArgumentParser, default_preset: str,
+                      default_set: Sequence[str] = (), default_text: str | None = None) -> None:
+    """Add ``--preset NAME|FILE`` and repeatable ``--set KEY=VALUE`` to ``parser``. Without
+    ``--preset`` the benchmark runs ``default_preset`` with ``default_set`` under the ``--set``
+    items (what it has always measured); a ``--preset`` given is taken as it is.
+    ``default_text`` replaces the help's description of the default."""
+    shown = default_text or " ".join([default_preset, *(f"--set {item}" for item in default_set)])
+    parser.add_argument("--preset", default=None, metavar="NAME|FILE",
+                        help=f"settings preset or YAML file (default: {shown})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting, e.g. --set train.batch_size=4 (repeatable)")
+    parser.set_defaults(settings_default=(default_preset, tuple(default_set)))
+
+
+def settings_source(args: argparse.Namespace, extra: Sequence[str] = (),
+                    source: str | Path | None = None) -> tuple[str, list[str]]:
+    """(preset or file, ``--set`` items in order) of ``add_settings_args``' options: the preset
+    (``source`` replaces the default one and its default overrides), then ``extra`` (a benchmark
+    mode such as ``--quick``), then the user's ``--set`` items, which win."""
+    preset, default_set = args.settings_default
+    if args.preset is not None:
+        preset, default_set = args.preset, ()
+    elif source is not None:
+        preset, default_set = str(source), ()
+    return str(preset), [*default_set, *extra, *args.overrides]
+
+
+def settings_from_args(args: argparse.Namespace, extra: Sequence[str] = (),
+                       source: str | Path | None = None) -> Settings:
+    """The Settings of ``settings_source(args, extra, source)``; a bad key or value exits with
+    the message naming it."""
+    preset, items = settings_source(args, extra, source)
+    try:
+        return load_settings(preset, items)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def write_settings(settings: Settings, path: str | Path) -> Path:
+    """``settings`` as a resolved YAML document at ``path``: a child process given
+    ``--preset path`` loads exactly these settings."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(settings_to_dict(settings), sort_keys=False), encoding="utf-8")
+    return path
 
 
 def _children() -> dict[int, list[int]]:

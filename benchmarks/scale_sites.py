@@ -1,8 +1,10 @@
-"""Scale of the simulation: 10, 25, 50 virtual sites on this machine (synthetic data, 32 px
-images, tiny U-Net), wall time per round and peak memory; growth should be linear in sites.
+"""Scale of the simulation: 10, 25, 50 virtual sites on this machine (synthetic data; default
+the ``smoke`` settings: 32 px images, tiny U-Net, with 3 rounds and 12 cases per site), wall time
+per round and peak memory; growth should be linear in sites.
 
 Each point is its own process (a fresh Ray instance) running ``benchmarks/sim_overhead.py``'s
-federation (FedAvg, every site trains and evaluates every round, 1 local epoch) through
+federation (every site trains and evaluates every round; the settings' strategy and local
+epochs, loaded by the child from the resolved settings the parent writes) through
 ``sim.federated.run_simulation_spec``. Reported per point: start-up (Ray, workers, the query
 round: process start to round 1), round-1 wall, mean wall of the later rounds, per-site
 figures, and the peak RSS summed over the point's whole process tree (driver + Ray). The fit
@@ -10,28 +12,37 @@ is least squares of later-round wall and of peak memory against the number of si
 ratios per site (wall/sites at the largest point over wall/sites at the smallest) are ~1 when
 growth is linear.
 
-    python benchmarks/scale_sites.py [--sites 10,25,50] [--rounds 3] [--quick]
+    python benchmarks/scale_sites.py [--sites 10,25,50] [--quick]
+        [--preset NAME|FILE] [--set federation.rounds=4 ...]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.perfutil import OUT_DIR, PeakMemory, format_table, write_csv  # noqa: E402
+from benchmarks.perfutil import (  # noqa: E402
+    OUT_DIR, PeakMemory, add_settings_args, format_table, settings_from_args, write_csv, write_settings,
+)
+from common.settings import Settings  # noqa: E402
+
+DEFAULT_PRESET = "smoke"
+DEFAULT_SET = ("federation.rounds=3", "sim.synthetic_n=12")
+QUICK_SET = ("federation.rounds=2",)
 
 
-def child(sites: int, rounds: int, n: int, out: Path) -> None:
+def child(sites: int, settings: Settings, out: Path) -> None:
     """One point: run the federation and write its timing rows as JSON to ``out``."""
     import logging
     import os
-    import tempfile
 
     from benchmarks.sim_overhead import build_spec, round_table, run_once
 
@@ -39,7 +50,7 @@ def child(sites: int, rounds: int, n: int, out: Path) -> None:
     for name in ("flwr", "server", "client", "common", "sim"):
         logging.getLogger(name).setLevel(logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix=f"scale{sites}-"))
-    spec = build_spec(work / "run", sites, n, rounds, 1, quick=True)
+    spec = build_spec(work / "run", sites, settings)
     stamps = work / "client_stamps.jsonl"
     t0 = time.time()
     total, _mem = run_once(spec, 1.0, stamps)
@@ -58,24 +69,26 @@ def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_settings_args(p, DEFAULT_PRESET, DEFAULT_SET)
     p.add_argument("--sites", default="10,25,50", help="comma list of site counts")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--synthetic-n", type=int, default=12, help="cases per site (32 px)")
-    p.add_argument("--quick", action="store_true", help="2 and 6 sites, 2 rounds")
+    p.add_argument("--quick", action="store_true", help="2 and 6 sites, --set federation.rounds=2")
     p.add_argument("--out", type=Path, default=OUT_DIR / "scale_sites.csv")
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    settings = settings_from_args(args, QUICK_SET if args.quick else ())
     if args.child:
-        child(args.child, args.rounds, args.synthetic_n, args.child_out)
+        child(args.child, settings, args.child_out)
         return 0
     counts = [2, 6] if args.quick else [int(s) for s in args.sites.split(",")]
-    rounds = 2 if args.quick else args.rounds
+    if settings.federation.rounds < 2:
+        p.error("the later rounds are the measure: give federation.rounds >= 2")
+    resolved = write_settings(settings, Path(tempfile.mkdtemp(prefix="scale_sites-")) / "settings.yaml")
     rows = []
     for sites in counts:
-        out = Path(f"/tmp/scale_sites-{sites}-{time.time_ns()}.json")
+        out = resolved.with_name(f"point-{sites}.json")
         cmd = [sys.executable, __file__, "--child", str(sites), "--child-out", str(out),
-               "--rounds", str(rounds), "--synthetic-n", str(args.synthetic_n)]
+               "--preset", str(resolved)]
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         with PeakMemory(interval=0.2, root=proc.pid) as mem:
@@ -98,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         })
         print(f"{sites} sites: later rounds {later_wall:.2f} s, peak {mem.peak_mib:.0f} MiB "
               f"({mem.peak_procs} processes), process {wall:.0f} s", flush=True)
+    shutil.rmtree(resolved.parent, ignore_errors=True)
     xs = [float(r["sites"]) for r in rows]
     slope_t, icpt_t = fit(xs, [r["round_wall_s"] for r in rows])
     slope_m, icpt_m = fit(xs, [r["peak_rss_mib"] for r in rows])

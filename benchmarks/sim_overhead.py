@@ -2,8 +2,11 @@
 
 Runs the real apps through ``sim.federated.run_simulation_spec`` (exactly what
 ``python -m sim.leave_center_out`` runs for a federated unit) on synthetic centres with the
-simulation defaults of ``sim.leave_center_out`` (64 px, small U-Net base 16 depth 3, batch 8,
-2 local epochs, 48 cases per centre, 3 training sites). Per round, from the server's metrics.csv:
+settings of ``--preset``/``--set`` (default ``cpu-fast``, the simulation's default on synthetic
+centres: 64 px, small U-Net base 16 depth 3, batch 8, 4 rounds of 2 local epochs,
+``sim.synthetic_n`` = 48 cases per site; ``--quick``: ``smoke`` with 2 rounds), 3 training sites,
+every site in every round, no central test set, one thread per site. Per round, from the
+server's metrics.csv:
 
     wall      = train-phase wall time + evaluate-phase wall time (measured by the ServerApp)
     slowest   = slowest site's train seconds + slowest site's evaluate seconds
@@ -17,7 +20,8 @@ critical path (model build, optimizer construction, messages, polling, aggregati
 is overhead. Round 1 also carries the Ray workers' start-up and first imports and is reported
 separately. Peak memory: RSS summed over this process and all descendants (Ray).
 
-    python benchmarks/sim_overhead.py [--rounds 4] [--sites 3] [--optimizer-ab] [--quick]
+    python benchmarks/sim_overhead.py [--sites 3] [--optimizer-ab] [--quick]
+        [--preset NAME|FILE] [--set federation.rounds=6 ...]
 """
 from __future__ import annotations
 
@@ -39,29 +43,30 @@ sys.path.insert(0, str(REPO))
 
 import pandas as pd  # noqa: E402
 
-from benchmarks.perfutil import OUT_DIR, PeakMemory, format_table, machine_note, write_csv  # noqa: E402
-from common.config import ExperimentConfig, from_dict  # noqa: E402
+from benchmarks.perfutil import (  # noqa: E402
+    OUT_DIR, PeakMemory, add_settings_args, format_table, machine_note, settings_from_args, write_csv,
+)
+from common.config import replace  # noqa: E402
 from common.data.synthetic import SYNTHETIC_CENTRES  # noqa: E402
-from common.federation import AGGREGATE_SITE, FederationConfig, RunSpec, SiteSpec  # noqa: E402
+from common.federation import AGGREGATE_SITE, RunSpec, SiteSpec  # noqa: E402
+from common.settings import Settings  # noqa: E402
 
-#: sim.leave_center_out SYNTHETIC_DEFAULTS (the default model and data of the simulation).
-DEFAULT_EXPERIMENT = {"data": {"image_size": 64}, "model": {"base_channels": 16, "depth": 3},
-                      "train": {"batch_size": 8, "lr": 3e-3, "progress": False, "num_threads": 1}}
-QUICK_EXPERIMENT = {"data": {"image_size": 32}, "model": {"base_channels": 8, "depth": 3},
-                    "train": {"batch_size": 16, "progress": False, "num_threads": 1}}
+DEFAULT_PRESET = "cpu-fast"  # the simulation's default on its synthetic centres
+QUICK_PRESET = "smoke"
+QUICK_SET = ("federation.rounds=2",)  # round 1 carries the start-up: one later round at least
 
 
-def build_spec(run_dir: Path, sites: int, n: int, rounds: int, local_epochs: int, quick: bool,
-               size: int | None = None) -> RunSpec:
-    raw = {k: dict(v) for k, v in (QUICK_EXPERIMENT if quick else DEFAULT_EXPERIMENT).items()}
-    if size:
-        raw["data"]["image_size"] = size
-    exp = from_dict(ExperimentConfig, raw, "sim_overhead experiment")
+def build_spec(run_dir: Path, sites: int, settings: Settings) -> RunSpec:
+    """The federation this benchmark times: the settings' experiment and federation with every
+    site in every round (quorum = ``sites``), no central test set and one thread per site;
+    ``sites`` synthetic sites of ``sim.synthetic_n`` cases, cycling through the centres."""
+    exp = settings.experiment
+    exp = replace(exp, train=replace(exp.train, progress=False, num_threads=1))
+    fed = replace(settings.federation, min_sites=sites, central_eval=False)
     names = list(SYNTHETIC_CENTRES)
+    n = settings.sim.synthetic_n
     specs = tuple(SiteSpec(name=f"site{i:03d}", synthetic_centre=names[i % len(names)], synthetic_n=n)
                   for i in range(sites))
-    fed = FederationConfig(rounds=rounds, local_epochs=local_epochs, strategy="fedavg",
-                           min_sites=sites, central_eval=False)
     return RunSpec(experiment=exp, federation=fed, sites=specs, run_dir=str(run_dir))
 
 
@@ -187,20 +192,18 @@ def summarise(rows: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=4)
+    add_settings_args(p, DEFAULT_PRESET)
     p.add_argument("--sites", type=int, default=3, help="training sites (default 3: the LCO federation)")
-    p.add_argument("--synthetic-n", type=int, default=48, help="cases per site")
-    p.add_argument("--local-epochs", type=int, default=2)
-    p.add_argument("--size", type=int, default=None, help="image side (default 64; --quick 32)")
     p.add_argument("--num-cpus", type=float, default=1.0, help="Ray CPUs per simulated site")
-    p.add_argument("--quick", action="store_true", help="32 px, tiny model, 24 cases, 2 rounds, 1 epoch")
+    p.add_argument("--quick", action="store_true",
+                   help=f"{QUICK_PRESET} (unless --preset) with --set {' '.join(QUICK_SET)}: 32 px, tiny "
+                        "model, 24 cases, 2 rounds of 1 epoch")
     p.add_argument("--optimizer-ab", action="store_true",
                    help="run twice: our optimizer (no torch._dynamo import) and torch.optim's stock classes")
     p.add_argument("--out", type=Path, default=OUT_DIR / "sim_overhead.csv")
     p.add_argument("--work-dir", type=Path, default=None)
     args = p.parse_args(argv)
-    if args.quick:
-        args.rounds, args.synthetic_n, args.local_epochs = min(args.rounds, 2), 24, 1
+    settings = settings_from_args(args, QUICK_SET, QUICK_PRESET) if args.quick else settings_from_args(args)
     logging.basicConfig(level=logging.WARNING)
     for name in ("flwr", "server", "client", "common", "sim"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -210,8 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = [("eager", False), ("stock", True)] if args.optimizer_ab else [("eager", False)]
     all_rows, summaries = [], []
     for variant, stock in variants:
-        spec = build_spec(work / f"run-{variant}-{time.strftime('%H%M%S')}", args.sites, args.synthetic_n,
-                          args.rounds, args.local_epochs, args.quick, args.size)
+        spec = build_spec(work / f"run-{variant}-{time.strftime('%H%M%S')}", args.sites, settings)
         stamps = Path(spec.run_dir).with_name(f"client_stamps-{variant}.jsonl")
         t0 = time.time()
         total, mem = run_once(spec, args.num_cpus, stamps, stock_optimizer=stock)
@@ -220,12 +222,12 @@ def main(argv: list[str] | None = None) -> int:
         extra = handler_overhead(stamps, metrics_csv, [s.name for s in spec.sites])
         first_query = min(json.loads(line)["start"] for line in stamps.read_text().splitlines())
         common = {"optimizer": variant, "sites": args.sites, "workers": workers,
-                  "size": spec.experiment.data.image_size, "synthetic_n": args.synthetic_n,
-                  "local_epochs": args.local_epochs}
+                  "size": spec.experiment.data.image_size, "synthetic_n": settings.sim.synthetic_n,
+                  "local_epochs": spec.federation.local_epochs}
         for r in rows:
             r.update(extra.get(r["round"], {}))
             r.update(common)
-        summaries.append({**common, "rounds": args.rounds, "total_wall_s": total,
+        summaries.append({**common, "rounds": spec.federation.rounds, "total_wall_s": total,
                           "startup_s": first_query - t0, **summarise(rows),
                           "peak_rss_mib": mem.peak_mib, "peak_procs": mem.peak_procs})
         all_rows += rows

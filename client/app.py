@@ -16,7 +16,6 @@ SuperNode restarts) and refuses, before any step, a round that would pass the bu
 from __future__ import annotations
 
 import logging
-import re
 from importlib import metadata
 from typing import Any, Callable
 
@@ -37,7 +36,7 @@ from client.runtime import (
     site_info,
     train_round,
 )
-from common.federation import RunSpec
+from common.federation import RunSpec, is_site_name
 from common.packing import PACKED_KEY, layout_from_json, pack, unpack
 from common.privacy import (
     PrivacyBudgetExceeded,
@@ -54,7 +53,6 @@ log = logging.getLogger(__name__)
 
 _NORMS, _NORMS_META = "fedbn-norms", "fedbn-meta"
 _PRIVACY = "privacy-state"  # context.state ConfigRecord {"json": state_to_text(state)}
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def app_version() -> str:
@@ -114,7 +112,7 @@ def _site_label(context: Context, spec: RunSpec | None) -> str:
         pid = context.node_config.get("partition-id")
         if isinstance(pid, int) and 0 <= pid < len(spec.sites):
             name = spec.sites[pid].name
-    return str(name) if name is not None and _SAFE_NAME.match(str(name)) else "unnamed"
+    return str(name) if is_site_name(name) else "unnamed"
 
 
 def _query(msg: Message, context: Context, ctx: SiteContext, rc: RoundConfig) -> Message:

@@ -26,8 +26,9 @@ from typing import Any
 
 from client.site_config import SiteConfig, load_site_config, site_config_from_dict
 from common.config import ConfigError
-from server.audit import AuditLog, process_identity
-from server.superlink import LogFollower, ManagedProcess, bin_path, ensure_secret, flwr_env, kv_config
+from launch.audit import AuditLog, process_identity
+from launch.flwr_env import flwr_env, kv_config
+from launch.process import LogFollower, ManagedProcess, bin_path, ensure_secret
 
 MAX_WORKER_RESTARTS = 5
 #: A SuperNode that had joined (logged its node id) and then exited — e.g. the coordinator came

@@ -19,19 +19,18 @@ from typing import Any, Mapping
 
 import torch
 
+from common.atomic import atomic_write
 from common.config import (
+    STRATEGIES,
     ConfigError,
     ExperimentConfig,
     PrivacyConfig,
     from_dict,
-    load_experiment,
     load_yaml,
     replace,
 )
 from common.device import resolve_device, set_threads
-from common.evaluate import evaluate
 from common.federation import (
-    LR_SCHEDULES,
     RunSpec,
     SiteSpec,
     build_experiment_model,
@@ -41,8 +40,9 @@ from common.federation import (
     state_is_finite,
     train_metrics,
 )
+from common.inference import evaluate
 from common.privacy import PrivacySession
-from common.schedule import FULL_SPAN, round_span
+from common.schedule import RunPosition
 from common.sitedata import load_site_tensors
 from common.train import train_local
 
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 #: node_config keys understood in deployment (values are TOML literals on the command line).
 NODE_KEYS = (
     "site", "data-path", "data-format", "synthetic-centre", "synthetic-n", "cache-dir",
-    "state-dir", "experiment-config", "device", "num-threads", "privacy-config",
+    "state-dir", "device", "num-threads", "privacy-config",
 )
 _FEDBN_KEEP = 2  # norm-state files kept per run: the current and the previous round
 
@@ -72,41 +72,38 @@ class SiteContext:
 
 @dataclass(frozen=True)
 class RoundConfig:
-    """What the server asks for in one message (``ConfigRecord`` "config")."""
+    """What the server asks for in one message (``ConfigRecord`` "config", keys with dashes),
+    parsed by the same ``from_dict`` as every other config; the record's "experiment" is parsed
+    apart, and keys Flower's strategies add for themselves are not ours to check."""
 
-    server_round: int = 0
-    local_epochs: int = 1
-    strategy: str = "fedavg"
-    proximal_mu: float = 0.0
-    run_key: str = "default"
-    num_rounds: int = 0  # 0: unknown (an older server); with lr_schedule "global" it must be known
-    lr_schedule: str = "round"
+    server_round: int = 0  # 1-based round; 0 in the query message
+    local_epochs: int = 1  # epochs this round trains
+    strategy: str = "fedavg"  # the run's strategy (FedBN keeps norm layers at the site)
+    proximal_mu: float = 0.0  # FedProx μ
+    run_key: str = "default"  # names the run in site-local state (FedBN norms, DP accountant)
+    num_rounds: int = 0  # rounds of the whole run; 0: not sent, and then a site cannot train
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.run_key):
+            raise ConfigError(f"server config: invalid run-key {self.run_key!r}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"server config: strategy {self.strategy!r} not one of {STRATEGIES}")
+        if self.local_epochs < 1 or self.server_round < 0 or self.num_rounds < 0 or not self.proximal_mu >= 0:
+            raise ConfigError(f"server config: out of range: {self}")
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> "RoundConfig":
-        run_key = str(config.get("run-key", "default"))
-        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_key):
-            raise ConfigError(f"server config: invalid run-key {run_key!r}")
-        return cls(
-            server_round=int(config.get("server-round", 0)),
-            local_epochs=int(config.get("local-epochs", 1)),
-            strategy=str(config.get("strategy", "fedavg")),
-            proximal_mu=float(config.get("proximal-mu", 0.0)),
-            run_key=run_key,
-            num_rounds=int(config.get("num-rounds", 0)),
-            lr_schedule=str(config.get("lr-schedule", "round")),
-        )
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k.replace("-", "_"): v for k, v in config.items() if k.replace("-", "_") in fields}
+        return from_dict(cls, values, "server config")
 
-    def schedule_span(self) -> tuple[float, float]:
-        """This round's slice of the run-wide lr schedule (``federation.lr_schedule``)."""
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"server config: unknown lr-schedule {self.lr_schedule!r}")
-        if self.lr_schedule == "round":
-            return FULL_SPAN
+    def position(self) -> RunPosition:
+        """Where this round's local training sits in the run: the LR schedule and λ's warm-up
+        count the run's epochs, (round − 1) × local epochs before this round."""
         try:
-            return round_span(self.server_round, self.num_rounds)
+            return RunPosition.for_round(self.server_round, self.num_rounds, self.local_epochs)
         except ValueError as err:
-            raise ConfigError(f"server config: lr-schedule global: {err}") from None
+            raise ConfigError(f"server config: cannot place the round in the run: {err}") from None
 
 
 def resolve_site(
@@ -156,7 +153,7 @@ def resolve_site(
     elif spec is not None:
         experiment = spec.experiment
     else:
-        experiment = load_experiment(_opt_str(node_config.get("experiment-config")))
+        raise ConfigError("the server's message carries no experiment (is the coordinator fedbus's ServerApp?)")
     overrides: dict[str, Any] = {"model.pretrained_path": None, "train.progress": False}
     if node_config.get("device"):
         overrides["train.device"] = str(node_config["device"])
@@ -223,6 +220,7 @@ def train_round(
     run repeats it exactly. ``privacy``: a ``common.privacy.PrivacySession`` for DP-SGD, whose
     cumulative ε and this round's share are reported (None: DP off, both UNDEFINED)."""
     exp = ctx.experiment
+    position = rc.position()  # before any work: a round that cannot be placed is refused
     set_threads(exp.train.num_threads)
     train, _val = load_site_tensors(ctx.site, exp.data, ctx.cache_dir)
     if len(train) == 0:
@@ -238,7 +236,7 @@ def train_round(
         model, train, train_cfg, exp.loss,
         global_state=start_state if mu > 0 else None, proximal_mu=mu,
         privacy=privacy, device=device, augment=exp.data.train_augmentation, desc=ctx.site.name,
-        schedule_span=rc.schedule_span(),
+        position=position,
     )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if not state_is_finite(state):
@@ -272,7 +270,8 @@ def evaluate_round(
     if len(val) == 0:  # tiny site: nothing to score; every metric UNDEFINED, counts 0
         return eval_metrics({"n_images": 0, "n_lesion": 0}, 0, time.perf_counter() - t0)
     model = _model(ctx, global_state, local_norms if rc.strategy == "fedbn" else None)
-    result = evaluate(model, val, batch_size=exp.train.batch_size, device=resolve_device(exp.train.device))
+    result = evaluate(model, val, exp.inference, batch_size=exp.train.batch_size,
+                      device=resolve_device(exp.train.device))
     n_malignant = int(val.malignant.sum().item())
     return eval_metrics(result.summary, n_malignant, time.perf_counter() - t0)
 
@@ -288,9 +287,8 @@ def save_local_norms(state_dir: Path, run_key: str, server_round: int, norms: Ma
     folder = _norm_dir(state_dir, run_key)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"round_{server_round:05d}.pt"
-    tmp = path.with_suffix(".tmp")
-    torch.save({k: v.detach().cpu() for k, v in norms.items()}, tmp)
-    tmp.replace(path)
+    state = {k: v.detach().cpu() for k, v in norms.items()}
+    atomic_write(path, lambda fh: torch.save(state, fh), binary=True)
     for old in sorted(folder.glob("round_*.pt"))[:-_FEDBN_KEEP]:
         old.unlink(missing_ok=True)
     return path

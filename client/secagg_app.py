@@ -30,15 +30,13 @@ from flwr.client import ClientApp, NumPyClient
 from flwr.client.mod import secaggplus_mod
 
 from client.runtime import RoundConfig, SiteContext, SiteError, evaluate_round, resolve_site, train_round
+from common.atomic import atomic_write
 from common.federation import RunSpec, build_experiment_model
 from common.privacy import PrivacySession, load_state, save_state
 from common.sitedata import load_site_tensors
+from launch.wire import KEY_MAX_WEIGHT, KEY_RANGE, KEY_SCALES, SECAGG_STRATEGIES
 
 log = logging.getLogger(__name__)
-
-#: fit-config keys set by server/secagg_app.py
-KEY_SCALES, KEY_RANGE, KEY_MAX_WEIGHT = "update-scales", "secagg-clipping-range", "secagg-max-weight"
-SECAGG_STRATEGIES = ("fedavg", "fedprox")
 
 
 def privacy_state_path(state_dir: Path) -> Path:
@@ -123,10 +121,8 @@ class SecAggSiteClient(NumPyClient):
 
 def _record(path: Path, keys: list[str], update: list[np.ndarray], scales: np.ndarray, n: int) -> None:
     """Site-local record of the plaintext (scaled) update this site contributed (atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, *update, keys=np.asarray(keys), scales=scales, num_examples=np.asarray(n))
-    tmp.replace(path)
+    atomic_write(path, lambda fh: np.savez(fh, *update, keys=np.asarray(keys), scales=scales,
+                                           num_examples=np.asarray(n)), binary=True, mode=None)
 
 
 def _guarded(client: SecAggSiteClient, kind: str, fn: Any, *args: Any) -> Any:

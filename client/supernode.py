@@ -28,15 +28,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from server.audit import AuditLog
-from server.flwr_tuning import (
+from launch.audit import AuditLog
+from launch.flwr_env import apply_flwr_env
+from launch.flwr_tuning import (
     ShortSleeps,
     check_flwr_version,
     configure_flwr_logging,
     patch_heartbeat,
     patch_object_pulls,
 )
-from server.superlink import apply_flwr_env
 
 logger = logging.getLogger(__name__)
 

@@ -11,9 +11,8 @@ import functools
 import math
 from typing import Any, Iterable
 
-from common.config import ConfigError, PrivacyConfig
+from common.config import ACCOUNTANTS, ConfigError, PrivacyConfig
 
-ACCOUNTANTS = ("rdp", "gdp", "prv")
 
 
 def poisson_rate(num_examples: int, batch_size: int) -> tuple[float, int]:

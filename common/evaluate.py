@@ -1,4 +1,5 @@
-"""The one evaluation function: predictions, per-image metrics and a fixed summary.
+"""Scoring: a network's batched predictions, per-image metrics and a fixed summary
+(``common.inference`` predicts with the configured views and post-processing and scores here).
 
 All metrics are computed at the model resolution (S×S, masks resized nearest-neighbour by
 ``to_tensors``); HD95 in mm uses the pixel spacing rescaled to that resolution and is NaN where
@@ -78,7 +79,10 @@ def score(
     threshold: float = 0.5,
     mask_threshold: float = 0.5,
 ) -> EvalResult:
-    """Per-image metrics and the summary from predictions already made (see ``evaluate``)."""
+    """Per-image metrics and the summary of predictions ``probs`` (N,1,S,S), ``p_malignant`` (N,).
+    ``threshold`` decides malignant for sensitivity, specificity and accuracy; ``mask_threshold``
+    binarises the mask probabilities. Summary: dice, iou, hd95 (px) are means over lesion images
+    only; auc over all images; NaN where undefined."""
     true = data.masks.cpu().numpy()[:, 0] > 0.5
     pred = np.asarray(probs)[:, 0] >= mask_threshold
     spacing = data.spacing_mm.cpu().numpy().astype(float)
@@ -116,18 +120,3 @@ def score(
     }
     return EvalResult(per_image=per_image, summary=summary)
 
-
-def evaluate(
-    model: nn.Module,
-    data: TensorData,
-    *,
-    threshold: float = 0.5,
-    mask_threshold: float = 0.5,
-    batch_size: int = 32,
-    device: str | torch.device | None = None,
-) -> EvalResult:
-    """Predict and score ``data``. ``threshold`` decides malignant for sensitivity, specificity
-    and accuracy; ``mask_threshold`` binarises the mask probabilities. Summary: dice, iou, hd95
-    (px) are means over lesion images only; auc over all images; NaN where undefined."""
-    probs, p_mal = predict(model, data, batch_size=batch_size, device=device)
-    return score(probs, p_mal, data, threshold=threshold, mask_threshold=mask_threshold)

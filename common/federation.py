@@ -16,62 +16,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-import yaml
 
-from common.config import AUTO_PRETRAINED, ConfigError, ExperimentConfig, from_dict, load_yaml, to_dict
+from common.config import (  # noqa: F401  (FederationConfig, STRATEGIES: part of a RunSpec)
+    AUTO_PRETRAINED, STRATEGIES, ConfigError, ExperimentConfig, FederationConfig, from_dict, load_yaml, to_dict,
+)
 
 if TYPE_CHECKING:  # torch (and MONAI behind common.model) load only where a network is built:
     import torch  # the launchers parse RunSpec/SiteSpec without them (benchmarks/launcher_startup.py)
     from torch import nn
 
-STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedbn", "fedadam", "fedmedian")
-#: "round": each round's local training runs train.schedule from its start (warm-up, then decay
-#: within the round); "global": one schedule over rounds × local epochs (common.schedule).
-LR_SCHEDULES: tuple[str, ...] = ("round", "global")
 #: Site label of the federation-wide (aggregated) rows in metrics files; not a valid site name.
 AGGREGATE_SITE = "all-sites"
 #: Value reported for a metric that is undefined at a site (e.g. AUC with one class present).
 UNDEFINED = -1.0
 
-_SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
-@dataclass(frozen=True)
-class FederationConfig:
-    """Round structure and aggregation. ``proximal_mu`` only acts with strategy "fedprox";
-    ``server_lr`` only with "fedadam"; ``min_sites`` is the quorum below which no round starts."""
+def is_site_name(name: object) -> bool:
+    """The one site-name rule: 1-64 letters, digits, '_', '.', '-', starting with a letter or
+    digit, and not the aggregate label. Names become file and folder names and metric labels."""
+    return (isinstance(name, str) and _SITE_NAME.fullmatch(name) is not None
+            and name.lower() != AGGREGATE_SITE)
 
-    rounds: int = 3
-    local_epochs: int = 1
-    strategy: str = "fedavg"
-    proximal_mu: float = 0.01
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 1.0
-    min_sites: int = 2
-    round_timeout_s: float = 600.0
-    quorum_timeout_s: float = 300.0
-    server_lr: float = 0.01
-    central_eval: bool = True
-    checkpoint_every: int = 1
-    packed_weights: bool = True  # one float32 vector per message (common/packing.py)
-    lr_schedule: str = "round"  # round: train.schedule restarts each round; global: one over the run
 
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"federation.strategy: {self.strategy!r} not one of {STRATEGIES}")
-        for name in ("rounds", "local_epochs", "min_sites", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"federation.{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("fraction_train", "fraction_evaluate"):
-            if not 0.0 < getattr(self, name) <= 1.0:
-                raise ConfigError(f"federation.{name}: must be in (0, 1], got {getattr(self, name)}")
-        for name in ("round_timeout_s", "quorum_timeout_s", "server_lr"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"federation.{name}: must be > 0, got {getattr(self, name)}")
-        if self.proximal_mu < 0:
-            raise ConfigError(f"federation.proximal_mu: must be >= 0, got {self.proximal_mu}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"federation.lr_schedule: {self.lr_schedule!r} not one of {LR_SCHEDULES}")
+def check_site_name(name: object, where: str) -> str:
+    """``name`` when it obeys ``is_site_name``; else ConfigError naming ``where`` (a file, a key)."""
+    if not is_site_name(name):
+        raise ConfigError(f"{where}: site name {name!r}: use 1-64 letters, digits, '_', '.', '-', "
+                          f"starting with a letter or digit (not {AGGREGATE_SITE!r})")
+    return str(name)
 
 
 @dataclass(frozen=True)
@@ -89,11 +63,7 @@ class SiteSpec:
     strict: bool = True
 
     def __post_init__(self) -> None:
-        if not _SITE_NAME.match(self.name) or self.name.lower() == AGGREGATE_SITE:
-            raise ConfigError(
-                f"site name {self.name!r}: use 1-64 letters, digits, '_', '.', '-' "
-                f"(not {AGGREGATE_SITE!r})"
-            )
+        check_site_name(self.name, "site")
         if (self.data_path is None) == (self.synthetic_centre is None):
             raise ConfigError(
                 f"site {self.name!r}: give exactly one of data_path or synthetic_centre"
@@ -128,22 +98,44 @@ class RunSpec:
         raise KeyError(name)
 
 
-def spec_from_dict(data: Mapping[str, Any], where: str = "run spec") -> RunSpec:
-    """Parse a mapping (e.g. YAML) into a RunSpec; every error names ``where``."""
+_SPEC_KEYS = ("experiment", "sites", "run_dir", "central_test", "cache_dir")
+
+
+def spec_from_dict(data: Mapping[str, Any], where: str = "run spec", base: Path | None = None) -> RunSpec:
+    """Parse a run-spec document: ``experiment`` is a settings document (``common.settings``:
+    a ``preset`` plus overrides, or fully resolved), the rest names the sites and folders.
+    Every error names ``where``; a deployment's site list must be non-empty and hold the quorum."""
+    from common.settings import settings_from_dict
+
+    unknown = sorted(set(data) - set(_SPEC_KEYS))
+    if unknown:
+        hint = " (federation settings go under experiment:)" if "federation" in unknown else ""
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {list(_SPEC_KEYS)}{hint}")
+    doc = data.get("experiment") or {}
+    if not isinstance(doc, Mapping):
+        raise ConfigError(f"{where}: experiment: expected a settings mapping such as {{preset: recommended}}")
+    settings = settings_from_dict(doc, f"{where}: experiment", base)
+    rest = {k: v for k, v in data.items() if k != "experiment"}
     try:
-        return from_dict(RunSpec, data, where)
+        spec = from_dict(RunSpec, rest, where)
     except ConfigError as exc:
         text = str(exc)
         raise ConfigError(text if text.startswith(where) else f"{where}: {text}") from None
+    if not spec.sites:
+        raise ConfigError(f"{where}: sites: list at least one training site")
+    if settings.federation.min_sites > len(spec.sites):
+        raise ConfigError(f"{where}: experiment.federation.min_sites: {settings.federation.min_sites} is more "
+                          f"than the {len(spec.sites)} listed site(s)")
+    return dataclasses.replace(spec, experiment=settings.experiment, federation=settings.federation)
 
 
 def load_run_spec(yaml_path: str | Path) -> RunSpec:
     """Read a RunSpec YAML. Relative paths (sites' ``data_path``, ``run_dir``, ``cache_dir``,
-    ``experiment.model.pretrained_path``) are resolved against the YAML's folder, so a spec file
-    works from any working directory."""
+    ``experiment.model.pretrained_path``, a preset file) are resolved against the YAML's folder,
+    so a spec file works from any working directory."""
     path = Path(yaml_path)
-    spec = spec_from_dict(load_yaml(path), str(path))
     base = path.resolve().parent
+    spec = spec_from_dict(load_yaml(path), str(path), base)
 
     def absolute(p: str | None) -> str | None:
         return p if p in (None, AUTO_PRETRAINED) or Path(p).is_absolute() else str(base / p)
@@ -163,14 +155,11 @@ def load_run_spec(yaml_path: str | Path) -> RunSpec:
 
 
 def run_spec_to_dict(spec: RunSpec) -> dict[str, Any]:
-    """Plain YAML-safe dict; ``spec_from_dict(run_spec_to_dict(s)) == s``."""
-    return to_dict(spec)
-
-
-def save_run_spec(spec: RunSpec, path: str | Path) -> None:
-    """Write the spec as YAML (the run folder's resolved ``config.yaml``)."""
-    text = yaml.safe_dump(run_spec_to_dict(spec), sort_keys=False)
-    Path(path).write_text(text, encoding="utf-8")
+    """Plain YAML-safe dict with the experiment as a resolved settings document;
+    ``spec_from_dict(run_spec_to_dict(s)) == s``."""
+    out = to_dict(spec)
+    out["experiment"] = {**out.pop("experiment"), "federation": out.pop("federation")}
+    return {"experiment": out["experiment"], **{k: out[k] for k in _SPEC_KEYS if k != "experiment"}}
 
 
 def site_seed(seed: int, server_round: int, site: str) -> int:

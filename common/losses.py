@@ -16,10 +16,11 @@ Choices that the published method leaves open, made here:
 - Prior supervision trains the prior's weights only: it sees detached features, so it cannot push
   the predicted masks towards "malignant-looking" shapes.
 - Terms whose weight is 0 are computed without gradient, for the report only.
-- λ warm-up (``consistency_warmup_steps``, ``consistency_ramp_steps``): the loss counts its own
-  training calls (forward with grad enabled) and applies λ·min(1, max(0, k − warm + 1)/ramp) at
-  call k, so the consistency term only starts once the masks and p̂ mean something. The count
-  lives in this object, i.e. restarts with every ``train_local`` call (every federated round).
+- λ warm-up (``consistency_warmup_epochs``, ``consistency_ramp_epochs``): a training step that
+  ends at run progress p in global epochs (``progress=``, from ``train_local``) applies 0 until p
+  passes the warm-up, then λ·min(1, (p − warm-up)/ramp), so the consistency term only starts once
+  the masks and p̂ mean something. Progress counts the whole run (``common.schedule``), so the
+  warm-up happens once, not in every federated round; a call without ``progress`` applies λ.
 
 Per-sample structure (for DP-SGD): every term is a mean of per-image terms. By default the lesion
 terms divide by the batch's count of lesion images, which couples images; with
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 
 from common.birads import FEATURE_NAMES, BiradsPrior, birads_features
 from common.config import LossConfig
+from common.schedule import ramp
 
 log = logging.getLogger(__name__)
 
@@ -82,30 +84,27 @@ class MultiTaskLoss(nn.Module):
             raise ValueError(f"loss.features: unknown or empty {list(cfg.features)}; "
                              f"known: {list(FEATURE_NAMES)}")
         for name in ("seg_weight", "dice", "bce", "cls_weight", "consistency", "prior_supervision",
-                     "consistency_warmup_steps", "consistency_ramp_steps"):
-            if getattr(cfg, name) < 0:
+                     "consistency_warmup_epochs", "consistency_ramp_epochs"):
+            if not getattr(cfg, name) >= 0:  # NaN fails too
                 raise ValueError(f"loss.{name} must be ≥ 0, got {getattr(cfg, name)}")
         self.cfg = cfg
         pw = pos_weight if pos_weight is not None else cfg.pos_weight
         if pw is not None and not pw > 0:
             raise ValueError(f"pos_weight must be > 0, got {pw}")
         self.pos_weight = None if pw is None else float(pw)
-        self.train_steps = 0  # training calls so far (drives the λ warm-up)
 
     @property
     def consistency_weight(self) -> float:
         """λ actually applied (0 in the single-task arm)."""
         return self.cfg.consistency if self.cfg.cls_weight > 0 else 0.0
 
-    def scheduled_consistency(self) -> float:
-        """λ for the next training call: 0 during warm-up, then a linear ramp to λ."""
-        lam, warm = self.consistency_weight, self.cfg.consistency_warmup_steps
-        ramp = self.cfg.consistency_ramp_steps
-        if self.train_steps < warm:
-            return 0.0
-        if ramp > 0:
-            return lam * min(1.0, (self.train_steps - warm + 1) / ramp)
-        return lam
+    def scheduled_consistency(self, end: float) -> float:
+        """λ for a training step that ends at run progress ``end`` (global epochs): 0 until the
+        warm-up has passed, then linear to λ over the ramp."""
+        if self.cfg.consistency_warmup_epochs == 0 and self.cfg.consistency_ramp_epochs == 0:
+            return self.consistency_weight
+        return self.consistency_weight * ramp(end, self.cfg.consistency_warmup_epochs,
+                                              self.cfg.consistency_ramp_epochs)
 
     def trains_prior(self) -> bool:
         """Whether the prior's parameters receive gradient. Where False, freeze them (e.g. under
@@ -125,10 +124,13 @@ class MultiTaskLoss(nn.Module):
         cls_logit: Tensor,
         batch: Mapping[str, Tensor],
         prior: BiradsPrior,
+        progress: float | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """mask_logits (B,1,S,S), cls_logit (B,) → (total, parts); ``batch`` as from
         ``common.data.tensors.batches`` (needs mask, malignant, has_lesion, raw). Parts are the
-        unweighted terms (``dice`` is the Dice *loss*, 1 − Dice) and the weighted ``total``."""
+        unweighted terms (``dice`` is the Dice *loss*, 1 − Dice) and the weighted ``total``.
+        ``progress``: run progress in global epochs at the end of this training step (λ's
+        schedule); None: λ unscheduled (evaluation, or a caller without a run)."""
         cfg = self.cfg
         mask_logits = mask_logits.float()  # Dice sums and features in float32, even under autocast
         cls_logit = cls_logit.float()
@@ -149,8 +151,7 @@ class MultiTaskLoss(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.cls_weight > 0):
             cls = self._cls(cls_logit, y)
 
-        training = torch.is_grad_enabled()
-        lam = self.scheduled_consistency() if training else self.consistency_weight
+        lam = self.consistency_weight if progress is None else self.scheduled_consistency(progress)
         mode = cfg.consistency_grad
         p_hat = torch.sigmoid(cls_logit)
         # features need grad only when φ's gradient is used (mode both/mask and λ > 0)
@@ -183,6 +184,4 @@ class MultiTaskLoss(nn.Module):
             total = total + cfg.prior_supervision * prior_sup
         values = torch.stack([seg, dice, bce, cls, consistency, prior_sup, total]).detach()
         parts = dict(zip(PART_KEYS, (float(v) for v in values.cpu().tolist())))
-        if training:
-            self.train_steps += 1
         return total, parts

@@ -20,9 +20,8 @@ import torch
 from torch import nn
 
 from common.birads import BiradsPrior
-from common.config import AUTO_PRETRAINED, ModelConfig
+from common.config import ARCHES, AUTO_PRETRAINED, MASK_HEADS, ModelConfig
 from common.nets.efficientnet import (
-    DECODER_CHANNELS,
     LITE_VARIANTS,
     EfficientNetB1Encoder,
     EncoderDecoder,
@@ -31,17 +30,10 @@ from common.nets.efficientnet import (
     load_lite_imagenet,
 )
 from common.nets.heads import HEADS
-from common.nets.mixstyle import MODES as MIXSTYLE_MODES
 from common.nets.small_unet import SmallUNet
 
 log = logging.getLogger(__name__)
 
-ARCHES = ("small", "effb1_attention", "lite0", "lite1")
-MASK_HEADS = ("full", "slim", "half")
-# "slim": the last, full-resolution decoder block with 8 channels instead of 16: 3/8 of its
-# multiply-adds, but its full-resolution upsampling and norms stay (lite0 trains 1.08x faster
-# than "full", 1.22x for "half"; no Dice gain over "half": docs/external_validation.md)
-SLIM_FINAL_CHANNELS = 8
 
 
 class MultiTaskNet(nn.Module):
@@ -85,15 +77,13 @@ def _backbone(cfg: ModelConfig, cin: int) -> nn.Module:
     if cfg.arch == "small":
         return SmallUNet(cin, cfg.base_channels, cfg.depth, cfg.num_groups)
     final_block = cfg.mask_head != "half"
-    last = SLIM_FINAL_CHANNELS if cfg.mask_head == "slim" else DECODER_CHANNELS[-1]
-    decoder = (*DECODER_CHANNELS[:-1], last)
     if cfg.arch == "effb1_attention":
-        return EncoderDecoder(EfficientNetB1Encoder(cin, cfg.num_groups), cfg.num_groups, decoder,
+        return EncoderDecoder(EfficientNetB1Encoder(cin, cfg.num_groups), cfg.num_groups,
                               final_block=final_block)
     if cfg.arch in LITE_VARIANTS:
         encoder = LiteEncoder(cin, cfg.num_groups, norm=cfg.encoder_norm, variant=cfg.arch,
-                              mixstyle=cfg.mixstyle, mixstyle_mode=cfg.mixstyle_mode)
-        return EncoderDecoder(encoder, cfg.num_groups, decoder, final_block=final_block)
+                              mixstyle=cfg.mixstyle)
+        return EncoderDecoder(encoder, cfg.num_groups, final_block=final_block)
     raise ValueError(f"model.arch: unknown {cfg.arch!r}; known: {list(ARCHES)}")
 
 
@@ -115,9 +105,6 @@ def build_model(
     if model_cfg.mixstyle and (model_cfg.arch not in LITE_VARIANTS or not 0 < model_cfg.mixstyle <= 1):
         raise ValueError(f"model.mixstyle: a probability in (0, 1] for arch "
                          f"{' / '.join(LITE_VARIANTS)}; got {model_cfg.mixstyle} for {model_cfg.arch!r}")
-    if model_cfg.mixstyle_mode not in MIXSTYLE_MODES:
-        raise ValueError(f"model.mixstyle_mode: unknown {model_cfg.mixstyle_mode!r}; "
-                         f"known: {list(MIXSTYLE_MODES)}")
     if model_cfg.mask_head not in MASK_HEADS or (model_cfg.mask_head != "full" and model_cfg.arch == "small"):
         raise ValueError(f"model.mask_head: one of {list(MASK_HEADS)} (only 'full' for arch 'small'); "
                          f"got {model_cfg.mask_head!r} for {model_cfg.arch!r}")

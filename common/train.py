@@ -14,14 +14,15 @@ plain keys); ``batch_iter_factory()`` yields one epoch of batch dicts like
 ``common.data.tensors.batches`` (e.g. Poisson-sampled); ``extra_grad`` (a no-argument callable
 or None) must be called once per step after the noise is added and before the parameter update.
 Without a session, gradient-norm clipping uses ``train_cfg.grad_clip``; with one, the session
-clips per sample and ``grad_clip`` is not applied. With ``train_cfg.ema_decay`` > 0 the moving
-average of the weights (``common.ema``) is what ``on_epoch_end`` sees and what the model holds
-at the end. With ``train_cfg.low_res_epochs`` the first epochs train on shrunk batches
-(``common.data.augment.shrink_batch``: progressive resizing).
+clips per sample and ``grad_clip`` is not applied.
+
+Schedules (``position=``, a ``common.schedule.RunPosition``): the learning rate and λ are
+functions of the run's global epoch progress, so R calls of E epochs placed with
+``RunPosition.for_round`` take the same learning rates and λ, step by step, as one call of R·E
+epochs (federated rounds and centralised training mean the same recipe).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import logging
@@ -35,13 +36,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from common.config import AugmentConfig, LossConfig, TrainConfig
-from common.data.augment import augment_batch, augmentation, calm, shrink_batch
+from common.data.augment import augment_batch, augmentation
 from common.data.tensors import TensorData, batches, normalise
 from common.device import resolve_device, seed_everything, set_threads
-from common.ema import ParameterEma
 from common.losses import MultiTaskLoss
 from common.nets.mixstyle import MixStyle
-from common.schedule import FULL_SPAN, lr_schedule
+from common.schedule import SCHEDULES, RunPosition, lr_factor
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def _eager(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
 
     ``add_param_group``/``zero_grad`` (``torch._disable_dynamo``) and ``step``
     (``_use_grad_for_differentiable``) import ``torch._dynamo`` on first use: 1.5-2.5 s on a
-    loaded 2-core machine, paid by every fresh process that trains (a simulated site's first
+    busy CPU, paid by every fresh process that trains (a simulated site's first
     round, each deployed round). Nothing here is compiled, so the guards do nothing; the update
     arithmetic is torch's own (``benchmarks/sim_overhead.py`` measures the first round)."""
     methods = {n: _unwrapped(cls, n) for n in ("add_param_group", "zero_grad", "step")}
@@ -123,7 +123,7 @@ def _optimizer(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch
     """AdamW or SGD; with ``encoder_lr_scale`` ≠ 1 the encoder's parameters ("backbone.encoder.*",
     the part that may hold ImageNet weights in lite0/effb1_attention) form a second group at
     lr × scale, so fine-tuning keeps the pretrained features while the freshly initialised decoder
-    and heads learn fast (measured: +0.04 external Dice, docs/external_validation.md run Y2)."""
+    and heads learn fast (measured: +0.04 external Dice on the paper protocol)."""
     groups: list[dict[str, Any]] = [{"params": [p for _, p in named]}]
     if cfg.encoder_lr_scale != 1.0:
         enc = [p for n, p in named if n.startswith(ENCODER_PREFIX)]
@@ -171,7 +171,7 @@ def train_local(
     augment: bool | AugmentConfig | None = True,
     desc: str = "",
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
-    schedule_span: tuple[float, float] = FULL_SPAN,
+    position: RunPosition = RunPosition(),
 ) -> TrainResult:
     """Train ``model`` (a MultiTaskNet, in place) on ``data``; see the module docstring.
 
@@ -182,10 +182,14 @@ def train_local(
     after each epoch (1-based) with that epoch's history record, e.g. to validate and keep the
     best weights; it may switch the model to eval mode (training mode is restored after it).
     TrainResult.loss is the MultiTaskLoss total; the FedProx term is reported in parts["proximal"].
-    ``schedule_span``: the slice of a run-wide lr schedule this call covers (``common.schedule``).
+    ``position``: where this call sits in its run (default: it is the whole run); the LR
+    schedule and λ's warm-up count the run's epochs (``common.schedule``).
     """
     if len(data) == 0:
         raise ValueError(f"{desc or 'train_local'}: no training images")
+    if train_cfg.schedule not in SCHEDULES:
+        raise ValueError(f"train.schedule: unknown {train_cfg.schedule!r} ({' | '.join(SCHEDULES)})")
+    total_epochs = position.total(train_cfg.epochs)
     set_threads(train_cfg.num_threads)
     dev = resolve_device(device if device is not None else train_cfg.device)
     generator = seed_everything(train_cfg.seed)
@@ -217,7 +221,8 @@ def train_local(
             p.requires_grad_(False)
     try:
         return _run(model, data, train_cfg, loss_fn, global_state, proximal_mu, privacy, dev,
-                    augmentation(augment), desc, generator, on_epoch_end, schedule_span)
+                    augmentation(augment), desc, generator, on_epoch_end, position.epoch_offset,
+                    total_epochs)
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -236,10 +241,12 @@ def _run(
     desc: str,
     generator: torch.Generator,
     on_epoch_end: Callable[[int, dict[str, float]], None] | None,
-    schedule_span: tuple[float, float],
+    epoch_offset: int,
+    total_epochs: int,
 ) -> TrainResult:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = _optimizer(named, cfg)
+    base_lrs = [float(g["lr"]) for g in optimizer.param_groups]  # the schedule scales these
     mu = cfg.proximal_mu if proximal_mu is None else float(proximal_mu)
     add_prox: Callable[[], None] | None = None
     prox_value: Callable[[], float] = lambda: 0.0  # noqa: E731
@@ -259,9 +266,7 @@ def _run(
         def epoch_batches() -> Iterable[dict[str, Tensor]]:
             return batches(data, cfg.batch_size, shuffle=True, generator=generator)
 
-    ema = ParameterEma(named, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
-    scheduler = lr_schedule(optimizer, cfg, steps_per_epoch * cfg.epochs, schedule_span)
+    steps_per_epoch = math.ceil(len(data) / cfg.batch_size)  # also Poisson's (DP) steps per epoch
     prior = getattr(model, "prior")
     model.train()
     history: list[dict[str, float]] = []
@@ -271,28 +276,29 @@ def _run(
     try:
         for epoch in range(cfg.epochs):
             t0, sums, n_epoch = time.perf_counter(), {}, 0
-            if geometry is not None and epoch >= cfg.epochs - geometry.calm_epochs:
-                geometry = calm(geometry)
-            for batch in epoch_batches():
+            done = epoch_offset + epoch  # whole epochs of the run before this one
+            for i, batch in enumerate(epoch_batches()):
+                # run progress this step covers, in global epochs (the same float whichever way
+                # the run is cut into calls: the schedules must not see the cut)
+                start = done + min(i, steps_per_epoch - 1) / steps_per_epoch
+                end = done + min(i + 1, steps_per_epoch) / steps_per_epoch
                 b = int(batch["mask"].shape[0])
                 if b == 0:  # Poisson sampling can draw an empty batch
                     continue
                 batch = {k: v.to(dev, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
-                low_res = epoch < cfg.low_res_epochs
-                if geometry is not None or low_res:  # here, not in the batch factory: DP batches too
-                    raw, mask = batch["raw"], batch["mask"]
-                    if geometry is not None:
-                        raw, mask = augment_batch(raw, mask, generator, geometry)
-                    if low_res:
-                        raw, mask = shrink_batch(raw, mask, cfg.low_res_scale)
+                if geometry is not None:  # here, not in the batch factory: DP batches too
+                    raw, mask = augment_batch(batch["raw"], batch["mask"], generator, geometry)
                     batch = {**batch, "raw": raw, "mask": mask, "image": normalise(raw),
                              "has_lesion": mask.flatten(1).amax(1) > 0}
+                factor = lr_factor(cfg, start, end, total_epochs)
+                for group, base in zip(optimizer.param_groups, base_lrs):
+                    group["lr"] = base * factor
                 x = batch["image"]
                 if cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 optimizer.zero_grad(set_to_none=True)
                 mask_logits, cls_logit = module(x)
-                total, parts = loss_fn(mask_logits, cls_logit, batch, prior)
+                total, parts = loss_fn(mask_logits, cls_logit, batch, prior, progress=end)
                 if not torch.isfinite(total):
                     raise FloatingPointError(f"{desc or 'train_local'}: non-finite loss at epoch "
                                              f"{epoch + 1} step {steps + 1}: {parts}")
@@ -303,9 +309,6 @@ def _run(
                     if cfg.grad_clip:
                         nn.utils.clip_grad_norm_([p for _, p in named], cfg.grad_clip)
                 optimizer.step()
-                scheduler.step()
-                if ema is not None:
-                    ema.update()
                 if privacy is not None:
                     privacy.after_step()
                 parts["proximal"] = prox_value() if add_prox is not None else 0.0
@@ -327,11 +330,8 @@ def _run(
                      means.get("consistency", float("nan")), means.get("proximal", 0.0),
                      history[-1]["images_per_s"])
             if on_epoch_end is not None:
-                with ema.swapped() if ema is not None else contextlib.nullcontext():
-                    on_epoch_end(epoch + 1, dict(history[-1]))
+                on_epoch_end(epoch + 1, dict(history[-1]))
                 model.train()
-        if ema is not None:
-            ema.copy_to_model()
     finally:
         bar.close()
     seconds = time.perf_counter() - start

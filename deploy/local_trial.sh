@@ -42,11 +42,11 @@ PORT="$(free_port)"
 
 {
   echo "experiment:"
-  echo "  data: {image_size: 32, val_fraction: 0.25}"
-  echo "  model: {base_channels: 4, depth: 2}"
-  echo "  train: {batch_size: 8, device: cpu, num_threads: 1}"
-  echo "federation: {strategy: fedavg, rounds: $ROUNDS, local_epochs: 1, min_sites: 3,"
-  echo "             quorum_timeout_s: 120, round_timeout_s: 120}"
+  echo "  preset: recommended"
+  echo "  data: {val_fraction: 0.25}"
+  echo "  train: {device: cpu, num_threads: 1}"
+  echo "  federation: {rounds: $ROUNDS, local_epochs: 1, min_sites: 3, quorum_timeout_s: 120,"
+  echo "               round_timeout_s: 300}"
   echo "sites:"
   for i in "${!SITES[@]}"; do
     echo "  - {name: ${SITES[$i]}, synthetic_centre: ${CENTRES[$i]}, synthetic_n: 16}"

@@ -6,16 +6,14 @@ a quorum of sites (stock sampling waits forever), a checkpoint after each round 
 from it. Aggregation itself is Flower's (server/strategy.py).
 
 Deployment: ``app`` reads the run from ``context.run_config``: "run-spec" (path of a RunSpec
-YAML, e.g. written by flower-server), "resume" (bool); without "run-spec" a spec is built from
-the pyproject keys num-server-rounds, local-epochs, strategy, proximal-mu, lr-schedule, image-size,
-run-dir.
+YAML written by flower-server from the experiment file) and "resume" (bool); configuration has
+no other way in (common/settings.py).
 Simulation: ``make_server_app(spec)`` bakes the spec in (run_simulation ignores run_config).
 """
 from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -26,9 +24,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import ExperimentConfig, replace, to_dict
+from common.config import ConfigError, to_dict
 from common.device import resolve_device, seed_everything
-from common.evaluate import evaluate
 from common.federation import (
     AGGREGATE_SITE,
     FederationConfig,
@@ -36,15 +33,16 @@ from common.federation import (
     aggregate_site_metrics,
     build_experiment_model,
     eval_metrics,
+    is_site_name,
     load_run_spec,
     norm_keys,
 )
+from common.inference import evaluate
 from common.sitedata import load_test_tensors
-from server.state import MetricRow, RunFolder, check_resumable
+from server.state import MetricRow, ServerRunFolder, check_resumable
 from server.strategy import SiteRegistry, build_strategy
 
 log = logging.getLogger(__name__)
-_SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], None]
@@ -71,16 +69,10 @@ def resolve_server_spec(spec: RunSpec | None, resume: bool, run_config: Mapping[
     resume = resume or str(run_config.get("resume", "false")).lower() in ("true", "1", "yes")
     if spec is not None:
         return spec, resume
-    if run_config.get("run-spec"):
-        return load_run_spec(str(run_config["run-spec"])), resume
-    fed_keys = {"num-server-rounds": "rounds", "local-epochs": "local_epochs",
-                "strategy": "strategy", "proximal-mu": "proximal_mu", "lr-schedule": "lr_schedule"}
-    fed = replace(FederationConfig(), **{f: run_config[k] for k, f in fed_keys.items() if k in run_config})
-    exp = ExperimentConfig()
-    if "image-size" in run_config:
-        exp = replace(exp, **{"data.image_size": run_config["image-size"]})
-    run_dir = str(run_config.get("run-dir") or f"runs/federation-{time.strftime('%Y%m%d-%H%M%S')}")
-    return RunSpec(experiment=exp, federation=fed, run_dir=run_dir), resume
+    if not run_config.get("run-spec"):
+        raise ConfigError("run_config has no run-spec: start federations with flower-server "
+                          "(it writes the run spec from the experiment file and passes its path)")
+    return load_run_spec(str(run_config["run-spec"])), resume
 
 
 def run_federation(
@@ -91,12 +83,12 @@ def run_federation(
     poll_s: float = 1.0,
     clock: Clock = time.monotonic,
     sleep: Sleep = time.sleep,
-) -> RunFolder:
+) -> ServerRunFolder:
     """Run (or resume) the federation described by ``spec`` on ``grid``; returns its folder.
     Raises FederationStopped when fewer than ``min_sites`` sites are connected after
     ``quorum_timeout_s`` at the start of a round."""
     fed, exp = spec.federation, spec.experiment
-    folder = RunFolder(spec.run_dir)
+    folder = ServerRunFolder(spec.run_dir)
     start, state, run_key, strategy_state = _initial_state(folder, spec, resume)
     folder.write_config(spec)
     file_log, level = _attach_file_log(folder.path)
@@ -112,7 +104,7 @@ def run_federation(
         strategy.load_state_dict(strategy_state)  # type: ignore[attr-defined]
         arrays = ArrayRecord(state)
         base = {"experiment": json.dumps(to_dict(exp)), "run-key": run_key, "strategy": fed.strategy,
-                "num-rounds": fed.rounds, "lr-schedule": fed.lr_schedule}
+                "num-rounds": fed.rounds}
         central = CentralTest(spec) if fed.central_eval and spec.central_test else None
         saved = start
         folder.write_status("running", saved)
@@ -160,7 +152,7 @@ def run_federation(
         file_log.close()
 
 
-def _initial_state(folder: RunFolder, spec: RunSpec, resume: bool) -> tuple[int, dict[str, torch.Tensor], str, dict[str, Any]]:
+def _initial_state(folder: ServerRunFolder, spec: RunSpec, resume: bool) -> tuple[int, dict[str, torch.Tensor], str, dict[str, Any]]:
     """(last finished round, global weights, run key, strategy state): from the checkpoint when
     resuming, else freshly initialised with the experiment seed."""
     if folder.has_checkpoint():
@@ -240,7 +232,7 @@ def _query(grid: Grid, registry: SiteRegistry, nodes: list[int], base_config: Ma
             continue
         info = reply.content.config_records.get("info")
         site = str(info.get("site", "")) if info is not None else ""
-        if not _SITE_NAME.match(site):
+        if not is_site_name(site):
             log.error("node %d sent no valid site name: ignored", node)
             registry.refused.add(node)
             continue
@@ -272,7 +264,7 @@ class CentralTest:
                 self._data[site.name] = load_test_tensors(site, exp.data, self.spec.cache_dir)
             data = self._data[site.name]
             t0 = time.perf_counter()
-            result = evaluate(model, data, batch_size=exp.train.batch_size, device=device)
+            result = evaluate(model, data, exp.inference, batch_size=exp.train.batch_size, device=device)
             n_malignant = int(data.malignant.sum().item()) if len(data) else 0
             per_site[site.name] = eval_metrics(result.summary, n_malignant, time.perf_counter() - t0)
             for key, value in per_site[site.name].items():

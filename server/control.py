@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from server.superlink import CONNECTION, bin_path, flwr_env, kv_config
+from launch.flwr_env import flwr_env, kv_config
+from launch.process import bin_path
+from server.superlink import CONNECTION
 
 logger = logging.getLogger(__name__)
 

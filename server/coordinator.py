@@ -18,15 +18,17 @@ from importlib import metadata
 from pathlib import Path
 
 from common.federation import RunSpec
-from server.audit import AuditLog, RunFolderWatcher, file_sha256, process_identity
-from server.cli import CoordinatorConfig, REPO_ROOT, default_run_timeout
+from launch.audit import AuditLog, file_sha256, process_identity
+from launch.flwr_env import apply_flwr_env, flwr_env
+from launch.process import (
+    LogFollower, ManagedProcess, ProcessError, bin_path, ensure_secret, wait_for_health,
+)
 from server.control import (
     Control, ControlError, fab_preflight, key_fingerprint, submit_run,
 )
-from server.superlink import (
-    CONNECTION, LogFollower, ManagedProcess, ProcessError, SuperLinkLaunch, apply_flwr_env,
-    bin_path, ensure_secret, flwr_env, wait_for_health, write_flwr_config,
-)
+from server.coordinator_config import REPO_ROOT, CoordinatorConfig, default_run_timeout
+from server.run_watcher import RunFolderWatcher
+from server.superlink import CONNECTION, SuperLinkLaunch, write_flwr_config
 
 logger = logging.getLogger(__name__)
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STOPPED = 0, 1, 2, 3

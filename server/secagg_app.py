@@ -35,11 +35,11 @@ from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from client.secagg_app import KEY_MAX_WEIGHT, KEY_RANGE, KEY_SCALES, SECAGG_STRATEGIES
 from common.config import ConfigError, from_dict, to_dict
 from common.federation import AGGREGATE_SITE, RunSpec, build_experiment_model
+from launch.wire import KEY_MAX_WEIGHT, KEY_RANGE, KEY_SCALES, SECAGG_STRATEGIES
 from server.app import CentralTest, resolve_server_spec
-from server.state import MetricRow, RunFolder
+from server.state import MetricRow, ServerRunFolder
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class SecAggFedAvg(FedAvg):
 
 
 def run_secagg(grid: Grid, context: Context, spec: RunSpec, secagg: SecAggConfig,
-               on_round: OnRound | None = None) -> RunFolder:
+               on_round: OnRound | None = None) -> ServerRunFolder:
     """Run ``spec`` with SecAgg+ on ``grid``; metrics and per-round checkpoints go to the run
     folder (aggregates only: the legacy strategy sees no site names). ``on_round(r, weights)``
     sees the initial weights (r = 0) and the global weights after each round."""
@@ -136,7 +136,7 @@ def run_secagg(grid: Grid, context: Context, spec: RunSpec, secagg: SecAggConfig
         raise ConfigError(f"federation.strategy {fed.strategy!r} cannot run under SecAgg+; "
                           f"use one of {SECAGG_STRATEGIES}")
     n_sites = len(spec.sites) if spec.sites else fed.min_sites
-    folder = RunFolder(spec.run_dir)
+    folder = ServerRunFolder(spec.run_dir)
     folder.write_config(spec)
     state = build_experiment_model(exp).state_dict()
     keys, initial = list(state), [v.detach().cpu().numpy() for v in state.values()]
@@ -144,7 +144,7 @@ def run_secagg(grid: Grid, context: Context, spec: RunSpec, secagg: SecAggConfig
     base: dict[str, Scalar] = {
         "experiment": json.dumps(to_dict(exp)), "run-key": f"secagg-{int(time.time())}",
         "strategy": fed.strategy, "local-epochs": fed.local_epochs, "proximal-mu": fed.proximal_mu,
-        "num-rounds": fed.rounds, "lr-schedule": fed.lr_schedule,
+        "num-rounds": fed.rounds,
         KEY_SCALES: json.dumps(scales), KEY_RANGE: secagg.clipping_range,
         KEY_MAX_WEIGHT: secagg.max_weight,
     }

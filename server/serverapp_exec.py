@@ -20,17 +20,18 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from server.flwr_tuning import (
+from launch.flwr_env import apply_flwr_env, flwr_env
+from launch.flwr_tuning import (
     ShortSleeps,
     check_flwr_version,
     configure_flwr_logging,
     patch_heartbeat,
     patch_object_pulls,
 )
-from server.superlink import ManagedProcess, apply_flwr_env, flwr_env
+from launch.process import ManagedProcess
 
 logger = logging.getLogger(__name__)
-_APP_PACKAGES = ("server", "client", "common", "sim")
+_APP_PACKAGES = ("server", "client", "common", "sim", "launch")
 
 
 def patch_grid(reply_poll_s: float) -> None:

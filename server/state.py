@@ -1,4 +1,5 @@
-"""The run folder: checkpoint/resume and the metrics files (no Flower types here).
+"""The federation's run folder (``common.runfolder.RunFolder``): checkpoint/resume, status and
+the round metrics files (no Flower types here).
 
 Layout of ``run_dir``:
   config.yaml     resolved RunSpec (written at start and on resume)
@@ -12,7 +13,6 @@ checkpoint are dropped so an interrupted round is not counted twice.
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import random
@@ -25,11 +25,12 @@ import torch
 
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.config import ConfigError
-from common.federation import RunSpec, run_spec_to_dict, save_run_spec, spec_from_dict
+from common.federation import RunSpec, run_spec_to_dict, spec_from_dict
+from common.runfolder import RunFolder
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT, CONFIG, STATUS = "checkpoint.pt", "config.yaml", "status.json"
+CHECKPOINT, STATUS = "checkpoint.pt", "status.json"
 METRICS_CSV, METRICS_JSONL = "metrics.csv", "metrics.jsonl"
 METRIC_COLUMNS = ("round", "phase", "site", "metric", "value")
 PHASES = ("train", "evaluate", "central")
@@ -72,11 +73,8 @@ def restore_rng(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-class RunFolder:
-    """Reads and writes one run folder."""
-
-    def __init__(self, run_dir: str | Path) -> None:
-        self.path = Path(run_dir)
+class ServerRunFolder(RunFolder):
+    """One federation's ``run_dir`` (the spec names it; no timestamped ``create``)."""
 
     @property
     def checkpoint_path(self) -> Path:
@@ -85,18 +83,15 @@ class RunFolder:
     def has_checkpoint(self) -> bool:
         return self.checkpoint_path.is_file()
 
-    def write_config(self, spec: RunSpec) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        save_run_spec(spec, self.path / CONFIG)
+    def write_config(self, resolved: Any) -> None:
+        """A RunSpec as the document ``load_run_spec`` reads again (experiment as settings)."""
+        super().write_config(run_spec_to_dict(resolved) if isinstance(resolved, RunSpec) else resolved)
 
     def write_status(self, state: str, server_round: int, message: str = "") -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.path / f".{STATUS}.tmp"
-        tmp.write_text(json.dumps({"state": state, "round": server_round, "message": message}) + "\n")
-        tmp.replace(self.path / STATUS)
+        self.write_text(STATUS, json.dumps({"state": state, "round": server_round, "message": message}) + "\n")
 
     def read_status(self) -> dict[str, Any]:
-        return json.loads((self.path / STATUS).read_text())
+        return dict(self.read_json(STATUS))
 
     # ----------------------------------------------------------------- checkpoint
     def save(
@@ -129,42 +124,33 @@ class RunFolder:
 
     # ----------------------------------------------------------------- metrics
     def append_metrics(self, rows: Iterable[MetricRow]) -> None:
+        """Add rows to metrics.csv (value as repr(float)) and metrics.jsonl."""
         rows = list(rows)
-        if not rows:
-            return
-        self.path.mkdir(parents=True, exist_ok=True)
-        csv_path = self.path / METRICS_CSV
-        new = not csv_path.exists()
-        with csv_path.open("a", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            if new:
-                writer.writerow(METRIC_COLUMNS)
-            for r in rows:
-                writer.writerow((r.round, r.phase, r.site, r.metric, repr(float(r.value))))
-        with (self.path / METRICS_JSONL).open("a", encoding="utf-8") as fh:
-            for r in rows:
-                fh.write(json.dumps({c: getattr(r, c) for c in METRIC_COLUMNS}) + "\n")
+        self.append_csv(METRICS_CSV, METRIC_COLUMNS, [_csv_row(r) for r in rows])
+        self.append_jsonl(METRICS_JSONL, [_json_record(r) for r in rows])
 
     def read_metrics(self) -> list[MetricRow]:
-        path = self.path / METRICS_CSV
-        if not path.exists():
-            return []
-        with path.open(newline="", encoding="utf-8") as fh:
-            return [
-                MetricRow(int(d["round"]), d["phase"], d["site"], d["metric"], float(d["value"]))
-                for d in csv.DictReader(fh)
-            ]
+        return [MetricRow(int(d["round"]), d["phase"], d["site"], d["metric"], float(d["value"]))
+                for d in self.read_csv(METRICS_CSV)]
 
     def truncate_metrics(self, after_round: int) -> int:
-        """Drop rows of rounds > after_round from both files; returns how many were dropped."""
+        """Drop rows of rounds > after_round from both files (each rewritten atomically);
+        returns how many were dropped."""
         rows = self.read_metrics()
         kept = [r for r in rows if r.round <= after_round]
         if len(kept) == len(rows):
             return 0
-        for name in (METRICS_CSV, METRICS_JSONL):
-            (self.path / name).unlink(missing_ok=True)
-        self.append_metrics(kept)
+        self.write_csv(METRICS_CSV, METRIC_COLUMNS, [_csv_row(r) for r in kept])
+        self.write_jsonl(METRICS_JSONL, [_json_record(r) for r in kept])
         return len(rows) - len(kept)
+
+
+def _csv_row(r: MetricRow) -> tuple[Any, ...]:
+    return (r.round, r.phase, r.site, r.metric, repr(float(r.value)))
+
+
+def _json_record(r: MetricRow) -> dict[str, Any]:
+    return {c: getattr(r, c) for c in METRIC_COLUMNS}
 
 
 #: Federation settings that change results; a resumed run must match the checkpoint in these.

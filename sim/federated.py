@@ -10,6 +10,7 @@ lives under the unit's own run dir, so every unit starts with a fresh budget.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -21,10 +22,11 @@ import torch
 
 from common.checkpoint import load_checkpoint
 from common.config import ExperimentConfig, replace
-from common.federation import AGGREGATE_SITE, UNDEFINED, FederationConfig, RunSpec, build_experiment_model
+from common.federation import AGGREGATE_SITE, UNDEFINED, RunSpec, build_experiment_model
 from common.privacy import load_state
 
-from sim.protocols import LcoOptions, PlannedUnit, Runtime
+from common.settings import Settings
+from sim.protocols import PlannedUnit, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +54,13 @@ def missing_updates(run_dir: Path, sites: list[str], rounds: int) -> list[tuple[
     return [(rnd, s) for rnd in range(1, rounds + 1) for s in sites if (rnd, s) not in seen]
 
 
-def federated_spec(pu: PlannedUnit, cfg: ExperimentConfig, opts: LcoOptions, rt: Runtime) -> RunSpec:
-    """The RunSpec of one federated unit: the remaining centres as sites, no central test (the
-    held-out centre is scored after the run, with the same code as every other arm)."""
-    fed = FederationConfig(
-        rounds=opts.rounds,
-        local_epochs=opts.local_epochs,
+def federated_spec(pu: PlannedUnit, cfg: ExperimentConfig, settings: Settings, rt: Runtime) -> RunSpec:
+    """The RunSpec of one federated unit: the settings' federation with the unit's strategy, the
+    remaining centres as sites, no central test (the held-out centre is scored after the run,
+    with the same code as every other arm)."""
+    fed = dataclasses.replace(
+        settings.federation,
         strategy=pu.unit.protocol,
-        proximal_mu=opts.proximal_mu,
-        lr_schedule=opts.lr_schedule,
         min_sites=len(pu.train_sites),
         central_eval=False,
         round_timeout_s=SIM_ROUND_TIMEOUT_S,
@@ -97,10 +97,11 @@ def run_simulation_spec(spec: RunSpec, num_cpus: float = 1.0) -> Path:
     return run_dir
 
 
-def run_federated(pu: PlannedUnit, cfg: ExperimentConfig, opts: LcoOptions, rt: Runtime,
+def run_federated(pu: PlannedUnit, cfg: ExperimentConfig, settings: Settings, rt: Runtime,
                   ) -> tuple[torch.nn.Module, pd.DataFrame, float]:
     """(final global model, curves per round, ε spent: the largest over the sites; NaN without DP)."""
-    spec = federated_spec(pu, cfg, opts, rt)
+    spec = federated_spec(pu, cfg, settings, rt)
+    rounds = spec.federation.rounds
     run_dir = run_simulation_spec(spec)
     status = run_dir / "status.json"
     ck_path = run_dir / "checkpoint.pt"
@@ -108,10 +109,10 @@ def run_federated(pu: PlannedUnit, cfg: ExperimentConfig, opts: LcoOptions, rt: 
         raise RuntimeError(f"{run_dir}: the federation wrote no checkpoint (see {run_dir / 'server.log'})")
     ck = load_checkpoint(ck_path)
     done = int(ck["extra"]["round"])
-    if done != opts.rounds:
-        raise RuntimeError(f"{run_dir}: federation stopped after round {done} of {opts.rounds} "
+    if done != rounds:
+        raise RuntimeError(f"{run_dir}: federation stopped after round {done} of {rounds} "
                            f"({status.read_text().strip() if status.is_file() else 'no status'})")
-    missing = missing_updates(run_dir, [s.name for s in spec.sites], opts.rounds)
+    missing = missing_updates(run_dir, [s.name for s in spec.sites], rounds)
     if missing:
         raise RuntimeError(f"{run_dir}: (round, site) updates missing from the aggregate: {missing[:10]} "
                            f"(see {run_dir / 'server.log'})")

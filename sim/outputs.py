@@ -8,15 +8,16 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from common.config import ExperimentConfig
+from common.inference import describe
+from common.settings import PROTOCOL_GROUPS, Settings, SimConfig
 from sim import plots
-from sim.protocols import LcoOptions, PlannedUnit, selection_rule
+from sim.protocols import PlannedUnit, selection_rule
 from sim.report import ReportContext, matrix_table, write_report
-from sim.runfolder import RunFolder
+from sim.runfolder import SimRunFolder
 
 
-def make_figures(folder: RunFolder, results: pd.DataFrame, per_image: pd.DataFrame, curves: pd.DataFrame,
-                 opts: LcoOptions, preferred_examples: Sequence[str]) -> list[tuple[str, str]]:
+def make_figures(folder: SimRunFolder, results: pd.DataFrame, per_image: pd.DataFrame, curves: pd.DataFrame,
+                 opts: SimConfig, preferred_examples: Sequence[str]) -> list[tuple[str, str]]:
     """Draw every figure the run's tables support; returns (file name, caption) pairs."""
     out: list[tuple[str, str]] = []
 
@@ -28,10 +29,11 @@ def make_figures(folder: RunFolder, results: pd.DataFrame, per_image: pd.DataFra
     keep(plots.dice_boxplot(per_image, ["paper"], p / "dice_box_paper.png",
                             "Protocol 1: per-image Dice on external centres, per arm"),
          "Per-centre Dice (lesion images), paper protocol")
-    keep(plots.dice_boxplot(per_image, ["fedavg", "fedprox", "pooled"], p / "dice_box_federated.png",
+    federated = list(PROTOCOL_GROUPS["federated"])
+    keep(plots.dice_boxplot(per_image, [*federated, "pooled"], p / "dice_box_federated.png",
                             "Protocol 2: Dice on the held-out centre"),
          "Per-centre Dice (lesion images), federated leave-one-centre-out and pooled")
-    for name, protocols in (("paper", ["paper"]), ("federated", ["fedavg", "fedprox"]),
+    for name, protocols in (("paper", ["paper"]), ("federated", federated),
                             ("reference", ["local", "pooled"])):
         keep(plots.training_curves(curves, protocols, p / f"curves_{name}.png", f"Training curves: {name}"),
              f"Training loss and validation Dice per epoch/round ({name})")
@@ -50,29 +52,30 @@ def make_figures(folder: RunFolder, results: pd.DataFrame, per_image: pd.DataFra
     return out
 
 
-def write_outputs(folder: RunFolder, cfg: ExperimentConfig, opts: LcoOptions, centres: pd.DataFrame,
+def write_outputs(folder: SimRunFolder, settings: Settings, centres: pd.DataFrame,
                   plan: Sequence[PlannedUnit]) -> Path:
+    cfg, opts, fed = settings.experiment, settings.sim, settings.federation
     results, per_image, curves = folder.read("results"), folder.read("per_image"), folder.read("curves")
     preferred = [pu.unit.key for pu in plan if pu.unit.arm == "consistency"] + [pu.unit.key for pu in plan]
     figures = make_figures(folder, results, per_image, curves, opts, preferred)
-    settings = {
+    table = {
         "image size": f"{cfg.data.image_size} px", "model": f"{cfg.model.arch} (base {cfg.model.base_channels}, depth {cfg.model.depth})",
-        "centralised epochs": cfg.train.epochs, "federated rounds × local epochs": f"{opts.rounds} × {opts.local_epochs}",
-        "FedProx μ": opts.proximal_mu, "consistency λ": cfg.loss.consistency, "prior features": ", ".join(cfg.loss.features),
+        "centralised epochs": cfg.train.epochs, "federated rounds × local epochs": f"{fed.rounds} × {fed.local_epochs}",
+        "FedProx μ": fed.proximal_mu, "consistency λ": cfg.loss.consistency, "prior features": ", ".join(cfg.loss.features),
         "seeds": ", ".join(map(str, opts.seeds)), "validation fraction": cfg.data.val_fraction,
         "bootstrap resamples": opts.bootstrap, "model selection": opts.selection,
-        "test-time augmentation": (f"image + mirror + shifted up by {', '.join(f'{s:g}' for s in opts.depth_tta)} "
-                                   "of the height (common/tta.py)" if opts.depth_tta else "none (the raw model)"),
+        "prediction": describe(cfg.inference) + ("; paper protocol: the mean of the seeds' models is scored "
+                                                  "as arm <arm>-ens" if cfg.inference.ensemble else ""),
     }
     if opts.epsilons:
         p = cfg.privacy
-        settings["DP-SGD arms"] = (f"{', '.join(opts.dp_arms)} at ε ∈ {{{', '.join(f'{e:g}' for e in opts.epsilons)}}}, "
+        table["DP-SGD arms"] = (f"{', '.join(opts.dp_arms)} at ε ∈ {{{', '.join(f'{e:g}' for e in opts.epsilons)}}}, "
                                    f"δ = {p.target_delta:g}, clip C = {p.max_grad_norm:g}, accountant {p.accountant}, "
                                    f"batch {cfg.train.batch_size} (Poisson)")
     ctx = ReportContext(
         run_name=folder.path.name,
         data_source=opts.data_root or "embedded synthetic centres (common.data.synthetic)",
-        centres=centres, settings=settings, selection_rule=selection_rule(opts.selection),
+        centres=centres, settings=table, selection_rule=selection_rule(opts.selection),
         hd95_unit="pixels at the model input size (hd95_mm rows in results.csv where the spacing is known)",
         figures=tuple(figures), synthetic=not opts.data_root,
     )

@@ -33,21 +33,16 @@ import numpy as np
 import pandas as pd
 
 from common.config import ConfigError, ExperimentConfig, replace
-from common.federation import LR_SCHEDULES, SiteSpec
+from common.federation import SiteSpec
 from common.metrics import binary_auc, bootstrap_ci
-from common.tta import check_shifts
+from common.settings import BASE_ARMS, PROTOCOL_GROUPS, SELECTIONS, Settings, SimConfig
 from sim.runfolder import Unit
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_GROUPS: dict[str, tuple[str, ...]] = {
-    "paper": ("paper",),
-    "federated": ("fedavg", "fedprox"),
-    "reference": ("local", "pooled"),
-}
-BASE_ARMS: tuple[str, ...] = ("seg_only", "multitask", "consistency")
-SELECTIONS: tuple[str, ...] = ("best_val", "last")
 DP_SUFFIX = "-eps"
+#: Arm suffix of the paper protocol's ensembles: the mean of an arm's seeds (sim/ensemble.py).
+ENSEMBLE_SUFFIX = "-ens"
 
 
 def selection_rule(selection: str) -> str:
@@ -57,68 +52,6 @@ def selection_rule(selection: str) -> str:
                if selection == "best_val" else "the last epoch")
     return (f"centralised arms: {central}; federated arms: the last round. Each training centre's "
             "validation split (patient- and duplicate-aware) is never trained on")
-
-
-@dataclass(frozen=True)
-class LcoOptions:
-    """Protocol options (the ``lco:`` section of an experiment YAML). Epochs, image size and the
-    loss come from the ExperimentConfig."""
-
-    protocols: tuple[str, ...] = ("paper", "federated", "reference")
-    arms: tuple[str, ...] = BASE_ARMS  # paper protocol
-    fed_arms: tuple[str, ...] = ("consistency",)  # federated and reference protocols
-    strategies: tuple[str, ...] = ("fedavg", "fedprox")
-    train_centre: str | None = None  # None: BrEaST (real) / the first synthetic centre
-    data_root: str | None = None  # None: embedded synthetic centres
-    centres: tuple[str, ...] = ()  # subset of the centres found (empty: all)
-    held_out: tuple[str, ...] = ()  # federated/pooled: centres to hold out (empty: each in turn)
-    synthetic_n: int = 48  # cases per synthetic centre
-    rounds: int = 3
-    local_epochs: int = 1
-    proximal_mu: float = 0.01
-    lr_schedule: str = "round"  # federation.lr_schedule of the federated units
-    seeds: tuple[int, ...] = (0,)
-    lambda_sweep: tuple[float, ...] = ()
-    ablate_features: bool = False
-    reference_test_fraction: float = 0.25  # local-only diagonal: the centre's own test split
-    bootstrap: int = 1000
-    examples_per_centre: int = 2
-    epsilons: tuple[float, ...] = ()  # DP-SGD target ε of extra arms; inf = the arm without DP
-    dp_arms: tuple[str, ...] = ("consistency",)  # arms that get the DP variants
-    selection: str = "best_val"  # centralised model selection: best_val | last
-    depth_tta: tuple[float, ...] = ()  # test-time: image + mirror + shifted up by these (common/tta.py)
-
-    def __post_init__(self) -> None:
-        bad = [p for p in self.protocols if p not in PROTOCOL_GROUPS]
-        if bad:
-            raise ConfigError(f"lco.protocols: unknown {bad}; known: {list(PROTOCOL_GROUPS)}")
-        bad = [s for s in self.strategies if s not in PROTOCOL_GROUPS["federated"]]
-        if bad:
-            raise ConfigError(f"lco.strategies: unknown {bad}; known: {list(PROTOCOL_GROUPS['federated'])}")
-        for name in ("arms", "fed_arms"):
-            for arm in getattr(self, name):
-                if arm not in BASE_ARMS:
-                    raise ConfigError(f"lco.{name}: unknown arm {arm!r}; known: {list(BASE_ARMS)}"
-                                      " (ablations and λ sweep have their own options)")
-        if self.rounds < 1 or self.local_epochs < 1 or self.synthetic_n < 4:
-            raise ConfigError("lco: rounds and local_epochs must be >= 1, synthetic_n >= 4")
-        if not self.seeds:
-            raise ConfigError("lco.seeds: give at least one seed")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"lco.lr_schedule: {self.lr_schedule!r} not one of {LR_SCHEDULES}")
-        if not 0.0 < self.reference_test_fraction < 1.0:
-            raise ConfigError("lco.reference_test_fraction: must be in (0, 1)")
-        if any(not e > 0 for e in self.epsilons):
-            raise ConfigError(f"lco.epsilons: every ε must be > 0 (inf: no DP), got {list(self.epsilons)}")
-        bad = [a for a in self.dp_arms if a not in BASE_ARMS]
-        if bad:
-            raise ConfigError(f"lco.dp_arms: unknown {bad}; known: {list(BASE_ARMS)}")
-        if self.selection not in SELECTIONS:
-            raise ConfigError(f"lco.selection: {self.selection!r} not one of {list(SELECTIONS)}")
-        try:
-            check_shifts(self.depth_tta)
-        except ValueError as exc:
-            raise ConfigError(f"lco.depth_tta: {exc}") from None
 
 
 # ------------------------------------------------------------------------------- arms
@@ -138,7 +71,7 @@ def split_dp_arm(arm: str) -> tuple[str, float]:
         raise ConfigError(f"arm {arm!r}: {eps!r} after {DP_SUFFIX!r} is not a number") from None
 
 
-def with_dp_arms(arms: Sequence[str], opts: LcoOptions) -> list[str]:
+def with_dp_arms(arms: Sequence[str], opts: SimConfig) -> list[str]:
     """``arms`` with, after each arm of ``opts.dp_arms``, its DP variants (finite ε only)."""
     out: list[str] = []
     for arm in arms:
@@ -181,7 +114,7 @@ def arm_config(cfg: ExperimentConfig, arm: str, planned_epochs: int | None = Non
     raise ConfigError(f"unknown arm {arm!r}")
 
 
-def paper_arms(opts: LcoOptions, cfg: ExperimentConfig) -> list[str]:
+def paper_arms(opts: SimConfig, cfg: ExperimentConfig) -> list[str]:
     arms = list(opts.arms)
     if opts.ablate_features:
         arms += [f"consistency-no-{f}" for f in cfg.loss.features]
@@ -204,13 +137,15 @@ class PlannedUnit:
     def federated(self) -> bool:
         return self.unit.protocol in PROTOCOL_GROUPS["federated"]
 
-    def planned_epochs(self, opts: LcoOptions, cfg: ExperimentConfig) -> int:
+    def planned_epochs(self, settings: Settings) -> int:
         """Every local epoch this unit trains (what a DP arm plans its noise for)."""
-        return opts.rounds * opts.local_epochs if self.federated else cfg.train.epochs
+        fed = settings.federation
+        return fed.rounds * fed.local_epochs if self.federated else settings.experiment.train.epochs
 
 
-def plan_units(opts: LcoOptions, cfg: ExperimentConfig, centres: Sequence[str], train_centre: str) -> list[PlannedUnit]:
+def plan_units(settings: Settings, centres: Sequence[str], train_centre: str) -> list[PlannedUnit]:
     """Every unit of the requested protocols, in the order they run (seeds innermost)."""
+    opts, cfg = settings.sim, settings.experiment
     centres = list(centres)
     plan: list[PlannedUnit] = []
 
@@ -228,7 +163,7 @@ def plan_units(opts: LcoOptions, cfg: ExperimentConfig, centres: Sequence[str], 
     loco = len(centres) >= 3  # a federation needs >= 2 training sites besides the held-out one
     unknown = [c for c in opts.held_out if c not in centres]
     if unknown:
-        raise ConfigError(f"lco.held_out: {unknown} not among the centres {centres}")
+        raise ConfigError(f"sim.held_out: {unknown} not among the centres {centres}")
     held_outs = [c for c in centres if c in opts.held_out or not opts.held_out] if loco else []
     if "federated" in opts.protocols:
         if not loco:
@@ -262,12 +197,13 @@ class Runtime:
 
 # ------------------------------------------------------------------------------- metrics
 def metric_rows(per_image: pd.DataFrame, summary: Mapping[str, float], test_centre: str, classify: bool,
-                n_boot: int, seed: int) -> list[dict[str, Any]]:
+                n_boot: int, seed: int, threshold: float = 0.5) -> list[dict[str, Any]]:
     """Tidy rows (test_centre, metric, value, ci_low, ci_high, n) of one test centre.
 
     Dice/IoU/HD95 (px) over lesion images; HD95 in mm when every lesion image has a spacing;
     classification metrics over all images, left out for arms without a classification loss
-    (their head is untrained). CIs: percentile bootstrap over images (``common.metrics``)."""
+    (their head is untrained); ``threshold`` decides malignancy (``inference.threshold``).
+    CIs: percentile bootstrap over images (``common.metrics``)."""
     rows: list[dict[str, Any]] = []
 
     def add(metric: str, value: float, values: np.ndarray) -> None:
@@ -289,7 +225,7 @@ def metric_rows(per_image: pd.DataFrame, summary: Mapping[str, float], test_cent
     lo, hi = auc_ci(y, p, n_boot, seed)
     rows.append({"test_centre": test_centre, "metric": "auc", "value": float(summary["auc"]),
                  "ci_low": lo, "ci_high": hi, "n": len(y)})
-    decided = p >= 0.5
+    decided = p >= threshold
     add("sensitivity", summary["sensitivity"], (decided[y > 0.5]).astype(float))
     add("specificity", summary["specificity"], (~decided[y <= 0.5]).astype(float))
     add("accuracy", summary["accuracy"], (decided == (y > 0.5)).astype(float))

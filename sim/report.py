@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import numpy as np
 import pandas as pd
 
+from common.atomic import atomic_write
 from common.metrics import paired_wilcoxon
-from sim.protocols import DP_SUFFIX
+from common.settings import PROTOCOL_GROUPS
+from sim.protocols import DP_SUFFIX, ENSEMBLE_SUFFIX
 from sim.report_dp import dp_section
+from sim.report_format import fmt, fmt_p, markdown_table, seed_cell
 
 #: Published external Dice (proposed consistency model, plain multi-task baseline), trained on
 #: BrEaST only (Zhang, Moradi, Saha 2025, arXiv 2511.15968).
@@ -58,40 +60,6 @@ class ReportContext:
     synthetic: bool = False
 
 
-# -- formatting --------------------------------------------------------------------------------
-def fmt(value: float, digits: int = 3) -> str:
-    return "–" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
-
-
-def fmt_p(p: float) -> str:
-    if p is None or not np.isfinite(p):
-        return "–"
-    return "<0.001" if p < 1e-3 else f"{p:.3f}"
-
-
-def markdown_table(df: pd.DataFrame) -> str:
-    """GitHub markdown table of a DataFrame's (already formatted) cells."""
-    if df.empty:
-        return "_(no rows)_\n"
-    cols = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for row in df.itertuples(index=False):
-        lines.append("| " + " | ".join(str(v).replace("|", "/") for v in row) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _cell(rows: pd.DataFrame, digits: int = 3) -> str:
-    """One metric's rows over seeds: 'v [lo, hi]' for one seed, 'mean ± sd (k seeds)' for more."""
-    rows = rows[np.isfinite(rows["value"].astype(float))]
-    if rows.empty:
-        return "–"
-    if len(rows) == 1:
-        r = rows.iloc[0]
-        return f"{fmt(r['value'], digits)} [{fmt(r['ci_low'], digits)}, {fmt(r['ci_high'], digits)}]"
-    vals = rows["value"].astype(float)
-    return f"{fmt(vals.mean(), digits)} ± {fmt(vals.std(ddof=1), digits)} ({len(vals)} seeds)"
-
-
 # -- tables ------------------------------------------------------------------------------------
 def centre_table(results: pd.DataFrame, protocols: Sequence[str], test_centre: str) -> pd.DataFrame:
     """Rows: protocol × arm × train set tested on ``test_centre``; cells 'value [95% CI]'."""
@@ -108,7 +76,7 @@ def centre_table(results: pd.DataFrame, protocols: Sequence[str], test_centre: s
             "trained on": key.train_set,
         }
         for metric, title in TABLE_METRICS:
-            row[title] = _cell(rows[rows["metric"] == metric], 1 if metric == "hd95" else 3)
+            row[title] = seed_cell(rows[rows["metric"] == metric], 1 if metric == "hd95" else 3)
         n_les = rows[rows["metric"] == "dice"]["n"]
         n_all = rows[rows["metric"] == "auc"]["n"]
         row["n lesion / all"] = (
@@ -136,7 +104,7 @@ def arm_dice_table(results: pd.DataFrame, protocol: str, arms: Iterable[str]) ->
     for arm in [a for a in arms if a in set(sel["arm"])]:
         row = {"arm": arm}
         for c in centres:
-            row[c] = _cell(sel[(sel["arm"] == arm) & (sel["test_centre"] == c)])
+            row[c] = seed_cell(sel[(sel["arm"] == arm) & (sel["test_centre"] == c)])
         out.append(row)
     return pd.DataFrame(out)
 
@@ -253,7 +221,8 @@ def build_report(results: pd.DataFrame, per_image: pd.DataFrame, ctx: ReportCont
             f"BUS-UCLM 0.69 vs 0.49 (all p < 0.001); external AUC {PUBLISHED_AUC}.",
             "",
         ]
-        main_arms = [a for a in ("seg_only", "multitask", "consistency") if a in arms("paper")]
+        main_arms = [a for base in ("seg_only", "multitask", "consistency")
+                     for a in (base, base + ENSEMBLE_SUFFIX) if a in arms("paper")]
         sub = results[(results["protocol"] == "paper") & results["arm"].isin(main_arms)]
         lines += _section_per_centre(sub, ["paper"], published=True)
         lines += ["### Consistency vs plain multi-task", ""]
@@ -264,8 +233,9 @@ def build_report(results: pd.DataFrame, per_image: pd.DataFrame, ctx: ReportCont
             lines += ["### Feature ablations and λ sweep (Dice, lesion images)", ""]
             lines += [markdown_table(arm_dice_table(results, "paper", ["consistency", *extra]))]
 
-    fed = [p for p in ("fedavg", "fedprox", "pooled") if p in present]
-    if {"fedavg", "fedprox"} & present:
+    strategies = [p for p in PROTOCOL_GROUPS["federated"] if p in present]
+    fed = [*strategies, *(["pooled"] if "pooled" in present else [])]
+    if strategies:
         lines += [
             "## Protocol 2 — federated leave-one-centre-out",
             "",
@@ -275,10 +245,9 @@ def build_report(results: pd.DataFrame, per_image: pd.DataFrame, ctx: ReportCont
             "",
         ]
         lines += _section_per_centre(results, fed, published=False)
-        pairs = [(("fedavg", "consistency"), ("fedavg", "multitask")),
-                 (("fedprox", "consistency"), ("fedprox", "multitask")),
-                 (("fedprox", "consistency"), ("fedavg", "consistency")),
-                 (("fedavg", "consistency"), ("pooled", "consistency"))]
+        pairs = ([((st, "consistency"), (st, "multitask")) for st in strategies]
+                 + [((st, "consistency"), ("fedavg", "consistency")) for st in strategies if st != "fedavg"]
+                 + [((st, "consistency"), ("pooled", "consistency")) for st in strategies])
         comp = _comparisons(per_image, pairs)
         if comp:
             lines += ["### Paired comparisons", ""] + comp
@@ -296,7 +265,7 @@ def build_report(results: pd.DataFrame, per_image: pd.DataFrame, ctx: ReportCont
                 mat = matrix_table(results, "local", metric, arm)
                 shown = mat.map(fmt).reset_index().rename(columns={"train_set": "trained on ↓ / tested on →"})
                 lines += [f"Local-only {title}, arm {arm} (mean over seeds):", "", markdown_table(shown)]
-        shown = ["local"] + ([] if {"fedavg", "fedprox"} & present else ["pooled"])  # else in protocol 2
+        shown = ["local"] + ([] if strategies else ["pooled"])  # else in protocol 2
         lines += _section_per_centre(results, shown, published=False)
 
     lines += dp_section(results, "at the δ of the settings above", PROTOCOL_TITLES)
@@ -308,5 +277,6 @@ def build_report(results: pd.DataFrame, per_image: pd.DataFrame, ctx: ReportCont
 
 
 def write_report(path: Path, results: pd.DataFrame, per_image: pd.DataFrame, ctx: ReportContext) -> Path:
-    Path(path).write_text(build_report(results, per_image, ctx), encoding="utf-8")
+    text = build_report(results, per_image, ctx)
+    atomic_write(path, lambda fh: fh.write(text), mode=None)
     return Path(path)

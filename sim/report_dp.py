@@ -1,7 +1,8 @@
 """The ε-utility table of report.md: each DP arm (``<arm>-eps<ε>``) beside its arm without DP
 (ε = ∞), per protocol, training set and test centre, with the ε actually spent.
 
-A pure function of results.csv rows, like the rest of sim/report.py.
+A pure function of results.csv rows, like the rest of sim/report.py (whose cell format it shares,
+sim/report_format.py).
 """
 from __future__ import annotations
 
@@ -12,12 +13,7 @@ import numpy as np
 import pandas as pd
 
 from sim.protocols import split_dp_arm
-
-
-def _cell(rows: pd.DataFrame) -> str:
-    from sim.report import _cell as cell  # one formatting rule for every table
-
-    return cell(rows)
+from sim.report_format import markdown_table, seed_cell
 
 
 def _eps(value: float) -> str:
@@ -54,8 +50,8 @@ def epsilon_table(results: pd.DataFrame, protocol_titles: dict[str, str] | None 
                     "tested on": centre,
                     "target ε": _eps(target),
                     "ε spent": f"{spent.max():.2f}" if len(spent) and np.isfinite(spent).any() else "–",
-                    "Dice (lesion imgs)": _cell(rows[rows["metric"] == "dice"]),
-                    "AUC": _cell(rows[rows["metric"] == "auc"]),
+                    "Dice (lesion imgs)": seed_cell(rows[rows["metric"] == "dice"]),
+                    "AUC": seed_cell(rows[rows["metric"] == "auc"]),
                     "n lesion / all": f"{int(n_les.max())} / {int(n_all.max())}" if len(n_les) and len(n_all) else "–",
                 })
     return pd.DataFrame(out)
@@ -64,8 +60,6 @@ def epsilon_table(results: pd.DataFrame, protocol_titles: dict[str, str] | None 
 def dp_section(results: pd.DataFrame, delta_note: str, protocol_titles: dict[str, str] | None = None,
                ) -> list[str]:
     """The report's lines for the ε-utility table (empty when the run has no DP arm)."""
-    from sim.report import markdown_table
-
     table = epsilon_table(results, protocol_titles)
     if table.empty:
         return []

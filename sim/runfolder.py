@@ -1,27 +1,21 @@
-"""One experiment invocation's folder: tidy results with per-unit atomic writes, resume, provenance.
+"""One experiment invocation's folder (``common.runfolder.RunFolder``) with its unit bookkeeping.
 
 A *unit* is one training job: protocol × arm × train set × seed. Its rows go into
 ``per_image.csv`` and ``curves.csv`` first and into ``results.csv`` last, each file rewritten
-through a temporary file and ``os.replace``; a unit counts as complete only once its rows are in
-``results.csv``, so a run stopped at any point resumes by re-running just the incomplete units
-(their stray rows in the other files are dropped first).
+atomically; a unit counts as complete only once its rows are in ``results.csv``, so a run
+stopped at any point resumes by re-running just the incomplete units (their stray rows in the
+other files are dropped first).
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import platform
-import sys
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import pandas as pd
-import yaml
 
-from common.checkpoint import provenance
+from common.runfolder import RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +46,6 @@ class Unit:
         return {"protocol": self.protocol, "arm": self.arm, "train_set": self.train_set, "seed": self.seed}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _unit_keys(df: pd.DataFrame) -> pd.Series:
     if df.empty:
         return pd.Series([], dtype=str)
@@ -66,40 +54,18 @@ def _unit_keys(df: pd.DataFrame) -> pd.Series:
     )
 
 
-class RunFolder:
+class SimRunFolder(RunFolder):
     """``runs/lco-YYYYmmdd-HHMMSS/`` with results.csv, per_image.csv, curves.csv, config.yaml,
     provenance.json, report.md, figures (*.png) and examples/ (overlay arrays per unit)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
+    PREFIX = "lco"
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(path)
         self.examples_dir = self.path / "examples"
 
-    # -- creation ---------------------------------------------------------------------------
-    @classmethod
-    def create(cls, root: Path, prefix: str = "lco") -> "RunFolder":
-        """A fresh folder named by the local time; a numeric suffix avoids collisions."""
-        root = Path(root)
-        root.mkdir(parents=True, exist_ok=True)
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        for i in range(1000):
-            path = root / (f"{prefix}-{stamp}" + (f"-{i}" if i else ""))
-            try:
-                path.mkdir()
-            except FileExistsError:
-                continue
-            folder = cls(path)
-            folder.examples_dir.mkdir()
-            return folder
-        raise RuntimeError(f"{root}: could not create a unique run folder")
-
-    @classmethod
-    def open(cls, path: Path) -> "RunFolder":
-        """An existing run folder to resume; it must hold the config.yaml of its first start."""
-        folder = cls(Path(path))
-        if not (folder.path / "config.yaml").is_file():
-            raise FileNotFoundError(f"{folder.path}: not a run folder (no config.yaml)")
-        folder.examples_dir.mkdir(exist_ok=True)
-        return folder
+    def prepare(self) -> None:
+        self.examples_dir.mkdir(exist_ok=True)
 
     # -- files ------------------------------------------------------------------------------
     @property
@@ -121,12 +87,6 @@ class RunFolder:
             return pd.DataFrame(columns=list(RESULT_COLUMNS) if name == "results" else list(UNIT_COLUMNS))
         return pd.read_csv(path, keep_default_na=True)
 
-    def write_config(self, resolved: Mapping[str, Any]) -> None:
-        _atomic_write_text(self.path / "config.yaml", yaml.safe_dump(dict(resolved), sort_keys=False))
-
-    def read_config(self) -> dict[str, Any]:
-        return dict(yaml.safe_load((self.path / "config.yaml").read_text(encoding="utf-8")) or {})
-
     # -- units ------------------------------------------------------------------------------
     def completed_units(self) -> set[str]:
         """Keys of units whose rows are in results.csv."""
@@ -142,7 +102,7 @@ class RunFolder:
             keep = _unit_keys(df).isin(done).to_numpy()
             if not keep.all():
                 logger.info("%s: dropping %d rows of incomplete units", name, int((~keep).sum()))
-                _atomic_write_text(self.path / f"{name}.csv", df[keep].to_csv(index=False))
+                self.write_text(f"{name}.csv", df[keep].to_csv(index=False))
 
     def write_unit(
         self,
@@ -168,21 +128,4 @@ class RunFolder:
             else:
                 front = [c for c in UNIT_COLUMNS if c in table.columns]
                 table = table[front + [c for c in table.columns if c not in front]]
-            _atomic_write_text(self.path / f"{name}.csv", table.to_csv(index=False))
-
-    # -- provenance -------------------------------------------------------------------------
-    def write_provenance(self, **fields: Any) -> dict[str, Any]:
-        """Merge ``fields`` into provenance.json (created with ``common.checkpoint.provenance``:
-        package versions, git commit, time); list values are appended to, not replaced."""
-        path = self.path / "provenance.json"
-        prov: dict[str, Any] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        if not prov:
-            prov = {k: v for k, v in provenance().items() if k != "data_fingerprint"}  # per centre instead
-            prov.update(platform=platform.platform(), argv=sys.argv)
-        for key, value in fields.items():
-            if isinstance(value, list) and isinstance(prov.get(key), list):
-                prov[key] = prov[key] + value
-            else:
-                prov[key] = value
-        _atomic_write_text(path, json.dumps(prov, indent=2, default=str))
-        return prov
+            self.write_text(f"{name}.csv", table.to_csv(index=False))

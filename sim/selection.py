@@ -1,9 +1,8 @@
 """Which epoch's weights a centralised unit keeps: the best validation score, or the last.
 
-The score is the one ``benchmarks/external_validation.py --select val`` uses: the mean of the
-validation Dice (lesion images) and AUC, over whichever of the two is finite (Dice alone for an
-arm without a classification loss, whose head is untrained, or a one-class validation split);
-ties go to the later epoch. The validation split is never trained on, so choosing on it leaks
+The score is the mean of the validation Dice (lesion images) and AUC, over whichever of the two
+is finite (Dice alone for an arm without a classification loss, whose head is untrained, or a
+one-class validation split); ties go to the later epoch. The validation split is never trained on, so choosing on it leaks
 nothing of the training images (under DP the selection is post-processing of iterates that the
 guarantee already covers).
 """

@@ -1,5 +1,7 @@
-"""Running one unit: train it (centralised here, federated in sim/federated.py), then score the
-trained model on each of its test centres with the same code for every arm and protocol.
+"""Running one unit: train it (centralised here, federated in sim/federated.py), save the final
+model to the run folder, then score it on each of its test centres through the one prediction
+path (``common.inference``, as ``inference`` of the experiment says) with the same code for every
+arm and protocol; ``sim/ensemble.py`` scores the saved models of several seeds as one.
 
 Centralised DP arms use the federated sites' path: one ``common.privacy.PrivacySession`` over
 the whole training (``planned_epochs`` = the unit's epochs, so σ is planned as
@@ -10,30 +12,38 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
+from common.checkpoint import save_checkpoint
 from common.config import ExperimentConfig, replace
 from common.data.splits import split_cases
 from common.data.tensors import TensorData, to_tensors
 from common.device import resolve_device, seed_everything
-from common.evaluate import predict, score
+from common.evaluate import EvalResult, predict, score
 from common.federation import build_experiment_model
-from common.nets.efficientnet import fold_affine
+from common.inference import build_predictor
+from common.inference import predict as predict_with
 from common.privacy import PrivacySession
+from common.settings import Settings, SimConfig
 from common.sitedata import load_site_tensors, load_test_tensors, site_cases
 from common.train import train_local
-from common.tta import DepthShiftTTA
 from sim.examples import merge_examples, pick_examples
 from sim.federated import run_federated
-from sim.protocols import LcoOptions, PlannedUnit, Runtime, arm_config, metric_rows
+from sim.protocols import PlannedUnit, Runtime, arm_config, metric_rows
+from sim.runfolder import Unit
 from sim.selection import EpochSelector
 
 log = logging.getLogger(__name__)
+
+#: Folder of the units' final models inside a run folder (``model_file``).
+MODELS_DIR = "models"
 
 
 @dataclass
@@ -55,13 +65,31 @@ class Trained:
     num_train: int = 0
 
 
-def unit_config(pu: PlannedUnit, cfg: ExperimentConfig, opts: LcoOptions) -> ExperimentConfig:
+@dataclass
+class Scored:
+    """One test centre scored: its data, the predictions and their metrics (tidy ``rows``)."""
+
+    centre: str
+    data: TensorData
+    probs: np.ndarray  # mask probabilities (N,1,S,S), post-processed
+    p_mal: np.ndarray  # malignancy probabilities (N,)
+    result: EvalResult
+    rows: list[dict[str, Any]]
+
+
+def model_file(run_dir: str | Path, unit: Unit) -> Path:
+    """The unit's final model in its run folder (a ``common.checkpoint`` file holding the unit's
+    resolved experiment, so ``sim/ensemble.py`` and the predict command rebuild it as trained)."""
+    return Path(run_dir) / MODELS_DIR / f"{unit.key}.pt"
+
+
+def unit_config(pu: PlannedUnit, settings: Settings) -> ExperimentConfig:
     """The unit's experiment: its arm (DP arms planned over the unit's epochs) and seed."""
-    arm_cfg = arm_config(cfg, pu.unit.arm, pu.planned_epochs(opts, cfg))
+    arm_cfg = arm_config(settings.experiment, pu.unit.arm, pu.planned_epochs(settings))
     return replace(arm_cfg, **{"train.seed": pu.unit.seed})
 
 
-def training_data(pu: PlannedUnit, cfg: ExperimentConfig, opts: LcoOptions, rt: Runtime,
+def training_data(pu: PlannedUnit, cfg: ExperimentConfig, opts: SimConfig, rt: Runtime,
                   ) -> tuple[TensorData, TensorData, TensorData | None]:
     """(train, val, internal test or None) of a centralised unit, pooled over its training
     centres. The local-only row splits off a test part (``reference_test_fraction``) with
@@ -78,15 +106,34 @@ def training_data(pu: PlannedUnit, cfg: ExperimentConfig, opts: LcoOptions, rt: 
     return TensorData.concat([p[0] for p in pairs]), TensorData.concat([p[1] for p in pairs]), None
 
 
-def run_unit(pu: PlannedUnit, cfg: ExperimentConfig, opts: LcoOptions, rt: Runtime) -> UnitOutput:
-    """Train one unit and evaluate it on its test centres. DP units add an ``epsilon`` row (ε
-    spent, n = training images) per test centre."""
-    t0 = time.perf_counter()
-    cfg = unit_config(pu, cfg, opts)
+def score_centres(predictor: torch.nn.Module, pu: PlannedUnit, cfg: ExperimentConfig, opts: SimConfig,
+                  rt: Runtime, internal: TensorData | None = None, seed: int = 0) -> Iterator[Scored]:
+    """Score ``predictor`` (``common.inference.build_predictor``) on each test centre of ``pu``,
+    with ``cfg.inference``'s post-processing and threshold; ``internal``: the training centre's
+    own test split (local-only diagonal). ``seed``: of the bootstrap CIs."""
     device = resolve_device(rt.device)
+    t = cfg.inference.threshold
+    for centre in pu.test_sites:
+        own = internal is not None and centre in pu.train_sites
+        data = internal if own else load_test_tensors(rt.sites[centre], cfg.data, rt.cache_dir)
+        probs, p_mal = predict_with(predictor, data, cfg.inference, cfg.train.batch_size, device)
+        result = score(probs, p_mal, data, threshold=t, mask_threshold=t)
+        rows = metric_rows(result.per_image, result.summary, centre, cfg.loss.cls_weight > 0,
+                           opts.bootstrap, seed, t)
+        yield Scored(centre, data, probs, p_mal, result, rows)
+
+
+def run_unit(pu: PlannedUnit, settings: Settings, rt: Runtime, run_dir: str | Path | None = None,
+             ) -> UnitOutput:
+    """Train one unit, save its model to ``model_file(run_dir, unit)`` (when ``run_dir`` is
+    given) and evaluate it on its test centres. DP units add an ``epsilon`` row (ε spent, n =
+    training images) per test centre."""
+    t0 = time.perf_counter()
+    opts = settings.sim
+    cfg = unit_config(pu, settings)
     internal = None
     if pu.federated:
-        model, curves, spent = run_federated(pu, cfg, opts, rt)
+        model, curves, spent = run_federated(pu, cfg, settings, rt)
         n_train = sum(len(load_site_tensors(rt.sites[c], cfg.data, rt.cache_dir)[0])
                       for c in pu.train_sites) if cfg.privacy.enabled else 0
         trained = Trained(model, curves, spent, n_train)
@@ -94,23 +141,21 @@ def run_unit(pu: PlannedUnit, cfg: ExperimentConfig, opts: LcoOptions, rt: Runti
         train, val, internal = training_data(pu, cfg, opts, rt)
         trained = train_centralised(pu, cfg, train, val, rt, opts.selection)
     model = trained.model
-    net = fold_affine(model)  # a frozen-BatchNorm encoder predicts faster folded (same outputs)
-    scorer = DepthShiftTTA(net, opts.depth_tta) if opts.depth_tta else net  # selection stays raw
+    if run_dir is not None:
+        save_checkpoint(model_file(run_dir, pu.unit), model.state_dict(), cfg, unit=pu.unit.key,
+                        epsilon=trained.epsilon)
+    predictor = build_predictor([model], cfg.inference)  # model selection stayed on the raw model
     rows: list[dict[str, Any]] = []
     images: list[pd.DataFrame] = []
     examples: list[dict[str, np.ndarray]] = []
-    for centre in pu.test_sites:
-        own = internal is not None and centre in pu.train_sites
-        data = internal if own else load_test_tensors(rt.sites[centre], cfg.data, rt.cache_dir)
-        probs, p_mal = predict(scorer, data, cfg.train.batch_size, device)
-        result = score(probs, p_mal, data)
-        rows += metric_rows(result.per_image, result.summary, centre, cfg.loss.cls_weight > 0,
-                            opts.bootstrap, pu.unit.seed)
+    for s in score_centres(predictor, pu, cfg, opts, rt, internal, pu.unit.seed):
+        rows += s.rows
         if cfg.privacy.enabled:
-            rows.append({"test_centre": centre, "metric": "epsilon", "value": trained.epsilon,
+            rows.append({"test_centre": s.centre, "metric": "epsilon", "value": trained.epsilon,
                          "ci_low": math.nan, "ci_high": math.nan, "n": trained.num_train})
-        images.append(result.per_image.assign(test_centre=centre))
-        examples.append(pick_examples(model, data, probs, p_mal, result.per_image, opts.examples_per_centre, centre))
+        images.append(s.result.per_image.assign(test_centre=s.centre))
+        examples.append(pick_examples(model, s.data, s.probs, s.p_mal, s.result.per_image,
+                                      opts.examples_per_centre, s.centre))
     results = pd.DataFrame(rows).assign(**pu.unit.columns())
     return UnitOutput(results, pd.concat(images, ignore_index=True), trained.curves,
                       merge_examples(examples), time.perf_counter() - t0)

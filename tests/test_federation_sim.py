@@ -23,7 +23,7 @@ from common.config import replace  # noqa: E402
 from common.device import seed_everything  # noqa: E402
 from common.federation import AGGREGATE_SITE, RunSpec, build_experiment_model  # noqa: E402
 from server.app import make_server_app  # noqa: E402
-from server.state import RunFolder  # noqa: E402
+from server.state import ServerRunFolder  # noqa: E402
 from tests.server.local_grid import SITES, tiny_spec  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("ray")  # one Ray cluster at a time under pytest -n
@@ -47,7 +47,7 @@ def _offline_flower() -> Iterator[None]:
             os.environ[key] = value
 
 
-def simulate(spec: RunSpec, resume: bool = False) -> RunFolder:
+def simulate(spec: RunSpec, resume: bool = False) -> ServerRunFolder:
     run_simulation(
         server_app=make_server_app(spec, resume=resume),
         client_app=make_client_app(spec),
@@ -55,18 +55,21 @@ def simulate(spec: RunSpec, resume: bool = False) -> RunFolder:
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                         "init_args": {"num_cpus": 2, "include_dashboard": False}},
     )
-    return RunFolder(spec.run_dir)
+    return ServerRunFolder(spec.run_dir)
 
 
 @pytest.fixture(scope="module")
 def two_rounds(tmp_path_factory) -> RunSpec:
+    # a constant LR: extending the run to three rounds below leaves the first two unchanged
+    # (a cosine's length would change; tests/server/test_app.py resumes a cosine run killed mid-way)
     spec = tiny_spec(tmp_path_factory.mktemp("sim") / "run", rounds=2)
+    spec = replace(spec, experiment=replace(spec.experiment, **{"train.schedule": "constant"}))
     simulate(spec)
     return spec
 
 
 def test_simulated_federation_writes_checkpoint_and_per_site_metrics(two_rounds) -> None:
-    folder = RunFolder(two_rounds.run_dir)
+    folder = ServerRunFolder(two_rounds.run_dir)
     ck = folder.load(restore=False)
     assert ck.round == 2 and folder.read_status()["state"] == "finished"
     rows = folder.read_metrics()
@@ -90,11 +93,11 @@ def test_resumed_simulation_equals_an_uninterrupted_one(two_rounds, tmp_path) ->
     three = replace(two_rounds, federation=replace(two_rounds.federation, rounds=3))
     simulate(replace(three, run_dir=str(resumed_dir)), resume=True)
     simulate(replace(three, run_dir=str(tmp_path / "straight")))
-    a = RunFolder(resumed_dir).load(restore=False)
-    b = RunFolder(tmp_path / "straight").load(restore=False)
+    a = ServerRunFolder(resumed_dir).load(restore=False)
+    b = ServerRunFolder(tmp_path / "straight").load(restore=False)
     assert a.round == b.round == 3
     for key in b.state_dict:
         torch.testing.assert_close(a.state_dict[key], b.state_dict[key], rtol=1e-5, atol=1e-6)
-    rounds = [r.round for r in RunFolder(resumed_dir).read_metrics() if r.metric == "train_loss"]
+    rounds = [r.round for r in ServerRunFolder(resumed_dir).read_metrics() if r.metric == "train_loss"]
     assert sorted(set(rounds)) == [1, 2, 3] and rounds.count(3) == len(SITES) + 1
     assert Path(resumed_dir, "config.yaml").is_file()

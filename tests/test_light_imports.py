@@ -13,7 +13,11 @@ REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "monai", "flwr", "pandas")
 
 
-@pytest.mark.parametrize("module", ["server.cli", "client.cli", "server.coordinator", "client.site_config"])
+@pytest.mark.parametrize("module", [
+    "server.cli", "client.cli", "server.coordinator", "server.coordinator_config", "client.site_config",
+    "launch.process", "launch.flwr_env", "launch.audit", "launch.flwr_tuning", "launch.wire",
+    "common.runfolder",
+])
 def test_launcher_modules_do_not_import_torch_monai_or_flwr(module: str) -> None:
     code = (f"import sys, {module}; "
             f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))")

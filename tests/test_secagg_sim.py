@@ -18,7 +18,7 @@ from client.secagg_app import make_secagg_client_app  # noqa: E402
 from common.data.synthetic import SYNTHETIC_CENTRES  # noqa: E402
 from common.federation import SiteSpec  # noqa: E402
 from server.secagg_app import SecAggConfig, make_secagg_server_app  # noqa: E402
-from server.state import RunFolder  # noqa: E402
+from server.state import ServerRunFolder  # noqa: E402
 from tests.server.local_grid import SITES, tiny_spec  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("ray")  # one Ray cluster at a time under pytest -n
@@ -58,7 +58,7 @@ def secagg_run(tmp_path_factory):
 def test_secagg_run_completes_and_writes_the_run_folder(secagg_run) -> None:
     spec, seen, _ = secagg_run
     assert sorted(seen) == [0, 1]
-    folder = RunFolder(spec.run_dir)
+    folder = ServerRunFolder(spec.run_dir)
     assert folder.read_status()["state"] == "finished"
     assert folder.load(restore=False).round == 1
     metrics = {(r.phase, r.metric) for r in folder.read_metrics()}

@@ -84,7 +84,7 @@ class AttentionUNetDecoder(nn.Module):
     (mask_logits (B,1,S,S), [bottleneck, decoder stage outputs deep → shallow]).
     ``final_block=False`` drops that last block: the logits come from the stride-2 stage and are
     upsampled bilinearly. The dropped block sees no encoder feature (there is no stride-1 skip),
-    yet at full resolution it takes 17–26 % of a lite0 training step (docs/performance.md §10).
+    yet at full resolution it takes about a fifth of a lite0 training step (benchmarks/perf_channels_last.py).
     """
 
     def __init__(

@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from common.config import ENCODER_NORMS
 from common.nets.blocks import AttentionUNetDecoder, group_count, group_norm
 from common.nets.mixstyle import MixStyle
 
@@ -80,7 +81,6 @@ LITE_VARIANTS: dict[str, tuple[tuple[int, ...], str, str]] = {
 _LITE_TAPS = (0, 1, 2, 4, 6)  # stages whose last block output is a feature (strides 2..32)
 
 
-ENCODER_NORMS = ("group", "affine")
 _BN_EPS = 1e-3  # the published Lite0 BatchNorm epsilon
 
 
@@ -164,14 +164,13 @@ class _LiteBlock(nn.Module):
 
 class LiteEncoder(nn.Module):
     """EfficientNet-Lite0/Lite1 feature extractor; state_dict names match the published weights.
-    ``mixstyle`` > 0: ``MixStyle`` (mode ``mixstyle_mode``) with that probability after the
+    ``mixstyle`` > 0: ``MixStyle`` with that probability after the
     features at strides 2, 4, 8 (training only; no parameters, so the state_dict is unchanged)."""
 
     FOLD_PAIRS = (("_conv_stem", "_bn0"),)
 
     def __init__(self, in_channels: int, num_groups: int, drop_connect: float = 0.2,
-                 norm: str = "group", variant: str = "lite0", mixstyle: float = 0.0,
-                 mixstyle_mode: str = "mix") -> None:
+                 norm: str = "group", variant: str = "lite0", mixstyle: float = 0.0) -> None:
         super().__init__()
         if variant not in LITE_VARIANTS:
             raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; known: {list(LITE_VARIANTS)}")
@@ -191,7 +190,7 @@ class LiteEncoder(nn.Module):
             if stage in _LITE_TAPS:
                 self._taps.append(idx - 1)
         self._blocks = nn.Sequential(*blocks)
-        self.mixstyle = MixStyle(mixstyle, mode=mixstyle_mode) if mixstyle > 0 else None
+        self.mixstyle = MixStyle(mixstyle) if mixstyle > 0 else None
         self._mix_at = frozenset(self._taps[:3]) if self.mixstyle is not None else frozenset()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -17,12 +17,10 @@ def _restore_logging():
 
 @pytest.fixture()
 def tiny_centres(tmp_path):
-    """(data root with tiny BrEaST and BUSI fixtures in their published layouts, the options of
-    a seconds-long external_validation run on them: 1 epoch, 16 px, every BrEaST image trains)."""
+    """A data root with tiny BrEaST and BUSI fixtures in their published layouts."""
     from tests.common.test_data_readers import make_breast, make_busi
 
     root = tmp_path / "data"
     make_breast(root / "BrEaST")
     make_busi(root / "BUSI")
-    return root, ["--data-root", str(root), "--epochs", "1", "--size", "16", "--arch", "small",
-                  "--batch-size", "2", "--val-fraction", "0", "--cache-dir", "", "--threads", "1"]
+    return root

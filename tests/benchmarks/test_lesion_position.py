@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmarks.external_validation import load_external
-from benchmarks.lesion_position import by_position, lesion_centres, main
+from benchmarks.lesion_position import by_position, lesion_centres, main, run_data
+from common.config import ConfigError
 from common.data import load_centre
 from common.data.tensors import to_tensors
 
@@ -37,30 +37,38 @@ def test_by_position_bands_and_failures():
 
 
 def test_main_on_tiny_centres(tmp_path, tiny_centres, capsys):
-    root, _ = tiny_centres
-    busi = load_external("BUSI", root / "BUSI", 16, None)
+    root = tiny_centres
+    busi = to_tensors(load_centre("BUSI", root / "BUSI", strict=False), 32)
     lesion = busi.has_lesion.numpy().astype(bool)
     run = tmp_path / "run"
     run.mkdir()
-    pd.DataFrame({"case_id": list(busi.case_ids), "eval_centre": "BUSI", "inference": "raw",
-                  "has_lesion": lesion, "dice": np.where(lesion, 0.5, np.nan)}).to_csv(run / "per_image.csv")
-    assert main([str(run), "--size", "16", "--data-root", str(root), "--cache-dir", ""]) == 0
+    (run / "config.yaml").write_text("data:\n  image_size: 32\n  val_fraction: 0\n")
+    rows = pd.DataFrame({"protocol": "paper", "arm": "consistency", "train_set": "BrEaST",
+                         "case_id": list(busi.case_ids), "test_centre": "BUSI", "has_lesion": lesion,
+                         "dice": np.where(lesion, 0.5, np.nan)})
+    pd.concat([rows.assign(seed=8), rows.assign(seed=9)]).to_csv(run / "per_image.csv", index=False)
+    assert main([str(run), "--data-root", str(root)]) == 0  # 32 px: the run's own size
     out = capsys.readouterr().out
-    n_breast = int(to_tensors(load_centre("BrEaST", root / "BrEaST", strict=False), 16).has_lesion.sum())
+    n_breast = int(to_tensors(load_centre("BrEaST", root / "BrEaST", strict=False), 32).has_lesion.sum())
+    assert "32 px masks" in out
     assert re.search(rf"BrEaST\s+{n_breast}\s", out) and re.search(rf"BUSI\s+{int(lesion.sum())}\s", out)
-    assert "BUSI: Dice by lesion position" in out and "lateral" in out and "depth" in out
-    assert main([str(run), "--inference", "flip+shift", "--size", "16", "--data-root", str(root),
-                 "--cache-dir", ""]) == 2
+    assert "trained on BrEaST), BUSI: Dice by lesion position" in out and "lateral" in out and "depth" in out
+    assert main([str(run), "--arm", "multitask", "--data-root", str(root)]) == 2
 
 
-def test_run_size_from_a_run_or_an_ensemble_folder(tmp_path):
-    from benchmarks.lesion_position import _run_size
+def test_run_data_reads_the_runs_settings_and_cache(tmp_path):
+    cfg, cache = run_data(None)
+    assert (cfg.image_size, cfg.val_fraction, cache) == (128, 0.2, None)  # the paper preset
+    (tmp_path / "config.yaml").write_text("data:\n  image_size: 160\n  val_fraction: 0\n")
+    (tmp_path / "cache").mkdir()
+    cfg, cache = run_data(tmp_path)
+    assert (cfg.image_size, cfg.val_fraction, cache) == (160, 0.0, str(tmp_path / "cache"))
+    assert run_data(tmp_path, None, ["data.image_size=96"])[0].image_size == 96
+    assert run_data(tmp_path, "smoke")[0].image_size == 32  # an explicit preset wins over the run's
+    with pytest.raises(ConfigError, match="data.image_sise"):
+        run_data(tmp_path, None, ["data.image_sise=96"])
 
-    member = tmp_path / "m"
-    member.mkdir()
-    (member / "config.yaml").write_text("args:\n  size: 160\n")
-    ens = tmp_path / "e"
-    ens.mkdir()
-    (ens / "members.txt").write_text(f"{member}\n{tmp_path / 'other'}\n")
-    assert _run_size(member) == 160 and _run_size(ens) == 160
-    assert _run_size(tmp_path) is None
+
+def test_main_names_a_bad_setting(tmp_path, tiny_centres, capsys):
+    assert main(["--set", "data.image_size=31", "--data-root", str(tiny_centres)]) == 2
+    assert "data.image_size" in capsys.readouterr().err

@@ -51,7 +51,7 @@ def _sim(pid: int, spec: RunSpec) -> Context:
 def _msg(kind: str, spec: RunSpec, state: dict[str, torch.Tensor] | None = None, *,
          dst_node_id: int = 100, **config: Any) -> Message:
     cfg = {"experiment": json.dumps(to_dict(spec.experiment)), "run-key": "testrun",
-           "strategy": "fedavg", "server-round": 1, "local-epochs": 1, **config}
+           "strategy": "fedavg", "server-round": 1, "num-rounds": 2, "local-epochs": 1, **config}
     content = RecordDict({"config": ConfigRecord(cfg)})
     if state is not None:
         content["arrays"] = ArrayRecord(state)
@@ -165,13 +165,34 @@ def test_site_errors_reach_the_server_without_paths_or_ids(spec) -> None:
         assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
-@pytest.mark.parametrize("config", [{"lr-schedule": "global"},  # no num-rounds: an older server
-                                    {"lr-schedule": "global", "num-rounds": 3, "server-round": 4},
-                                    {"lr-schedule": "step", "num-rounds": 3}])
-def test_an_lr_schedule_the_site_cannot_place_is_refused(spec, config) -> None:
+@pytest.mark.parametrize("config", [{"num-rounds": 0},  # not sent: the run's length is unknown
+                                    {"num-rounds": 3, "server-round": 4},
+                                    {"num-rounds": 3, "server-round": 0}])
+def test_a_round_the_site_cannot_place_in_the_run_is_refused(spec, config) -> None:
     app = make_client_app(spec)
     with pytest.raises(SiteError, match="site A: train failed \\(ConfigError\\)"):
         app(_msg(MessageType.TRAIN, spec, _init(spec), **config), _sim(0, spec))
+
+
+def test_the_round_trains_at_its_place_in_the_run(spec, monkeypatch) -> None:
+    """Round 3 of 4 with 2 local epochs: 4 of the run's 8 epochs lie before it, so the LR
+    schedule and λ's warm-up continue where round 2 left them instead of restarting."""
+    import client.runtime as runtime
+    from common.schedule import RunPosition
+
+    seen: list[RunPosition] = []
+    real = runtime.train_local
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs["position"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "train_local", spy)
+    app = make_client_app(spec)
+    msg = _msg(MessageType.TRAIN, spec, _init(spec),
+               **{"server-round": 3, "num-rounds": 4, "local-epochs": 2})
+    app(msg, _sim(0, spec))
+    assert seen == [RunPosition(epoch_offset=4, total_epochs=8)]
 
 
 def test_simulation_with_a_different_site_count_is_refused(spec) -> None:

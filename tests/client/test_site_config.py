@@ -7,7 +7,7 @@ import pytest
 
 from client.site_config import load_site_config, site_config_from_dict
 from common.config import ConfigError
-from server.superlink import kv_config
+from launch.flwr_env import kv_config
 
 
 def _write(tmp_path: Path, text: str) -> Path:

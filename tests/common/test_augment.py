@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from common.config import AugmentConfig, ConfigError
-from common.data.augment import (augment_batch, augmentation, calm, depth_splice, lateral_roll, negative_crop,
-                                  shrink_batch)
+from common.data.augment import augment_batch, augmentation, depth_splice, lateral_roll
 from common.data.synthetic import make_centre
 from common.data.tensors import TensorData, to_tensors
 from tests.common.test_tensors import _asym_case
@@ -152,53 +151,8 @@ def test_lateral_roll_spreads_lesions_across_the_width_and_is_off_by_default():
     again = augment_batch(d.images, d.masks, torch.Generator().manual_seed(0),
                           replace(flat, lateral_roll=0.0, lateral_roll_max=0.3))
     assert torch.equal(ref[0], again[0])  # off: the random stream is unchanged
-    assert calm(AugmentConfig(lateral_roll=0.5)).lateral_roll == 0.0
     with pytest.raises(ConfigError, match="lateral_roll"):
         AugmentConfig(lateral_roll_max=0.6)
-
-
-def test_negative_crop_by_hand():
-    """16×16 images whose value is 10·row + col/100, so a pixel's value names where it came from.
-    Image 0: lesion rows 2-4 → the largest free square is below it (rows ≥ 5 + margin 0 → side
-    11, cols 0-10 with along = 0); image 1 is not drawn; image 2's lesion fills the middle and
-    leaves no square of half the side; image 3 has no lesion."""
-    h = w = 16
-    rows = torch.arange(h, dtype=torch.float32).view(h, 1) * 10
-    cols = torch.arange(w, dtype=torch.float32).view(1, w) / 100
-    images = (rows + cols).expand(4, 1, h, w).clone()
-    masks = torch.zeros(4, 1, h, w)
-    masks[0, 0, 2:5, 6:9] = 1
-    masks[1, 0, 2:5, 6:9] = 1
-    masks[2, 0, 4:12, 4:12] = 1
-    cfg = AugmentConfig(negative_crop=0.5, negative_crop_min=0.5)
-    rand = _rand_from([0.1, 0.9, 0.1, 0.1], [0.0, 0.0, 0.0, 0.0])
-    out, m = negative_crop(images, masks, cfg, rand)
-    assert m[0].sum() == 0 and torch.equal(m[1:], masks[1:])
-    assert torch.equal(out[1:], images[1:])
-    # the crop rows 5 … 15 and cols 0 … 10, stretched to 16×16: bilinear reads reach at most half
-    # a pixel past the crop's edges (rows ≥ 4.5, cols ≤ 10.5; the margin is 0 px at this size)
-    assert out[0].min() >= 45 - 1e-4 and out[0].max() <= 150 + 0.105 + 1e-4
-    # output pixel centre k reads input row/col start − ½ + (k + ½)·11/16 (clamped at the border)
-    assert out[0, 0, 0, 0].item() == pytest.approx(10 * (5 - 0.5 + 11 / 32), abs=1e-3)
-    assert out[0, 0, -1, -1].item() == pytest.approx(150 + (-0.5 + 15.5 * 11 / 16) / 100, abs=1e-3)
-
-
-def test_negative_crop_never_shows_lesion_pixels_and_is_off_by_default():
-    d = _data(16)
-    cfg = AugmentConfig(rotate_deg=0, scale=0, translate=0, negative_crop=1.0, negative_crop_min=0.3)
-    bright = d.images.clone()
-    bright[d.masks > 0] = 5.0  # a value no background pixel has
-    out, m = negative_crop(bright, d.masks, cfg, lambda *s: torch.zeros(*s))
-    cropped = (d.masks.flatten(1).amax(1) > 0) & (m.flatten(1).amax(1) == 0)
-    assert cropped.any()
-    assert (out[cropped] < 1.5).all()  # bilinear reads stop at the 3 % margin: no lesion pixel
-    same = augment_batch(d.images, d.masks, torch.Generator().manual_seed(0), AugmentConfig())
-    again = augment_batch(d.images, d.masks, torch.Generator().manual_seed(0),
-                          AugmentConfig(negative_crop=0.0, negative_crop_min=0.9))
-    assert torch.equal(same[0], again[0])  # off: the random stream of the default is unchanged
-    _, m2 = augment_batch(d.images, d.masks, torch.Generator().manual_seed(0),
-                          AugmentConfig(negative_crop=1.0, negative_crop_min=0.3))
-    assert m2.flatten(1).amax(1).sum() < d.masks.flatten(1).amax(1).sum()  # some lesions cropped away
 
 
 def test_stretch_changes_aspect_within_range_and_keeps_area() -> None:
@@ -219,115 +173,3 @@ def test_stretch_changes_aspect_within_range_and_keeps_area() -> None:
     _, plain = augment_batch(images, masks, torch.Generator().manual_seed(0),
                              AugmentConfig(rotate_deg=0, scale=0, translate=0))
     assert (plain.amax(dim=2).flatten(1).sum(1) == 12).all()  # stretch 0: the square stays square
-
-
-def test_lesion_paste_by_hand() -> None:
-    """Image 0 has a 4×4 lesion at rows 4–7 (value 0.1 on 0.9 background), image 1 none. With
-    margin round(0.1·32) = 3 the donor box is rows/cols 1–10; forcing the draws puts it at row
-    22, col 22 of image 1 (the last place it fits): its lesion lands at rows 25–28, the ramp is
-    1 there, and the host's own mask and pixels outside the box are untouched."""
-    from common.data.augment import lesion_paste
-    images = torch.full((2, 1, 32, 32), 0.9)
-    masks = torch.zeros(2, 1, 32, 32)
-    images[0, 0, 4:8, 4:8], masks[0, 0, 4:8, 4:8] = 0.1, 1
-    draws = iter([torch.tensor([0.9, 0.0]),  # apply: image 1 only
-                  torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, 1.0]])])  # donor 0, far corner
-    out, m = lesion_paste(images, masks, AugmentConfig(lesion_paste=0.5), lambda *s: next(draws))
-    assert torch.equal(out[0], images[0]) and torch.equal(m[0], masks[0])
-    assert m[1, 0].sum() == 16 and m[1, 0, 25:29, 25:29].all()
-    assert torch.allclose(out[1, 0, 25:29, 25:29], torch.tensor(0.1))
-    assert torch.equal(out[1, 0, :22], images[1, 0, :22]) and torch.equal(out[1, 0, :, :22], images[1, 0, :, :22])
-    assert (out[1, 0, 22:, 22:] > 0.1).any() and (out[1, 0, 22:, 22:] < 0.9).any()  # the ramp blends
-    assert torch.equal(masks[1], torch.zeros(1, 32, 32))  # inputs not modified in place
-
-
-def test_lesion_paste_in_augment_batch_adds_lesions_and_keeps_masks_binary() -> None:
-    masks = torch.zeros(6, 1, 64, 64)
-    masks[::2, :, 10:18, 20:30] = 1  # small lesions in images 0, 2, 4 (the synthetic ones are too big)
-    images = 0.8 - 0.6 * masks
-    cfg = AugmentConfig(rotate_deg=0, scale=0, translate=0, lesion_paste=1.0)
-    _, pasted = augment_batch(images, masks, torch.Generator().manual_seed(1), cfg)
-    _, plain = augment_batch(images, masks, torch.Generator().manual_seed(1),
-                             AugmentConfig(rotate_deg=0, scale=0, translate=0))
-    assert set(pasted.unique().tolist()) <= {0.0, 1.0}
-    assert pasted.sum() > plain.sum()
-
-
-def test_sharpness_blurs_or_sharpens_a_step_edge() -> None:
-    """A vertical step 0.3 → 0.7, no geometry. The sharpness draw comes after every other draw, so
-    with the same seed the runs with and without it differ only by that step: far from the edge
-    nothing changes (the blur of a flat region is itself); on the dark pixel next to the edge
-    some images get brighter (blurred towards the bright side), some darker (overshoot)."""
-    from common.data.augment import _blur1
-    step = torch.full((1, 1, 16, 16), 0.3)
-    step[..., 8:] = 0.7
-    blurred = _blur1(step)
-    assert torch.allclose(blurred[..., :, :5], step[..., :, :5]) and blurred[0, 0, 0, 7] > 0.3
-    images, masks = step.repeat(64, 1, 1, 1), torch.zeros(64, 1, 16, 16)
-    cfg = dict(rotate_deg=0, scale=0, translate=0)
-    sharp, _ = augment_batch(images, masks, torch.Generator().manual_seed(0),
-                             AugmentConfig(**cfg, sharpness=1.0))
-    plain, _ = augment_batch(images, masks, torch.Generator().manual_seed(0), AugmentConfig(**cfg))
-    flip = plain[:, 0, 4, 0] > plain[:, 0, 4, -1]  # put the dark side on the left again
-    sharp = torch.where(flip[:, None, None, None], sharp.flip(-1), sharp)
-    plain = torch.where(flip[:, None, None, None], plain.flip(-1), plain)
-    assert torch.allclose(sharp[..., :, :4], plain[..., :, :4], atol=1e-6)
-    ratio = sharp[:, 0, 4, 7] / plain[:, 0, 4, 7]
-    assert ratio.max() > 1.1 and ratio.min() < 0.9
-
-
-def test_gin_keeps_range_polarity_and_masks_and_is_off_by_default() -> None:
-    """A dark disc on a bright ramp. GIN at p = 1 changes the texture but keeps each image's
-    [min, max], correlates positively with the input (a hypoechoic lesion stays darker than its
-    surroundings) and never touches the masks; at p = 0 (the default) no draw happens."""
-    from common.data.augment import gin
-    ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
-    disc = ((ys - 16) ** 2 + (xs - 16) ** 2 < 36).float()
-    images = (0.4 + 0.5 * xs / 31 - 0.35 * disc).expand(16, 1, 32, 32).clone()
-    g = torch.Generator().manual_seed(0)
-    out = gin(images, 1.0, lambda *s: torch.rand(*s, generator=g),
-              lambda *s: torch.randn(*s, generator=g))
-    assert not torch.allclose(out, images)
-    assert (out.amin((2, 3)) >= images.amin((2, 3)) - 1e-5).all()
-    assert (out.amax((2, 3)) <= images.amax((2, 3)) + 1e-5).all()
-    inside = (out * disc).sum((2, 3)) / disc.sum()
-    outside = (out * (1 - disc)).sum((2, 3)) / (1 - disc).sum()
-    centred_in = images - images.mean((2, 3), keepdim=True)
-    centred_out = out - out.mean((2, 3), keepdim=True)
-    assert ((centred_in * centred_out).sum((2, 3)) > 0).all()
-    assert (inside < outside).float().mean() >= 0.75  # polarity mostly survives the remap
-    cfg = dict(rotate_deg=0, scale=0, translate=0)
-    masks = disc.expand(16, 1, 32, 32).clone()
-    a, ma = augment_batch(images, masks, torch.Generator().manual_seed(1), AugmentConfig(**cfg, gin=1.0))
-    b, mb = augment_batch(images, masks, torch.Generator().manual_seed(1), AugmentConfig(**cfg))
-    assert torch.equal(ma, mb) and not torch.allclose(a, b)
-    g0 = torch.Generator().manual_seed(2)
-    assert torch.equal(gin(images, 0.0, lambda *s: torch.rand(*s, generator=g0),
-                           lambda *s: torch.randn(*s, generator=g0)), images)
-
-
-def test_shrink_batch_by_hand_keeps_masks_binary_and_area_fractions() -> None:
-    """160 px × 0.8 → 128 px (a multiple of 32); a centred 80-px square (1/4 of the image) stays
-    1/4 to a row of pixels, the mask stays 0/1, a constant image stays constant."""
-    raw = torch.full((2, 1, 160, 160), 0.25)
-    mask = torch.zeros(2, 1, 160, 160)
-    mask[:, :, 40:120, 40:120] = 1
-    small_raw, small_mask = shrink_batch(raw, mask, 0.8)
-    assert small_raw.shape == small_mask.shape == (2, 1, 128, 128)
-    assert torch.allclose(small_raw, torch.full_like(small_raw, 0.25))
-    assert set(small_mask.unique().tolist()) == {0.0, 1.0}
-    assert abs(float(small_mask.mean()) - 0.25) < 2 / 128
-    # the side is rounded to a multiple of 32 and never below 32; no shrink → the same tensors
-    assert shrink_batch(raw, mask, 0.5)[0].shape[-1] == 96  # 80 → 96
-    assert shrink_batch(raw[..., :64, :64], mask[..., :64, :64], 0.1)[0].shape[-1] == 32
-    same = shrink_batch(raw, mask, 0.95)  # 152 → 160: nothing to do
-    assert same[0] is raw and same[1] is mask
-
-
-def test_shrink_batch_keeps_the_lesion_where_it_was() -> None:
-    """A lesion in the upper-left quarter is still there, at the scaled place, after shrinking."""
-    mask = torch.zeros(1, 1, 128, 128)
-    mask[:, :, 16:48, 16:48] = 1
-    _, small = shrink_batch(torch.rand(1, 1, 128, 128), mask, 0.5)
-    rows, cols = torch.nonzero(small[0, 0], as_tuple=True)
-    assert (int(rows.min()), int(rows.max()), int(cols.min()), int(cols.max())) == (8, 23, 8, 23)

@@ -412,7 +412,7 @@ def test_load_centre_strict_and_lenient(tmp_path):
 
 # --- real data ---------------------------------------------------------------------------------
 
-REAL_COUNTS = {  # README counts minus documented drops (see each module's docstring)
+REAL_COUNTS = {  # the shared copies (docs/data.md) minus documented drops (see each module's docstring)
     "BrEaST": {Label.BENIGN: 154, Label.MALIGNANT: 98, Label.NORMAL: 4},
     "BUSI": {Label.BENIGN: 436, Label.MALIGNANT: 209, Label.NORMAL: 133},
     "BUS-UCLM": {Label.BENIGN: 170, Label.MALIGNANT: 90, Label.NORMAL: 419},

@@ -8,7 +8,8 @@ from torch import nn
 
 from common.data.synthetic import make_centre
 from common.data.tensors import normalise, to_tensors
-from common.evaluate import PER_IMAGE_COLUMNS, SUMMARY_KEYS, evaluate, predict, score
+from common.evaluate import PER_IMAGE_COLUMNS, SUMMARY_KEYS, predict, score
+from common.inference import evaluate  # the default InferenceConfig: the raw network
 
 SIZE = 32
 

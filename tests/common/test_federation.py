@@ -33,8 +33,6 @@ def test_federation_config_rejects_unknown_strategy_and_bad_values() -> None:
         FederationConfig(rounds=0)
     with pytest.raises(ConfigError, match="fraction_train"):
         FederationConfig(fraction_train=0.0)
-    with pytest.raises(ConfigError, match="lr_schedule"):
-        FederationConfig(lr_schedule="cosine")
 
 
 def test_site_needs_exactly_one_data_source_and_a_safe_name() -> None:
@@ -70,24 +68,37 @@ def test_load_run_spec_resolves_relative_paths_and_names_the_file(tmp_path) -> N
     (tmp_path / "cfg").mkdir()
     path = tmp_path / "cfg" / "run.yaml"
     path.write_text(
-        "federation: {rounds: 4, strategy: fedbn}\n"
+        "experiment: {preset: smoke, federation: {rounds: 4, strategy: fedbn}}\n"
         "sites:\n  - {name: A, data_path: data/a}\n  - {name: B, synthetic_centre: c1}\n"
         "run_dir: runs/x\n"
     )
     spec = load_run_spec(path)
     assert spec.federation.rounds == 4 and spec.federation.strategy == "fedbn"
+    assert spec.experiment.data.image_size == 32  # from the smoke preset
     assert spec.sites[0].data_path == str(tmp_path / "cfg" / "data" / "a")
     assert spec.run_dir == str(tmp_path / "cfg" / "runs" / "x")
     assert spec.sites[1].synthetic_centre == "c1"
-    path.write_text("experiment: {model: {arch: lite0, pretrained_path: auto}}\n"
-                    "sites:\n  - {name: A, synthetic_centre: c0}\n")
+    path.write_text("experiment: {model: {arch: lite0, pretrained_path: auto}, data: {image_size: 128}}\n"
+                    "sites:\n  - {name: A, synthetic_centre: c0}\n  - {name: B, synthetic_centre: c1}\n")
     assert load_run_spec(path).experiment.model.pretrained_path == "auto"  # a keyword, not a file
-    path.write_text("federation: {rounds: 2, strategy: nope}\n")
-    with pytest.raises(ConfigError, match="run.yaml"):
+
+
+@pytest.mark.parametrize("text, message", [
+    ("experiment: {federation: {rounds: 2, strategy: nope}}\nsites: [{name: A, synthetic_centre: c0}]\n",
+     "federation.strategy"),
+    ("federaton: {}\n", "federaton"),
+    ("federation: {rounds: 2}\nsites: [{name: A, synthetic_centre: c0}]\n", "go under experiment"),
+    ("experiment: {preset: smoke}\nsites: []\n", "at least one training site"),
+    ("experiment: {preset: smoke}\nsites: [{name: A, synthetic_centre: c0}]\n", "min_sites: 2 is more than"),
+    ("experiment: {preset: nope}\nsites: [{name: A, synthetic_centre: c0}]\n", "unknown preset 'nope'"),
+    ("experiment: {train: {epochs: 0}}\nsites: [{name: A, synthetic_centre: c0}]\n", "train.epochs"),
+])
+def test_a_bad_run_spec_is_refused_naming_the_file_and_key(tmp_path, text: str, message: str) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"run\.yaml") as exc:
         load_run_spec(path)
-    path.write_text("federaton: {}\n")
-    with pytest.raises(ConfigError, match="run.yaml.*federaton"):
-        load_run_spec(path)
+    assert message in str(exc.value)
 
 
 def test_site_seed_is_a_fixed_function_of_seed_round_and_site() -> None:

@@ -289,18 +289,21 @@ def test_per_sample_denominator_decouples_images() -> None:
     assert not torch.allclose(grad_of_first([True, False]), grad_of_first([False, False]), atol=1e-7)
 
 
-def test_consistency_warmup_then_ramp() -> None:
+def test_consistency_warmup_then_ramp_in_run_epochs() -> None:
+    """Warm-up 1 epoch, ramp 2: a step ending at run progress p applies λ·clamp((p − 1)/2, 0, 1);
+    without ``progress`` (evaluation) λ itself."""
     batch, prior = toy_batch(), BiradsPrior(PAPER_FEATURES)
-    loss = MultiTaskLoss(cfg(consistency=0.5, consistency_warmup_steps=2, consistency_ramp_steps=2))
+    loss = MultiTaskLoss(cfg(consistency=0.5, consistency_warmup_epochs=1.0, consistency_ramp_epochs=2.0))
     applied = []
-    for _ in range(5):
-        ml, cl = outputs(batch)
-        lam = loss.scheduled_consistency()
-        total, parts = loss(ml, cl, batch, prior)
+    for end in (0.5, 1.0, 1.5, 2.0, 3.0, 4.0):
+        lam = loss.scheduled_consistency(end)
+        _, parts = loss(*outputs(batch), batch, prior, progress=end)
         plain = parts["seg"] + parts["cls"]
         assert parts["total"] == pytest.approx(plain + lam * parts["consistency"], rel=1e-5)
         applied.append(lam)
-    assert applied == [0.0, 0.0, 0.25, 0.5, 0.5]
-    with torch.no_grad():  # evaluation calls do not advance the schedule
-        loss(*outputs(batch), batch, prior)
-    assert loss.train_steps == 5
+    assert applied == [0.0, 0.0, 0.125, 0.25, 0.5, 0.5]
+    _, parts = loss(*outputs(batch), batch, prior)
+    assert parts["total"] == pytest.approx(parts["seg"] + parts["cls"] + 0.5 * parts["consistency"], rel=1e-5)
+    assert MultiTaskLoss(cfg(consistency=0.5)).scheduled_consistency(0.1) == 0.5  # no schedule
+    with pytest.raises(ValueError, match="consistency_ramp_epochs"):
+        cfg(consistency_ramp_epochs=-1.0)

@@ -3,10 +3,12 @@ import math
 import pytest
 import torch
 
-from common.config import PAPER_FEATURES, LossConfig, ModelConfig, TrainConfig
+from common.config import PAPER_FEATURES, LossConfig, ModelConfig, TrainConfig, replace
 from common.data.synthetic import make_centre
 from common.data.tensors import to_tensors
+from common.losses import MultiTaskLoss
 from common.model import build_model
+from common.schedule import RunPosition
 from common.train import _optimizer, balanced_pos_weight, train_local
 
 SIZE = 32
@@ -179,39 +181,64 @@ def test_encoder_lr_scale_puts_the_encoder_in_its_own_group():
         _optimizer(list(torch.nn.Linear(2, 2).named_parameters()), cfg(encoder_lr_scale=0.1))
 
 
-@pytest.mark.parametrize("calm_epochs, splices", [(1, [0.5, 0.5, 0.0]), (0, [0.5] * 3), (5, [0.0] * 3)])
-def test_calm_epochs_turn_the_centre_shift_transforms_off_at_the_end(data, monkeypatch, calm_epochs, splices):
-    """16 images in batches of 8: two augment calls per epoch; the last ``calm_epochs`` epochs
-    (all of them when it exceeds the epochs) get the geometry without splice/paste/stretch and
-    with everything else kept."""
+_SCHEDULED = MultiTaskLoss.scheduled_consistency
+
+
+def _schedule_trace(data, monkeypatch, train_cfg: TrainConfig, loss_cfg: LossConfig,
+                    calls: list[tuple[int, RunPosition]]) -> tuple[list[float], list[float]]:
+    """(learning rate at every optimiser step, λ of every training step) over ``calls``, each a
+    train_local of (epochs, position) continuing the same model."""
+    import common.losses as losses_mod
     import common.train as train_mod
-    from common.config import AugmentConfig
-    seen: list[AugmentConfig] = []
-    real = train_mod.augment_batch
 
-    def spy(raw, mask, generator, geometry):
-        seen.append(geometry)
-        return real(raw, mask, generator, geometry)
+    lrs: list[float] = []
+    lams: list[float] = []
+    make, scheduled = _optimizer, _SCHEDULED  # the originals, not an earlier trace's spies
 
-    monkeypatch.setattr(train_mod, "augment_batch", spy)
-    geometry = AugmentConfig(depth_splice=0.5, lesion_paste=0.3, stretch=0.2, sharpness=0.4,
-                             calm_epochs=calm_epochs)
-    train_local(fresh(), data, cfg(epochs=3), LossConfig(), augment=geometry)
-    assert [g.depth_splice for g in seen] == [s for s in splices for _ in range(2)]
-    calm = [g for g in seen if g.depth_splice == 0]
-    assert all(g.lesion_paste == 0 and g.stretch == 0 and g.sharpness == 0.4 for g in calm)
+    def spy_optimizer(named, cfg_):
+        opt = make(named, cfg_)
+        opt.register_step_pre_hook(lambda o, *_: lrs.append(o.param_groups[0]["lr"]))
+        return opt
 
+    def spy_lambda(self, end):
+        lams.append(scheduled(self, end))
+        return lams[-1]
 
-@pytest.mark.parametrize("low_res_epochs", [0, 2])
-def test_low_res_epochs_train_the_first_epochs_on_shrunk_batches(low_res_epochs):
-    """64-px images, scale 0.5: the first ``low_res_epochs`` epochs feed the network 32-px batches
-    (masks shrunk with them, so the loss sees matching shapes), the rest 64 px."""
-    data64 = to_tensors(make_centre("SynPL", 8, size=64, seed=0), 64)
+    monkeypatch.setattr(train_mod, "_optimizer", spy_optimizer)
+    monkeypatch.setattr(losses_mod.MultiTaskLoss, "scheduled_consistency", spy_lambda)
     model = fresh()
-    seen: list[int] = []
-    model.register_forward_pre_hook(lambda _m, args: seen.append(int(args[0].shape[-1])))
-    result = train_local(model, data64, cfg(epochs=3, low_res_epochs=low_res_epochs, low_res_scale=0.5),
-                         LossConfig())
-    expected = [32] * low_res_epochs + [64] * (3 - low_res_epochs)
-    assert seen == expected and len(result.history) == 3
-    assert all(math.isfinite(h["loss"]) for h in result.history)
+    for epochs, position in calls:
+        train_local(model, data, replace(train_cfg, epochs=epochs), loss_cfg, augment=False,
+                    position=position)
+    return lrs, lams
+
+
+def test_schedules_count_the_whole_run_not_the_call(data, monkeypatch):
+    """16 images in batches of 8: two steps per epoch, 4 epochs. LR warm-up 1 epoch then a cosine
+    to 0 at epoch 4; λ = 0.4 after a 1-epoch warm-up and a 2-epoch ramp. One call of 4 epochs and
+    two rounds of 2 (``RunPosition.for_round``) take the same LR and λ at every step; round 2
+    continues the warm-up and the cosine where round 1 left them."""
+    train_cfg = cfg(lr=0.01, schedule="cosine", warmup_epochs=1.0)
+    loss_cfg = LossConfig(consistency=0.4, consistency_warmup_epochs=1.0, consistency_ramp_epochs=2.0)
+    cos = [0.5 * (1 + math.cos(math.pi * (s - 1) / 3)) for s in (1.5, 2.0, 2.5, 3.0, 3.5)]
+    want_lr = [0.01 * f for f in (0.5, 1.0, 1.0, *cos)]
+    want_lam = [0.4 * f for f in (0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0)]
+
+    whole = _schedule_trace(data, monkeypatch, train_cfg, loss_cfg, [(4, RunPosition())])
+    rounds = _schedule_trace(data, monkeypatch, train_cfg, loss_cfg,
+                             [(2, RunPosition.for_round(r, 2, 2)) for r in (1, 2)])
+    for lrs, lams in (whole, rounds):
+        assert lrs == pytest.approx(want_lr, rel=1e-12)
+        assert lams == pytest.approx(want_lam, rel=1e-12)
+    assert whole == rounds  # the same floats, not just close
+    # a call that ignored its position would restart both warm-ups in round 2
+    restarted = _schedule_trace(data, monkeypatch, train_cfg, loss_cfg, [(2, RunPosition())] * 2)
+    assert restarted[1][4] == 0.0 and rounds[1][4] > 0.0
+    assert restarted[0][4] == pytest.approx(0.005) and rounds[0][4] == pytest.approx(0.0075)
+
+
+def test_a_call_that_overruns_its_run_is_refused(data):
+    with pytest.raises(ValueError, match="overruns"):
+        train_local(fresh(), data, cfg(epochs=2), LossConfig(), position=RunPosition(3, 4))
+    with pytest.raises(ValueError, match="train.schedule"):
+        train_local(fresh(), data, cfg(schedule="step"), LossConfig())

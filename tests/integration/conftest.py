@@ -15,11 +15,13 @@ from typing import Any, Callable, Iterator
 import pytest
 import yaml
 
-from server.superlink import ManagedProcess, bin_path, flwr_env, free_port
+from launch.flwr_env import flwr_env
+from launch.process import ManagedProcess, bin_path, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SITES = {"udiat": "SynES1", "busi": "SynEG", "bus-uclm": "SynES2"}  # synthetic stand-ins
-TINY = {  # 32 px, 4 base channels, depth 2, 16 images per site
+TINY = {  # the smoke preset with 4 base channels, depth 2, 16 images per site
+    "preset": "smoke",
     "data": {"image_size": 32, "val_fraction": 0.25, "augment": False},
     "model": {"base_channels": 4, "depth": 2},
     "train": {"batch_size": 8, "device": "cpu", "num_threads": 1, "progress": False},
@@ -103,10 +105,9 @@ class Federation:
     def write_experiment(self, *, rounds: int = 2, min_sites: int = 3, quorum_timeout_s: float = 60,
                          round_timeout_s: float = 90) -> Path:
         spec = {
-            "experiment": TINY,
-            "federation": {"strategy": "fedavg", "rounds": rounds, "local_epochs": 1,
-                           "min_sites": min_sites, "quorum_timeout_s": quorum_timeout_s,
-                           "round_timeout_s": round_timeout_s, "central_eval": False},
+            "experiment": {**TINY, "federation": {
+                "strategy": "fedavg", "rounds": rounds, "local_epochs": 1, "min_sites": min_sites,
+                "quorum_timeout_s": quorum_timeout_s, "round_timeout_s": round_timeout_s, "central_eval": False}},
             "sites": [{"name": n, "synthetic_centre": c, "synthetic_n": 16} for n, c in SITES.items()],
             "run_dir": str(self.run_dir),
         }

@@ -9,8 +9,8 @@ from collections import Counter
 
 import pytest
 
-from server.audit import verify
-from server.state import RunFolder
+from launch.audit import verify
+from server.state import ServerRunFolder
 
 from .conftest import SITES, Federation, kill_tree, wait_until
 
@@ -39,7 +39,7 @@ def test_three_sites_complete_a_run_with_tls_and_authentication(federation: Fede
     code = server.wait(RUN_LIMIT)
     assert code == 0, server.tail(60)
 
-    resumed = RunFolder(fed.run_dir).load(restore=False)
+    resumed = ServerRunFolder(fed.run_dir).load(restore=False)
     assert resumed.round == 2
     rows = fed.metrics()
     evaluated = {(int(r["round"]), r["site"]) for r in rows if r["phase"] == "evaluate" and r["metric"] == "dice"}
@@ -103,7 +103,7 @@ def test_a_site_killed_mid_round_is_reported_and_the_run_completes(federation: F
     failed = {(int(r["round"]), r["phase"], r["site"]) for r in fed.metrics() if r["metric"] == "failed"}
     assert failed and {s for _, _, s in failed} == {"bus-uclm"}
     assert {e["site"] for e in fed.audit() if e["event"] == "site_failure"} == {"bus-uclm"}
-    assert RunFolder(fed.run_dir).load(restore=False).round == 2
+    assert ServerRunFolder(fed.run_dir).load(restore=False).round == 2
     last = [r for r in fed.metrics() if r["round"] == "2" and r["phase"] == "evaluate" and r["metric"] == "dice"]
     assert {r["site"] for r in last} >= {"udiat", "busi"}
 
@@ -115,7 +115,7 @@ def test_coordinator_killed_after_round_one_resumes_to_the_end(federation: Feder
     wait_until(lambda: fed.status().get("round") == 1 and checkpoint.exists(), RUN_LIMIT, "round 1 checkpoint",
                procs=(server, *sites.values()))
     kill_tree(server)
-    first = RunFolder(fed.run_dir).load(restore=False)
+    first = ServerRunFolder(fed.run_dir).load(restore=False)
     shutil.copy(checkpoint, fed.root / "round1.pt")
     if first.round == 2:
         pytest.skip("round 2 finished before the kill landed; nothing to resume")
@@ -123,7 +123,7 @@ def test_coordinator_killed_after_round_one_resumes_to_the_end(federation: Feder
     resumed = fed.server("--resume", name="flower-server-resume")
     code = resumed.wait(RUN_LIMIT)
     assert code == 0, resumed.tail(60)
-    final = RunFolder(fed.run_dir).load(restore=False)
+    final = ServerRunFolder(fed.run_dir).load(restore=False)
     assert final.round == 2 and final.run_key == first.run_key
     rows = fed.metrics()
     per_round = Counter((r["round"], r["phase"], r["site"], r["metric"]) for r in rows)

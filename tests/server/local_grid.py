@@ -100,3 +100,31 @@ class LocalGrid(Grid):
             replies.append(reply)
         self.replies.extend(replies)
         return replies
+
+
+class Killed(RuntimeError):
+    """The coordinator 'dies' right after a round's checkpoint (``killed_after``)."""
+
+
+@contextmanager
+def killed_after(server_round: int) -> Iterator[None]:
+    """Within the block, the server stops dead once round ``server_round``'s checkpoint is
+    written: a run interrupted there with its own settings (a shorter run would have another
+    run-wide schedule, so it is not the same run)."""
+    from server.state import ServerRunFolder
+
+    real = ServerRunFolder.save
+
+    def save(self: ServerRunFolder, rnd: int, *args: Any, **kwargs: Any) -> Path:
+        path = real(self, rnd, *args, **kwargs)
+        if rnd == server_round:
+            raise Killed(f"killed after round {rnd}")
+        return path
+
+    ServerRunFolder.save = save  # type: ignore[method-assign]
+    try:
+        yield
+    except Killed:
+        pass
+    finally:
+        ServerRunFolder.save = real  # type: ignore[method-assign]

@@ -12,7 +12,7 @@ from flwr.app import MessageType
 
 import client.runtime as runtime
 from client.app import make_client_app
-from common.config import replace
+from common.config import ConfigError, replace
 from common.device import seed_everything
 from common.federation import (
     AGGREGATE_SITE,
@@ -24,8 +24,8 @@ from common.federation import (
 )
 from common.sitedata import clear_memo
 from server.app import FederationStopped, resolve_server_spec, run_federation
-from server.state import RunFolder
-from tests.server.local_grid import SITES, LocalGrid, task_identity, tiny_spec
+from server.state import ServerRunFolder
+from tests.server.local_grid import SITES, LocalGrid, killed_after, task_identity, tiny_spec
 
 
 @pytest.fixture(autouse=True)
@@ -104,7 +104,7 @@ def test_no_quorum_stops_with_the_checkpoint_intact_and_resume_finishes(tmp_path
     with pytest.raises(FederationStopped, match="round 2: 1 site"):
         run_federation(grid, spec, clock=clock, sleep=clock.sleep)
     assert 30.0 <= clock.now < 32.0  # waited the quorum timeout, not forever
-    folder = RunFolder(spec.run_dir)
+    folder = ServerRunFolder(spec.run_dir)
     assert folder.read_status()["state"] == "stopped"
     assert folder.load(restore=False).round == 1
     grid.offline, grid.before_send = set(), None
@@ -122,47 +122,44 @@ def test_existing_checkpoint_requires_resume(tmp_path) -> None:
 def test_resume_reproduces_an_uninterrupted_run(tmp_path) -> None:
     straight = tiny_spec(tmp_path / "straight", rounds=3, strategy="fedadam")
     run_federation(sim_grid(straight), straight)
-    part = tiny_spec(tmp_path / "part", rounds=2, strategy="fedadam")
-    run_federation(sim_grid(part), part)
-    rest = replace(part, federation=replace(part.federation, rounds=3))
-    run_federation(sim_grid(rest), rest, resume=True)
-    a = RunFolder(straight.run_dir).load(restore=False)
-    b = RunFolder(part.run_dir).load(restore=False)
+    part = tiny_spec(tmp_path / "part", rounds=3, strategy="fedadam")
+    with killed_after(2):
+        run_federation(sim_grid(part), part)
+    assert ServerRunFolder(part.run_dir).load(restore=False).round == 2
+    run_federation(sim_grid(part), part, resume=True)
+    a = ServerRunFolder(straight.run_dir).load(restore=False)
+    b = ServerRunFolder(part.run_dir).load(restore=False)
     assert a.round == b.round == 3
     for key in a.state_dict:
         torch.testing.assert_close(a.state_dict[key], b.state_dict[key], rtol=1e-5, atol=1e-6)
-    assert [r.round for r in RunFolder(part.run_dir).read_metrics() if r.metric == "train_loss"].count(3) == 4
+    assert [r.round for r in ServerRunFolder(part.run_dir).read_metrics() if r.metric == "train_loss"].count(3) == 4
 
 
-@pytest.mark.parametrize("schedule", ["round", "global"])
-def test_lr_schedule_reaches_the_sites_as_their_slice_of_the_run(tmp_path, monkeypatch, schedule) -> None:
-    spans: list[tuple[float, float]] = []
+def test_each_round_reaches_the_sites_as_its_place_in_the_run(tmp_path, monkeypatch) -> None:
+    from common.schedule import RunPosition
+
+    positions: list[RunPosition] = []
     real = runtime.train_local
 
     def spy(*args, **kwargs):
-        spans.append(kwargs["schedule_span"])
+        positions.append(kwargs["position"])
         return real(*args, **kwargs)
 
     monkeypatch.setattr(runtime, "train_local", spy)
-    spec = tiny_spec(tmp_path / "run", rounds=2, lr_schedule=schedule)
+    spec = tiny_spec(tmp_path / "run", rounds=2, local_epochs=2)
     run_federation(sim_grid(spec), spec)
-    if schedule == "global":
-        assert spans == [(0.0, 0.5)] * len(SITES) + [(0.5, 1.0)] * len(SITES)
-    else:
-        assert spans == [(0.0, 1.0)] * (2 * len(SITES))
+    assert positions == [RunPosition(0, 4)] * len(SITES) + [RunPosition(2, 4)] * len(SITES)
 
 
-def test_deployment_spec_from_run_config(tmp_path) -> None:
-    spec, resume = resolve_server_spec(None, False, {
-        "num-server-rounds": 5, "strategy": "fedprox", "proximal-mu": 0.1, "image-size": 64,
-        "run-dir": str(tmp_path / "r"), "resume": True})
-    assert resume and spec.federation.rounds == 5 and spec.federation.strategy == "fedprox"
-    assert spec.federation.proximal_mu == 0.1 and spec.experiment.data.image_size == 64
-    assert spec.sites == () and spec.run_dir == str(tmp_path / "r")
+def test_deployment_spec_comes_only_from_the_run_spec_file(tmp_path) -> None:
     path = tmp_path / "spec.yaml"
-    path.write_text("federation: {rounds: 7}\nrun_dir: out\n")
-    spec2, resume2 = resolve_server_spec(None, False, {"run-spec": str(path)})
-    assert spec2.federation.rounds == 7 and spec2.run_dir == str(tmp_path / "out") and not resume2
+    path.write_text("experiment: {preset: smoke, federation: {rounds: 7, min_sites: 1}}\n"
+                    "sites: [{name: A, synthetic_centre: SynPL}]\nrun_dir: out\n")
+    spec, resume = resolve_server_spec(None, False, {"run-spec": str(path), "resume": True})
+    assert spec.federation.rounds == 7 and spec.run_dir == str(tmp_path / "out") and resume
+    assert spec.experiment.data.image_size == 32  # the smoke preset
+    with pytest.raises(ConfigError, match="no run-spec"):  # no second door: pyproject keys are not read
+        resolve_server_spec(None, False, {"num-server-rounds": 5, "strategy": "fedprox"})
 
 
 def test_central_evaluation_writes_rows_for_held_out_centres(tmp_path) -> None:
@@ -181,12 +178,12 @@ def test_fedbn_resume_in_fresh_site_processes_matches_a_straight_run(tmp_path) -
     find their own norm layers in their state folders; the result equals an uninterrupted run."""
     straight = tiny_spec(tmp_path / "straight", rounds=2, strategy="fedbn")
     run_federation(sim_grid(straight), straight)
-    part = tiny_spec(tmp_path / "part", rounds=1, strategy="fedbn")
-    run_federation(sim_grid(part), part)
-    rest = replace(part, federation=replace(part.federation, rounds=2))
-    run_federation(sim_grid(rest), rest, resume=True)  # new grid: new, empty contexts
-    a = RunFolder(straight.run_dir).load(restore=False)
-    b = RunFolder(part.run_dir).load(restore=False)
+    part = tiny_spec(tmp_path / "part", rounds=2, strategy="fedbn")
+    with killed_after(1):
+        run_federation(sim_grid(part), part)
+    run_federation(sim_grid(part), part, resume=True)  # new grid: new, empty contexts
+    a = ServerRunFolder(straight.run_dir).load(restore=False)
+    b = ServerRunFolder(part.run_dir).load(restore=False)
     for key in a.state_dict:
         torch.testing.assert_close(a.state_dict[key], b.state_dict[key], rtol=1e-5, atol=1e-6)
     norms = norm_keys(build_experiment_model(straight.experiment))

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives import serialization
 
 from common.config import ConfigError
 from common.federation import FederationConfig, RunSpec
-from server.cli import default_run_timeout, load_coordinator_config
+from server.coordinator_config import default_run_timeout, load_coordinator_config
 from server.control import ControlError, _json_tail, fab_preflight, key_fingerprint
 
 REPO = Path(__file__).resolve().parents[2]

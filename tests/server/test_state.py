@@ -13,7 +13,7 @@ from common.federation import FederationConfig, RunSpec, SiteSpec, load_run_spec
 from server.state import (
     METRIC_COLUMNS,
     MetricRow,
-    RunFolder,
+    ServerRunFolder,
     check_resumable,
 )
 
@@ -29,7 +29,7 @@ def _spec(tmp_path, **fed) -> RunSpec:
 
 def test_checkpoint_restores_weights_round_strategy_state_and_rng(tmp_path) -> None:
     spec = _spec(tmp_path, strategy="fedadam")
-    folder = RunFolder(spec.run_dir)
+    folder = ServerRunFolder(spec.run_dir)
     weights = {"w": torch.arange(4.0), "b": torch.tensor([1.5])}
     moments = {"m_t": {"w": torch.ones(4)}, "v_t": {"w": torch.full((4,), 2.0), "s": torch.tensor(3.0)}}
     random.seed(7)
@@ -49,7 +49,7 @@ def test_checkpoint_restores_weights_round_strategy_state_and_rng(tmp_path) -> N
 
 
 def test_metrics_are_appended_to_csv_and_jsonl_with_the_fixed_columns(tmp_path) -> None:
-    folder = RunFolder(tmp_path)
+    folder = ServerRunFolder(tmp_path)
     folder.append_metrics([MetricRow(1, "train", "A", "train_loss", 0.5)])
     folder.append_metrics([MetricRow(1, "evaluate", "B", "dice", 0.25), MetricRow(2, "central", "C", "auc", -1.0)])
     lines = (tmp_path / "metrics.csv").read_text().splitlines()
@@ -61,7 +61,7 @@ def test_metrics_are_appended_to_csv_and_jsonl_with_the_fixed_columns(tmp_path) 
 
 
 def test_truncate_drops_rows_of_unfinished_rounds_in_both_files(tmp_path) -> None:
-    folder = RunFolder(tmp_path)
+    folder = ServerRunFolder(tmp_path)
     folder.append_metrics([MetricRow(r, "train", "A", "x", float(r)) for r in (1, 2, 3)])
     assert folder.truncate_metrics(2) == 1
     assert [r.round for r in folder.read_metrics()] == [1, 2]
@@ -71,7 +71,7 @@ def test_truncate_drops_rows_of_unfinished_rounds_in_both_files(tmp_path) -> Non
 
 def test_config_and_status_files(tmp_path) -> None:
     spec = _spec(tmp_path)
-    folder = RunFolder(spec.run_dir)
+    folder = ServerRunFolder(spec.run_dir)
     folder.write_config(spec)
     assert load_run_spec(folder.path / "config.yaml") == spec
     folder.write_status("stopped", 3, "no quorum")

@@ -19,7 +19,8 @@ from common.data.tensors import to_tensors
 from common.federation import build_experiment_model
 from sim.examples import pick_examples
 from sim.federated import federated_spec
-from sim.protocols import LcoOptions, Runtime, arm_config, plan_units, split_dp_arm, with_dp_arms
+from common.settings import Settings, SimConfig, load_settings
+from sim.protocols import Runtime, arm_config, plan_units, split_dp_arm, with_dp_arms
 from sim.report_dp import epsilon_table
 from sim.selection import EpochSelector, selection_score
 
@@ -29,12 +30,12 @@ SMALL = {"data.image_size": 32, "model.base_channels": 8, "model.depth": 3,
 
 # ----------------------------------------------------------------------------- arms and plan
 def test_dp_arm_names_plan_and_config():
-    opts = LcoOptions(epsilons=(8.0, 1.0, math.inf), dp_arms=("consistency",))
+    opts = SimConfig(epsilons=(8.0, 1.0, math.inf), dp_arms=("consistency",))
     assert with_dp_arms(["multitask", "consistency"], opts) == [
         "multitask", "consistency", "consistency-eps1", "consistency-eps8"]
     assert split_dp_arm("consistency-eps0.5") == ("consistency", 0.5)
     assert split_dp_arm("consistency-lambda2") == ("consistency-lambda2", math.inf)
-    plan = plan_units(opts, ExperimentConfig(), ["A", "B", "C"], "A")
+    plan = plan_units(Settings(sim=opts), ["A", "B", "C"], "A")
     arms = {(pu.unit.protocol, pu.unit.arm) for pu in plan}
     for protocol in ("paper", "fedavg", "fedprox", "local", "pooled"):
         assert {(protocol, "consistency-eps1"), (protocol, "consistency-eps8")} <= arms
@@ -47,18 +48,18 @@ def test_dp_arm_names_plan_and_config():
     assert not arm_config(cfg, "consistency").privacy.enabled
     with pytest.raises(ConfigError, match="planned epochs"):
         arm_config(cfg, "consistency-eps3")
-    with pytest.raises(ConfigError, match="lco.epsilons"):
-        LcoOptions(epsilons=(0.0,))
-    with pytest.raises(ConfigError, match="lco.selection"):
-        LcoOptions(selection="best")
+    with pytest.raises(ConfigError, match="sim.epsilons"):
+        SimConfig(epsilons=(0.0,))
+    with pytest.raises(ConfigError, match="sim.selection"):
+        SimConfig(selection="best")
 
 
 def test_federated_dp_unit_plans_its_noise_over_every_round(tmp_path):
-    opts = LcoOptions(protocols=("federated",), strategies=("fedavg",), epsilons=(2.0,), rounds=3,
-                      local_epochs=2, held_out=("SynPL",))
-    sites = lco.site_specs(opts)
-    (pu,) = [p for p in plan_units(opts, ExperimentConfig(), list(sites), "SynPL") if p.unit.arm.endswith("eps2")]
-    spec = federated_spec(pu, units.unit_config(pu, ExperimentConfig(), opts), opts,
+    settings = load_settings("smoke", ["sim.protocols=federated", "sim.strategies=fedavg", "sim.epsilons=2",
+                                       "federation.rounds=3", "federation.local_epochs=2", "sim.held_out=SynPL"])
+    sites = lco.site_specs(settings.sim)
+    (pu,) = [p for p in plan_units(settings, list(sites), "SynPL") if p.unit.arm.endswith("eps2")]
+    spec = federated_spec(pu, units.unit_config(pu, settings), settings,
                           Runtime(sites=sites, cache_dir=None, scratch=tmp_path))
     # the server sends spec.experiment with every message; client/app.py runs DP-SGD from it
     assert spec.experiment.privacy.enabled and spec.experiment.privacy.target_epsilon == 2.0
@@ -68,9 +69,10 @@ def test_federated_dp_unit_plans_its_noise_over_every_round(tmp_path):
 # ----------------------------------------------------------------------------- the sweep
 def test_epsilon_sweep_tiny_run(tmp_path):
     out = tmp_path / "runs"
-    sites = list(lco.site_specs(LcoOptions()))[:3]
-    assert lco.main(["--quick", "--no-progress", "--size", "32", "--protocols", "paper", "--arms", "consistency",
-                     "--epsilons", "3,inf", "--centres", ",".join(sites), "--out", str(out)]) == 0
+    sites = list(lco.site_specs(SimConfig()))[:3]
+    assert lco.main(["--preset", "smoke", "--no-progress", "--protocols", "paper", "--set", "sim.arms=consistency",
+                     "--set", "sim.epsilons=3,.inf", "--set", f"sim.centres={','.join(sites)}",
+                     "--out", str(out)]) == 0
     (folder,) = sorted(out.glob("lco-*"))
     res = pd.read_csv(folder / "results.csv")
     assert set(res["arm"]) == {"consistency", "consistency-eps3"}
@@ -78,7 +80,7 @@ def test_epsilon_sweep_tiny_run(tmp_path):
     assert set(spent["arm"]) == {"consistency-eps3"} and set(spent["test_centre"]) == set(sites[1:])
     assert (spent["value"] > 0).all() and (spent["value"] <= 3.0 + 1e-9).all()
     config = yaml.safe_load((folder / "config.yaml").read_text())
-    assert config["lco"]["epsilons"] == [3.0, math.inf] and config["lco"]["selection"] == "best_val"
+    assert config["sim"]["epsilons"] == [3.0, math.inf] and config["sim"]["selection"] == "best_val"
     report = (folder / "report.md").read_text()
     assert "## Utility cost of sample-level DP-SGD" in report
     table = report.split("## Utility cost")[1]
@@ -143,7 +145,7 @@ def test_best_val_selection_by_hand():
 
     tie = EpochSelector("best_val")
     _feed(tie, net, [{"dice": 0.5, "auc": 0.5}, {"dice": 0.5, "auc": 0.5}, {"dice": 0.1, "auc": 0.1}])
-    assert tie.restore(net) == 2  # ties go to the later epoch, as benchmarks/external_validation.py
+    assert tie.restore(net) == 2  # ties go to the later epoch
 
     last = EpochSelector("last")
     _feed(last, net, SEQUENCE)
@@ -164,7 +166,8 @@ def test_centralised_training_keeps_the_best_validation_epoch(monkeypatch):
 
     monkeypatch.setattr(units, "predict", fake_predict)
     monkeypatch.setattr(units, "score", lambda *_a, **_k: type("R", (), {"summary": next(script)})())
-    pu = plan_units(LcoOptions(protocols=("paper",), arms=("consistency",)), cfg, ["SynPL", "X"], "SynPL")[0]
+    pu = plan_units(Settings(experiment=cfg, sim=SimConfig(protocols=("paper",), arms=("consistency",))),
+                    ["SynPL", "X"], "SynPL")[0]
     rt = Runtime(sites={}, cache_dir=None, scratch=Path("."), device="cpu", progress=False)
     trained = units.train_centralised(pu, cfg, data.subset(torch.arange(8)), data.subset(torch.arange(8, 12)), rt)
     assert len(snapshots) == 3

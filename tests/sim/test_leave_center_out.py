@@ -1,5 +1,5 @@
-"""The leave-centre-out CLI: settings, the unit plan, tiny synthetic runs of each protocol
-(every output file), resume without retraining, and the real-data smoke (integration)."""
+"""The leave-centre-out CLI: settings through the one door, the unit plan, tiny synthetic runs of
+each protocol (every output file), resume without retraining, and the real-data smoke (integration)."""
 from __future__ import annotations
 
 import json
@@ -13,10 +13,11 @@ import yaml
 
 import sim.leave_center_out as lco
 from common.config import ConfigError, ExperimentConfig
+from common.settings import Settings, SimConfig, load_settings, settings_to_dict
 from sim.federated import federated_spec, missing_updates, run_simulation_spec
-from sim.protocols import LcoOptions, Runtime, arm_config, auc_ci, metric_rows, plan_units
+from sim.protocols import Runtime, arm_config, auc_ci, metric_rows, plan_units
 
-TINY = ["--quick", "--no-progress", "--size", "32"]
+TINY = ["--preset", "smoke", "--no-progress"]
 DATA_ROOT = Path(os.environ.get("FEDBUS_DATA_ROOT", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
 
 
@@ -25,61 +26,74 @@ def _run_folder(out: Path) -> Path:
     return folder
 
 
+def _settings(argv: list[str]) -> Settings:
+    return lco.resolve_settings(lco.build_parser().parse_args(argv))
+
+
 # ----------------------------------------------------------------------------- settings
-def test_help_lists_every_option(capsys):
+def test_help_lists_the_few_options(capsys):
     with pytest.raises(SystemExit) as exc:
         lco.main(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--data-root", "--protocols", "--arms", "--train-center", "--epochs", "--rounds",
-                 "--local-epochs", "--size", "--seeds", "--lambda-sweep", "--ablate-features", "--config",
-                 "--out", "--resume", "--quick", "--threads", "--epsilons", "--dp-arms", "--selection", "--depth-tta"):
+    for flag in ("--preset", "--set", "--data-root", "--protocols", "--seeds", "--threads", "--out", "--resume",
+                 "--list-presets", "--no-progress"):
         assert flag in text
+    assert "--epochs" not in text and "--depth-tta" not in text  # config fields enter through --set only
 
 
-@pytest.mark.parametrize("flag, value, kind", [("--depth-tta", "0.15,x", "numbers"),
-                                                ("--seeds", "0,1.5", "integers")])
-def test_a_malformed_list_option_is_named(flag, value, kind, capsys):
-    with pytest.raises(SystemExit) as exc:
-        lco.main([flag, value])
-    assert exc.value.code == 2
-    assert f"argument {flag}: invalid comma-separated {kind} value: '{value}'" in capsys.readouterr().err
+def test_list_presets_prints_one_line_each(capsys):
+    assert lco.main(["--list-presets"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert {line.split()[0] for line in lines} >= {"smoke", "cpu-fast", "recommended", "paper", "dp"}
+    assert all(len(line.split()) > 3 for line in lines)
 
 
-def test_settings_precedence_defaults_yaml_flags(tmp_path):
+def test_defaults_are_cpu_fast_on_synthetic_and_recommended_on_real_data(tmp_path):
+    assert _settings([]) == load_settings("cpu-fast")
+    real = _settings(["--data-root", str(tmp_path)])
+    assert real.experiment == load_settings("recommended").experiment
+    assert real.sim.data_root == str(tmp_path.resolve())
+
+
+def test_precedence_preset_then_set_then_shortcuts(tmp_path):
     path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump({"train": {"epochs": 7, "lr": 0.01}, "lco": {"rounds": 4, "seeds": [1, 2]}}))
-    args = lco.build_parser().parse_args(["--config", str(path), "--epochs", "9"])
-    cfg, opts = lco.resolve_settings(args)
-    assert cfg.train.epochs == 9  # flag beats YAML
-    assert cfg.train.lr == 0.01 and opts.rounds == 4 and opts.seeds == (1, 2)  # YAML beats defaults
-    assert cfg.data.image_size == lco.SYNTHETIC_DEFAULTS["data"]["image_size"]  # default kept
-    assert opts.data_root is None
+    path.write_text(yaml.safe_dump({"preset": "smoke", "train": {"epochs": 7, "lr": 0.01},
+                                    "sim": {"seeds": [1, 2]}}))
+    s = _settings(["--preset", str(path), "--set", "train.epochs=9", "--set", "sim.seeds=3,4", "--seeds", "5,6"])
+    assert s.experiment.train.epochs == 9  # --set beats the file
+    assert s.experiment.train.lr == 0.01  # the file beats its preset
+    assert s.sim.seeds == (5, 6)  # the shortcut beats --set
+    assert s.experiment.data.image_size == load_settings("smoke").experiment.data.image_size  # inherited
 
 
-def test_settings_round_trip_through_config_yaml(tmp_path):
-    cfg, opts = lco.resolve_settings(lco.build_parser().parse_args(["--quick", "--seeds", "3"]))
+def test_a_run_folders_config_loads_again(tmp_path):
+    s = _settings([*TINY, "--seeds", "3"])
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(lco.resolved_dict(cfg, opts)))
-    cfg2, opts2 = lco.parse_settings(yaml.safe_load(path.read_text()), str(path))
-    assert (cfg2, opts2) == (cfg, opts)
+    path.write_text(yaml.safe_dump(settings_to_dict(s)))
+    assert _settings(["--preset", str(path)]) == s
 
 
-def test_example_experiments_parse_and_the_demo_is_the_default():
-    folder = Path(lco.__file__).parent / "experiments"
-    files = sorted(folder.glob("*.yaml"))
-    assert len(files) >= 3
-    parsed = {f.name: lco.parse_settings(lco.load_yaml(f), str(f)) for f in files}
-    assert parsed["synthetic_demo.yaml"] == lco.resolve_settings(lco.build_parser().parse_args([]))
+@pytest.mark.parametrize("argv, message", [
+    (["--set", "train.epochs=0"], "train.epochs"),
+    (["--set", "trian.epochs=1"], "unknown section 'trian'"),
+    (["--set", "sim.strategies=fedsgd"], "sim.strategies"),
+    (["--preset", "fast"], "unknown preset 'fast'"),
+    (["--seeds", "0,1.5"], "sim.seeds"),
+    (["--set", "train.device=cuda:7"], "train.device"),
+    (["--protocols", "federated", "--set", "sim.held_out=Atlantis"], "Atlantis"),
+    (["--set", "sim.centres=Atlantis"], "Atlantis"),
+])
+def test_bad_settings_exit_2_before_any_output(tmp_path, capsys, argv, message):
+    out = tmp_path / "runs"
+    assert lco.main([*TINY, *argv, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
 
 
-def test_unknown_section_names_file(tmp_path):
-    with pytest.raises(ConfigError, match="exp.yaml.*unknown section"):
-        lco.parse_settings({"trian": {}}, str(tmp_path / "exp.yaml"))
-    with pytest.raises(ConfigError, match="lco.protocols"):
-        LcoOptions(protocols=("papers",))
-    with pytest.raises(ConfigError, match="lco.depth_tta"):
-        LcoOptions(depth_tta=(0.3, 1.0))
+def test_unknown_sim_keys_name_the_key():
+    with pytest.raises(ConfigError, match="sim.protocols"):
+        SimConfig(protocols=("papers",))
 
 
 def test_arm_configs():
@@ -96,8 +110,8 @@ def test_arm_configs():
 
 def test_plan_counts_units():
     cfg = ExperimentConfig()
-    opts = LcoOptions(seeds=(0, 1), ablate_features=True, lambda_sweep=(1.0,))
-    plan = plan_units(opts, cfg, ["A", "B", "C", "D"], "A")
+    opts = SimConfig(seeds=(0, 1), ablate_features=True, lambda_sweep=(1.0,))
+    plan = plan_units(Settings(experiment=cfg, sim=opts), ["A", "B", "C", "D"], "A")
     by = pd.Series([pu.unit.protocol for pu in plan]).value_counts().to_dict()
     n_paper_arms = 3 + len(cfg.loss.features) + 1
     assert by == {"paper": n_paper_arms * 2, "fedavg": 4 * 2, "fedprox": 4 * 2, "local": 4 * 2, "pooled": 4 * 2}
@@ -106,8 +120,11 @@ def test_plan_counts_units():
     fed = [pu for pu in plan if pu.unit.protocol == "fedavg" and pu.test_sites == ("B",)]
     assert {pu.unit.train_set for pu in fed} == {"A+C+D"}
     assert len({pu.unit.key for pu in plan}) == len(plan)
-    only = plan_units(LcoOptions(protocols=("federated",), held_out=("C",)), cfg, ["A", "B", "C"], "A")
+    only = plan_units(Settings(sim=SimConfig(protocols=("federated",), held_out=("C",))), ["A", "B", "C"], "A")
     assert [(pu.unit.protocol, pu.test_sites) for pu in only] == [("fedavg", ("C",)), ("fedprox", ("C",))]
+    every = SimConfig(protocols=("federated",), held_out=("C",),
+                      strategies=("fedavg", "fedprox", "fedbn", "fedadam", "fedmedian"))
+    assert [pu.unit.protocol for pu in plan_units(Settings(sim=every), ["A", "B", "C"], "A")] == list(every.strategies)
 
 
 def test_metric_rows_by_hand():
@@ -143,26 +160,19 @@ def test_finished_federation_is_reused_without_simulating(tmp_path, monkeypatch)
         raise AssertionError("simulation started")
 
     monkeypatch.setattr(flwr.simulation, "run_simulation", boom)
-    cfg, opts = ExperimentConfig(), LcoOptions(rounds=2)
-    sites = lco.site_specs(opts)
-    (pu,) = [p for p in plan_units(LcoOptions(protocols=("federated",), strategies=("fedavg",), held_out=("SynPL",)),
-                                   cfg, list(sites), "SynPL")]
+    cfg = ExperimentConfig()
+    settings = load_settings("smoke", ["federation.rounds=2", "sim.protocols=[federated]", "sim.strategies=[fedavg]",
+                                       "sim.held_out=[SynPL]"])
+    sites = lco.site_specs(settings.sim)
+    (pu,) = plan_units(settings, list(sites), "SynPL")
     rt = Runtime(sites=sites, cache_dir=None, scratch=tmp_path)
-    spec = federated_spec(pu, cfg, opts, rt)
+    spec = federated_spec(pu, cfg, settings, rt)
     Path(spec.run_dir).mkdir(parents=True)
     (Path(spec.run_dir) / "status.json").write_text(json.dumps({"state": "finished", "round": 2, "message": ""}))
     assert run_simulation_spec(spec) == Path(spec.run_dir)
     (Path(spec.run_dir) / "status.json").write_text(json.dumps({"state": "finished", "round": 1, "message": ""}))
     with pytest.raises(AssertionError, match="simulation started"):  # fewer rounds than asked: run again
         run_simulation_spec(spec)
-
-
-def test_bad_settings_fail_before_any_output(tmp_path, capsys):
-    out = tmp_path / "runs"
-    assert lco.main([*TINY, "--protocols", "federated", "--held-out", "Atlantis", "--out", str(out)]) == 2
-    assert lco.main([*TINY, "--centres", "Atlantis", "--out", str(out)]) == 2
-    assert "Atlantis" in capsys.readouterr().err
-    assert not out.exists() or not any(out.iterdir())
 
 
 # ----------------------------------------------------------------------------- runs
@@ -229,23 +239,6 @@ def test_centralised_protocols_write_everything_and_resume(tmp_path, monkeypatch
     assert events.count("resume") == 2
 
 
-def test_depth_tta_changes_the_scoring_not_the_training(tmp_path):
-    sites = list(lco.site_specs(LcoOptions()))[:2]
-    argv = [*TINY, "--protocols", "paper", "--arms", "multitask", "--centres", ",".join(sites)]
-    folders = {}
-    for name, extra in (("raw", []), ("tta", ["--depth-tta", "0.25,0.5"])):
-        assert lco.main(argv + extra + ["--out", str(tmp_path / name)]) == 0
-        folders[name] = _run_folder(tmp_path / name)
-    curves = {k: pd.read_csv(f / "curves.csv") for k, f in folders.items()}
-    pd.testing.assert_frame_equal(curves["raw"], curves["tta"])  # same model, same selection
-    images = {k: pd.read_csv(f / "per_image.csv").sort_values("case_id") for k, f in folders.items()}
-    assert list(images["raw"]["case_id"]) == list(images["tta"]["case_id"])
-    assert not np.allclose(images["raw"]["p_malignant"], images["tta"]["p_malignant"])  # mirror averaged
-    assert yaml.safe_load((folders["tta"] / "config.yaml").read_text())["lco"]["depth_tta"] == [0.25, 0.5]
-    assert "shifted up by 0.25, 0.5 of the height" in (folders["tta"] / "report.md").read_text()
-    assert "none (the raw model)" in (folders["raw"] / "report.md").read_text()
-
-
 def test_a_site_left_out_of_a_round_is_found(tmp_path):
     """A site that missed a round's deadline in simulation changes the experiment: the unit must
     fail rather than report a model that one site trained alone."""
@@ -259,9 +252,10 @@ def test_a_site_left_out_of_a_round_is_found(tmp_path):
 @pytest.mark.xdist_group("ray")  # one Ray cluster at a time under pytest -n
 def test_federated_protocol_runs_flower_simulation(tmp_path):
     out = tmp_path / "runs"
-    sites = list(lco.site_specs(LcoOptions()))[:3]
-    assert lco.main([*TINY, "--protocols", "federated", "--strategies", "fedprox", "--centres", ",".join(sites),
-                     "--held-out", sites[0], "--epsilons", "3", "--out", str(out)]) == 0
+    sites = list(lco.site_specs(SimConfig()))[:3]
+    assert lco.main([*TINY, "--protocols", "federated", "--set", "sim.strategies=fedprox",
+                     "--set", f"sim.centres={','.join(sites)}", "--set", f"sim.held_out={sites[0]}",
+                     "--set", "sim.epsilons=3", "--out", str(out)]) == 0
     folder = _run_folder(out)
     for name in EXPECTED_FILES:
         assert (folder / name).is_file(), name
@@ -293,8 +287,9 @@ def test_real_data_quick_smoke(tmp_path):
         pytest.skip(f"no real data at {DATA_ROOT}")
     out = tmp_path / "runs"
     # BrEaST and BUSI only: sites load strictly and BUS-UCLM has 4 unalignable masks.
-    assert lco.main(["--data-root", str(DATA_ROOT), *TINY, "--protocols", "paper", "--arms", "multitask,consistency",
-                     "--centres", "BrEaST,BUSI", "--out", str(out)]) == 0
+    assert lco.main(["--data-root", str(DATA_ROOT), *TINY, "--protocols", "paper",
+                     "--set", "sim.arms=multitask,consistency", "--set", "sim.centres=BrEaST,BUSI",
+                     "--out", str(out)]) == 0
     folder = _run_folder(out)
     res = pd.read_csv(folder / "results.csv")
     assert set(res["train_set"]) == {"BrEaST"}

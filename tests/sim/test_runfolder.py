@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sim.runfolder import RESULT_COLUMNS, RunFolder, Unit
+from sim.runfolder import RESULT_COLUMNS, SimRunFolder, Unit
 
 
 def _results(unit: Unit, centres: list[str], value: float = 0.5) -> pd.DataFrame:
@@ -20,22 +20,22 @@ def _results(unit: Unit, centres: list[str], value: float = 0.5) -> pd.DataFrame
 
 
 def test_create_makes_unique_folders(tmp_path):
-    a = RunFolder.create(tmp_path)
-    b = RunFolder.create(tmp_path)
+    a = SimRunFolder.create(tmp_path)
+    b = SimRunFolder.create(tmp_path)
     assert a.path != b.path
     assert a.path.name.startswith("lco-") and (a.path / "examples").is_dir()
 
 
 def test_open_requires_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.yaml"):
-        RunFolder.open(tmp_path)
-    folder = RunFolder.create(tmp_path)
+        SimRunFolder.open(tmp_path)
+    folder = SimRunFolder.create(tmp_path)
     folder.write_config({"lco": {"seeds": [0]}})
-    assert RunFolder.open(folder.path).read_config() == {"lco": {"seeds": [0]}}
+    assert SimRunFolder.open(folder.path).read_config() == {"lco": {"seeds": [0]}}
 
 
 def test_write_unit_appends_and_marks_complete(tmp_path):
-    folder = RunFolder.create(tmp_path)
+    folder = SimRunFolder.create(tmp_path)
     u1 = Unit("paper", "multitask", "BrEaST", 0)
     u2 = Unit("paper", "consistency", "BrEaST", 0)
     per_image = pd.DataFrame({"test_centre": ["BUSI"] * 3, "case_id": ["a", "b", "c"], "dice": [0.1, 0.2, np.nan]})
@@ -57,7 +57,7 @@ def test_write_unit_appends_and_marks_complete(tmp_path):
 
 
 def test_drop_incomplete_removes_orphan_rows(tmp_path):
-    folder = RunFolder.create(tmp_path)
+    folder = SimRunFolder.create(tmp_path)
     done = Unit("local", "consistency", "BUSI", 0)
     folder.write_unit(done, _results(done, ["BUSI"]), pd.DataFrame({"case_id": ["a"], "dice": [0.3]}))
     # Simulate a crash after per_image.csv was written but before results.csv.
@@ -71,7 +71,7 @@ def test_drop_incomplete_removes_orphan_rows(tmp_path):
 
 
 def test_write_unit_rejects_missing_columns(tmp_path):
-    folder = RunFolder.create(tmp_path)
+    folder = SimRunFolder.create(tmp_path)
     with pytest.raises(ValueError, match="ci_low"):
         folder.write_unit(Unit("paper", "a", "X", 0), pd.DataFrame({"protocol": ["paper"], "value": [1.0]}).assign(
             arm="a", train_set="X", seed=0, test_centre="Y", metric="dice", ci_high=1.0, n=1))
@@ -84,7 +84,7 @@ def test_unit_key_is_filesystem_safe():
 
 
 def test_provenance_merges_fields(tmp_path):
-    folder = RunFolder.create(tmp_path)
+    folder = SimRunFolder.create(tmp_path)
     folder.write_provenance(seeds=[0], events=[{"start": 1}])
     prov = folder.write_provenance(events=[{"resume": 2}])
     saved = json.loads((folder.path / "provenance.json").read_text())

@@ -1,0 +1,50 @@
+"""server/run_watcher.py: audit entries for completed rounds and failed sites from metrics.csv."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from launch.audit import AuditLog
+from server.run_watcher import RunFolderWatcher
+
+
+def test_watcher_reports_rounds_and_failed_sites_once(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    csv = run / "metrics.csv"
+    csv.write_text("round,phase,site,metric,value\n"
+                   "1,train,busi,train_loss,0.5\n1,train,udiat,failed,1.0\n"
+                   "1,train,all-sites,sites_ok,1.0\n1,evaluate,busi,dice,0.4\n")
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    watcher = RunFolderWatcher(run, audit, run_id=5)
+    entries = watcher.poll()
+    assert [e["event"] for e in entries] == ["site_failure", "round_completed"]
+    assert entries[0]["site"] == "udiat" and entries[0]["phase"] == "train"
+    assert entries[1]["round"] == 1 and entries[1]["sites"] == ["busi"] and entries[1]["failed"] == ["udiat"]
+    assert watcher.poll() == []  # nothing new
+    with csv.open("a") as fh:
+        fh.write("2,train,busi,train_loss,0.4\n2,train,udiat,train_l")  # torn last line
+    entries = watcher.poll()
+    assert [(e["event"], e["round"]) for e in entries] == [("round_completed", 2)]
+    assert watcher.last_round == 2
+
+
+def test_watcher_survives_a_rewritten_file(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    csv = run / "metrics.csv"
+    csv.write_text("round,phase,site,metric,value\n1,train,a,x,1\n2,train,a,x,1\n")
+    watcher = RunFolderWatcher(run, AuditLog(tmp_path / "audit.jsonl"), run_id=1)
+    assert [e["round"] for e in watcher.poll()] == [1, 2]
+    csv.write_text("round,phase,site,metric,value\n1,train,a,x,1\n")  # resume truncated round 2
+    assert watcher.poll() == []
+    with csv.open("a") as fh:
+        fh.write("2,train,a,x,2\n3,train,a,x,2\n")
+    assert [e["round"] for e in watcher.poll()] == [3]
+
+
+def test_watcher_skips_rounds_of_the_run_it_resumes(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text("round,phase,site,metric,value\n1,train,a,x,1\n2,train,a,x,1\n")
+    watcher = RunFolderWatcher(run, AuditLog(tmp_path / "audit.jsonl"), run_id=2, after_round=1)
+    assert [e["round"] for e in watcher.poll()] == [2]
