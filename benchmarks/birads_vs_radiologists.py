@@ -1,8 +1,10 @@
 """Do the differentiable BI-RADS features agree with the radiologists? (BrEaST, ground-truth masks)
 
 Each feature of ``common.birads`` is computed on the *ground-truth* mask (as P) and the image of
-every BrEaST lesion, resized like training data (``to_tensors``), and scored by ROC AUC against
-the radiologists' own descriptor in the clinical sheet and against the pathology (Classification).
+every BrEaST lesion, resized like training data (``to_tensors`` at the settings'
+``data.image_size``: ``--preset``, default ``paper``, 128 px, and ``--set``), and scored by ROC
+AUC against the radiologists' own descriptor in the clinical sheet and against the pathology
+(Classification).
 Every AUC is oriented in the clinical direction fixed in advance (score = CLINICAL_SIGN × feature,
 positive class = the more suspicious descriptor), never flipped afterwards: < 0.5 means the feature
 disagrees with the lexicon. 95 % CIs: percentile bootstrap over lesions.
@@ -30,6 +32,7 @@ import torch
 from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
+from benchmarks.perfutil import add_settings_args, settings_from_args
 from common.birads import CLINICAL_SIGN, FEATURE_NAMES, BiradsPrior, birads_features
 from common.config import PAPER_FEATURES
 from common.data import discover_centres, load_centre
@@ -37,6 +40,7 @@ from common.data.tensors import to_tensors
 from common.records import Case, Label
 
 log = logging.getLogger(__name__)
+DEFAULT_PRESET = "paper"  # 128 px, the published model's working size
 
 Rule = Callable[[Case], bool | None]  # True: suspicious class, False: reference, None: excluded
 
@@ -193,11 +197,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-root", type=Path, default=default_data_root(),
                     help="folder holding BrEaST/ (default ../shared/data or $FEDBUS_DATA_ROOT)")
-    ap.add_argument("--size", type=int, default=128, help="working image side, as in training")
+    add_settings_args(ap, DEFAULT_PRESET)
     ap.add_argument("--n-boot", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="CSV to write the table to")
     args = ap.parse_args(argv)
+    size = settings_from_args(args).experiment.data.image_size
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -206,8 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"no BrEaST folder under {args.data_root}")
         return 2
     cases = load_centre("BrEaST", folder)
-    rows = evaluate(cases, args.size, args.n_boot, args.seed)
-    print(f"BrEaST ({folder}), ground-truth masks at {args.size} px, {len(cases)} images; "
+    rows = evaluate(cases, size, args.n_boot, args.seed)
+    print(f"BrEaST ({folder}), ground-truth masks at {size} px, {len(cases)} images; "
           f"AUC oriented in the clinical direction, 95% bootstrap CI ({args.n_boot} resamples)\n")
     print(markdown(rows))
     if args.out is not None:

@@ -280,8 +280,8 @@ def _run(
             for i, batch in enumerate(epoch_batches()):
                 # run progress this step covers, in global epochs (the same float whichever way
                 # the run is cut into calls: the schedules must not see the cut)
-                start = done + min(i, steps_per_epoch - 1) / steps_per_epoch
-                end = done + min(i + 1, steps_per_epoch) / steps_per_epoch
+                at = done + min(i, steps_per_epoch - 1) / steps_per_epoch
+                until = done + min(i + 1, steps_per_epoch) / steps_per_epoch
                 b = int(batch["mask"].shape[0])
                 if b == 0:  # Poisson sampling can draw an empty batch
                     continue
@@ -290,7 +290,7 @@ def _run(
                     raw, mask = augment_batch(batch["raw"], batch["mask"], generator, geometry)
                     batch = {**batch, "raw": raw, "mask": mask, "image": normalise(raw),
                              "has_lesion": mask.flatten(1).amax(1) > 0}
-                factor = lr_factor(cfg, start, end, total_epochs)
+                factor = lr_factor(cfg, at, until, total_epochs)
                 for group, base in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = base * factor
                 x = batch["image"]
@@ -298,7 +298,7 @@ def _run(
                     x = x.contiguous(memory_format=torch.channels_last)
                 optimizer.zero_grad(set_to_none=True)
                 mask_logits, cls_logit = module(x)
-                total, parts = loss_fn(mask_logits, cls_logit, batch, prior, progress=end)
+                total, parts = loss_fn(mask_logits, cls_logit, batch, prior, progress=until)
                 if not torch.isfinite(total):
                     raise FloatingPointError(f"{desc or 'train_local'}: non-finite loss at epoch "
                                              f"{epoch + 1} step {steps + 1}: {parts}")
