@@ -114,8 +114,8 @@ def resolve_site(
     """Which site this node is, from node_config (deployment) or partition-id (simulation).
 
     The experiment is the one the server sent (``server_experiment``, JSON of
-    ``to_dict(ExperimentConfig)``) so every site builds the same model; else the spec's, else
-    node_config "experiment-config", else defaults. Site-local settings always win: device and
+    ``to_dict(ExperimentConfig)``) so every site builds the same model, else the spec's
+    (simulation): a site has no experiment of its own. Site-local settings always win: device and
     threads from node_config; ``pretrained_path`` is dropped (weights arrive in the message,
     and a server must not make a site open files of its choosing); with node_config
     "privacy-config" (a YAML holding a ``privacy:`` mapping) the site's DP settings replace the

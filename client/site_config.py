@@ -61,7 +61,6 @@ class SiteConfig:
     runtime_port: int = 9094
     device: str = "auto"
     num_threads: int | None = None
-    experiment_config: str | None = None
     allowed_fab_hashes: tuple[str, ...] = ()
     tuning: Tuning = field(default_factory=Tuning)
 
@@ -97,14 +96,13 @@ class SiteConfig:
             "synthetic-n": self.data.synthetic_n if self.data.synthetic_centre else None,
             "cache-dir": self.cache_dir,
             "state-dir": str(self.state_path),
-            "experiment-config": self.experiment_config,
             "device": self.device,
             "num-threads": self.num_threads,
         }
         return {k: v for k, v in values.items() if v is not None}
 
 
-_PATH_FIELDS = ("ca_cert", "private_key", "cache_dir", "state_dir", "experiment_config")
+_PATH_FIELDS = ("ca_cert", "private_key", "cache_dir", "state_dir")
 
 
 def _absolute(base: Path, value: str | None) -> str | None:
