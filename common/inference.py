@@ -23,7 +23,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from scipy import ndimage
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -32,10 +31,10 @@ from common.data.tensors import TensorData
 from common.evaluate import EvalResult, score
 from common.evaluate import predict as network_probs
 from common.nets.efficientnet import fold_affine
+from common.postprocess import largest_component  # noqa: F401  (torch-free; re-exported)
 from common.tta import check_shifts, view_probs
 
 _EPS = 1e-6  # logit clamp of averaged probabilities
-_EIGHT = np.ones((3, 3), dtype=bool)  # 8-connectivity
 
 
 class Predictor(nn.Module):
@@ -91,19 +90,6 @@ def build_predictor(models: Sequence[nn.Module], cfg: InferenceConfig,
     in eval mode). Post-processing is ``predict``'s, after the forward pass."""
     members = [fold_affine(m) if fold else m for m in models]
     return Predictor(members, cfg.flip, cfg.depth_shifts, sizes).eval()
-
-
-def largest_component(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """probs (N,1,H,W) with every pixel outside the largest 8-connected component of
-    (probs ≥ ``threshold``) set to 0, per image (ties: the component labelled first, in raster
-    order); an image without foreground is left as it is. Returns a new array."""
-    out = np.array(probs, copy=True)
-    for i in range(out.shape[0]):
-        labels, n = ndimage.label(out[i, 0] >= threshold, structure=_EIGHT)
-        if n:
-            biggest = int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
-            out[i, 0][labels != biggest] = 0.0
-    return out
 
 
 def predict(predictor: nn.Module, data: TensorData, cfg: InferenceConfig, batch_size: int = 32,

@@ -60,7 +60,7 @@ def view_probs(probs: ProbsFn, x: Tensor, flip: bool, shifts: Sequence[float]) -
         total += p.flip(-1)
         count += 1
         cls.append(c)
-    for rows in (round(s * h) for s in check_shifts(shifts)):
+    for rows in (round(s * int(h)) for s in check_shifts(shifts)):  # int: h is a tensor when traced (ONNX export)
         p, _ = probs(shift_up(x, rows))
         total[..., rows:, :] += p[..., : h - rows, :]
         count[..., rows:, :] += 1

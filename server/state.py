@@ -5,6 +5,8 @@ Layout of ``run_dir``:
   config.yaml     resolved RunSpec (written at start and on resume)
   checkpoint.pt   newest finished round: global weights, round, run key, strategy state
                   (FedAdam m/v), server RNG state, spec (common.checkpoint format, atomic)
+  model.pt        the final global model at the end of the run (common.modelfile: what
+                  fedbus-predict takes)
   metrics.csv     one row per (round, phase, site, metric, value); phase in train/evaluate/central
   metrics.jsonl   the same rows as JSON lines
   status.json     {"state": running|finished|stopped, "round": r, "message": ...}
@@ -25,12 +27,12 @@ import torch
 
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.config import ConfigError
-from common.federation import RunSpec, run_spec_to_dict, spec_from_dict
+from common.federation import AGGREGATE_SITE, RunSpec, run_spec_to_dict, spec_from_dict
 from common.runfolder import RunFolder
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT, STATUS = "checkpoint.pt", "status.json"
+CHECKPOINT, STATUS, MODEL = "checkpoint.pt", "status.json", "model.pt"
 METRICS_CSV, METRICS_JSONL = "metrics.csv", "metrics.jsonl"
 METRIC_COLUMNS = ("round", "phase", "site", "metric", "value")
 PHASES = ("train", "evaluate", "central")
@@ -121,6 +123,31 @@ class ServerRunFolder(RunFolder):
             strategy_state=extra.get("strategy_state", {}),
             spec=spec_from_dict(ck["config"], str(self.checkpoint_path)),
         )
+
+    def write_model(self, server_round: int, state_dict: Mapping[str, torch.Tensor], spec: RunSpec,
+                    run_key: str) -> Path:
+        """``model.pt`` (``common.modelfile``) of the global weights after ``server_round``, with
+        the sites' training/validation counts and the largest ε any site reported."""
+        from common.federation import build_experiment_model
+        from common.modelfile import save_model
+
+        model = build_experiment_model(spec.experiment)
+        model.load_state_dict(dict(state_dict))
+        counts: dict[str, dict[str, int]] = {}
+        spent = []
+        for r in self.read_metrics():  # later rounds overwrite earlier ones
+            if r.phase in ("train", "evaluate") and r.metric in ("num-examples", "n_images") and r.value >= 0:
+                counts.setdefault(r.site, {})["train" if r.phase == "train" else "val"] = int(r.value)
+            if r.phase == "train" and r.metric == "epsilon" and r.value >= 0:
+                spent.append(r.value)
+        counts.pop(AGGREGATE_SITE, None)
+        fed = spec.federation
+        return save_model(self.path / MODEL, model, spec.experiment, name=f"federation-{run_key}-round{server_round}",
+                          data={"centres": counts}, epsilon=max(spent) if spent else None,
+                          source={"kind": "deployment", "round": server_round, "rounds": fed.rounds,
+                                  "strategy": fed.strategy, "run_key": run_key,
+                                  "note": ("FedBN: the normalisation layers are the initial ones; "
+                                           "each site keeps its own") if fed.strategy == "fedbn" else ""})
 
     # ----------------------------------------------------------------- metrics
     def append_metrics(self, rows: Iterable[MetricRow]) -> None:

@@ -1,5 +1,6 @@
 """Ensembles of the seeds: the mean of the models an arm trained with different seeds, scored as
-one more unit of the run.
+one more unit of the run, with its manifest ``models/<unit key>.yaml`` (``common.modelfile``)
+naming the members' files, which the predict command takes as one model.
 
 With ``inference.ensemble`` set, every paper-protocol arm that ran with two or more seeds gets
 the unit ``Unit("paper", "<arm>-ens", <train set>, seed=-1)``: its saved models
@@ -21,10 +22,9 @@ from typing import Protocol
 import pandas as pd
 import torch
 
-from common.checkpoint import load_checkpoint
-from common.config import ExperimentConfig, from_dict
-from common.federation import build_experiment_model
+from common.config import ExperimentConfig
 from common.inference import build_predictor
+from common.modelfile import load_model, write_ensemble
 from common.settings import Settings
 from sim.protocols import ENSEMBLE_SUFFIX, PlannedUnit, Runtime, split_dp_arm
 from sim.runfolder import Unit
@@ -62,14 +62,10 @@ def ensemble_plan(plan: Sequence[PlannedUnit]) -> list[tuple[PlannedUnit, list[P
 
 
 def load_member(path: Path) -> tuple[torch.nn.Module, ExperimentConfig]:
-    """(network with the saved weights, in eval mode; its experiment) of a unit's model file."""
-    ck = load_checkpoint(path)
-    cfg = from_dict(ExperimentConfig, ck["config"], str(path))
-    model = build_experiment_model(cfg)
-    model.load_state_dict(ck["state_dict"])
-    if cfg.train.channels_last:  # as it was trained: the faster format on CPU
-        model.to(memory_format=torch.channels_last)
-    return model.eval(), cfg
+    """(network with the saved weights, in eval mode; its experiment) of a unit's model file
+    (``common.modelfile``, verified)."""
+    (member,) = load_model(path).members
+    return member.network(channels_last=member.config.train.channels_last), member.config
 
 
 def ensemble_predictor(members: Sequence[PlannedUnit], run_dir: Path, settings: Settings,
@@ -100,6 +96,8 @@ def score_ensembles(plan: Sequence[PlannedUnit], folder: _Folder, settings: Sett
             continue
         t0 = time.perf_counter()
         predictor, cfg = ensemble_predictor(members, folder.path, settings)
+        write_ensemble(model_file(folder.path, ens.unit).with_suffix(".yaml"),
+                       [model_file(folder.path, m.unit) for m in members], cfg.inference, ens.unit.key)
         seed = min(m.unit.seed for m in members)  # bootstrap seed; the unit's own is −1
         rows, images = [], []
         for s in score_centres(predictor, ens, cfg, settings.sim, rt, seed=seed):

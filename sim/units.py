@@ -21,7 +21,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common.checkpoint import save_checkpoint
 from common.config import ExperimentConfig, replace
 from common.data.splits import split_cases
 from common.data.tensors import TensorData, to_tensors
@@ -30,6 +29,7 @@ from common.evaluate import EvalResult, predict, score
 from common.federation import build_experiment_model
 from common.inference import build_predictor
 from common.inference import predict as predict_with
+from common.modelfile import feature_stats, save_model
 from common.privacy import PrivacySession
 from common.settings import Settings, SimConfig
 from common.sitedata import load_site_tensors, load_test_tensors, site_cases
@@ -78,9 +78,30 @@ class Scored:
 
 
 def model_file(run_dir: str | Path, unit: Unit) -> Path:
-    """The unit's final model in its run folder (a ``common.checkpoint`` file holding the unit's
+    """The unit's final model in its run folder (a ``common.modelfile`` file holding the unit's
     resolved experiment, so ``sim/ensemble.py`` and the predict command rebuild it as trained)."""
     return Path(run_dir) / MODELS_DIR / f"{unit.key}.pt"
+
+
+def save_unit_model(path: Path, pu: PlannedUnit, cfg: ExperimentConfig, settings: Settings, rt: Runtime,
+                    trained: Trained, data: tuple[TensorData, TensorData] | None = None) -> Path:
+    """Write the unit's model file: its experiment, the centres and counts it trained on and,
+    for a centralised unit without DP (``data``: its (train, val); the trainer holds the
+    images), the training lesions' feature percentiles."""
+    stats, fingerprint = None, {}
+    if data is None:  # federated: the sites' split sizes
+        pairs = {c: load_site_tensors(rt.sites[c], cfg.data, rt.cache_dir) for c in pu.train_sites}
+        fingerprint["centres"] = {c: {"train": len(t), "val": len(v)} for c, (t, v) in pairs.items()}
+    else:
+        train, val = data
+        fingerprint["centres"] = {c: {"train": train.centres.count(c), "val": val.centres.count(c)}
+                                  for c in pu.train_sites}
+        fingerprint["train_hash"] = train.fingerprint()  # a digest of the tensors: names nothing
+        if not cfg.privacy.enabled:  # percentiles are not covered by the DP guarantee
+            stats = feature_stats(train.images, train.masks)
+    return save_model(path, trained.model, cfg, name=pu.unit.key, description=settings.description,
+                      data=fingerprint, stats=stats, epsilon=trained.epsilon,
+                      source={"kind": "simulation", "federated": pu.federated, **pu.unit.columns()})
 
 
 def unit_config(pu: PlannedUnit, settings: Settings) -> ExperimentConfig:
@@ -131,7 +152,7 @@ def run_unit(pu: PlannedUnit, settings: Settings, rt: Runtime, run_dir: str | Pa
     t0 = time.perf_counter()
     opts = settings.sim
     cfg = unit_config(pu, settings)
-    internal = None
+    internal, data = None, None
     if pu.federated:
         model, curves, spent = run_federated(pu, cfg, settings, rt)
         n_train = sum(len(load_site_tensors(rt.sites[c], cfg.data, rt.cache_dir)[0])
@@ -139,11 +160,10 @@ def run_unit(pu: PlannedUnit, settings: Settings, rt: Runtime, run_dir: str | Pa
         trained = Trained(model, curves, spent, n_train)
     else:
         train, val, internal = training_data(pu, cfg, opts, rt)
-        trained = train_centralised(pu, cfg, train, val, rt, opts.selection)
+        trained, data = train_centralised(pu, cfg, train, val, rt, opts.selection), (train, val)
     model = trained.model
     if run_dir is not None:
-        save_checkpoint(model_file(run_dir, pu.unit), model.state_dict(), cfg, unit=pu.unit.key,
-                        epsilon=trained.epsilon)
+        save_unit_model(model_file(run_dir, pu.unit), pu, cfg, settings, rt, trained, data)
     predictor = build_predictor([model], cfg.inference)  # model selection stayed on the raw model
     rows: list[dict[str, Any]] = []
     images: list[pd.DataFrame] = []

@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.checkpoint import load_checkpoint
-from common.config import ExperimentConfig, from_dict
 from common.data.synthetic import SYNTHETIC_CENTRES
 from common.federation import SiteSpec
+from common.modelfile import load_model
 from common.settings import load_settings
 from sim.ensemble import ENSEMBLE_SEED, ensemble_plan, score_ensembles
 from sim.protocols import Runtime, plan_units
@@ -58,8 +57,9 @@ def test_units_save_their_models_and_the_ensemble_is_their_mean(tmp_path, caplog
     plan = plan_units(s, CENTRES, CENTRES[0])
     outs = {pu.unit.key: run_unit(pu, s, rt, run_dir=tmp_path) for pu in plan}
     for pu in plan:
-        ck = load_checkpoint(model_file(tmp_path, pu.unit))
-        cfg = from_dict(ExperimentConfig, ck["config"], "checkpoint")
+        (member,) = load_model(model_file(tmp_path, pu.unit)).members
+        cfg, meta = member.config, member.metadata
+        assert list(meta["data"]["centres"]) == [CENTRES[0]] and meta["feature_stats"]["n_lesions"] > 0
         assert cfg.train.seed == pu.unit.seed and cfg.loss.consistency == 0.0  # the unit's own experiment
     folder = Folder(tmp_path, set(outs))
     (got,) = list(score_ensembles(plan, folder, s, rt))
@@ -71,6 +71,8 @@ def test_units_save_their_models_and_the_ensemble_is_their_mean(tmp_path, caplog
     members = [outs[pu.unit.key].per_image["p_malignant"].to_numpy() for pu in plan]
     np.testing.assert_allclose(out.per_image["p_malignant"].to_numpy(), np.mean(members, axis=0), atol=1e-5)
     assert list(out.per_image["case_id"]) == list(outs[plan[0].unit.key].per_image["case_id"])
+    manifest = load_model(model_file(tmp_path, unit).with_suffix(".yaml"))  # what fedbus-predict takes
+    assert [m.config.train.seed for m in manifest.members] == [3, 4] and manifest.inference.ensemble
     # nothing again once written, nothing with a member missing, nothing unless asked for
     assert list(score_ensembles(plan, Folder(tmp_path, set(outs) | {unit.key}), s, rt)) == []
     assert list(score_ensembles(plan, Folder(tmp_path, {plan[0].unit.key}), s, rt)) == []
