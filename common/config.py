@@ -312,6 +312,9 @@ class FederationConfig:
     central_eval: bool = True  # the server also scores the run's central test centres each round
     checkpoint_every: int = 1  # rounds between checkpoints
     packed_weights: bool = True  # one float32 vector per message (common/packing.py)
+    screen_norm_factor: float = 10.0  # reject an update whose ||w_site − w_global|| exceeds this × the round's median
+    screen_norm_cap: float | None = None  # absolute bound on that norm (None: only the relative bound)
+    drop_after_rejections: int = 3  # a site rejected this many rounds running is no longer sampled
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -327,6 +330,12 @@ class FederationConfig:
                 raise ConfigError(f"federation.{name}: must be > 0, got {getattr(self, name)}")
         if self.proximal_mu < 0:
             raise ConfigError(f"federation.proximal_mu: must be >= 0, got {self.proximal_mu}")
+        if not self.screen_norm_factor >= 1.0:  # below 1 even the median site's update is rejected
+            raise ConfigError(f"federation.screen_norm_factor: must be >= 1, got {self.screen_norm_factor}")
+        if self.screen_norm_cap is not None and not self.screen_norm_cap > 0:
+            raise ConfigError(f"federation.screen_norm_cap: must be > 0 or null, got {self.screen_norm_cap}")
+        if self.drop_after_rejections < 1:
+            raise ConfigError(f"federation.drop_after_rejections: must be >= 1, got {self.drop_after_rejections}")
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:

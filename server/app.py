@@ -39,6 +39,7 @@ from common.federation import (
 )
 from common.inference import evaluate
 from common.sitedata import load_test_tensors
+from server.screening import aggregate_problem
 from server.state import MetricRow, ServerRunFolder, check_resumable
 from server.strategy import SiteRegistry, build_strategy
 
@@ -50,6 +51,11 @@ Sleep = Callable[[float], None]
 
 class FederationStopped(RuntimeError):
     """The run ended early (no quorum); the last checkpoint is intact and resumable."""
+
+
+class FederationFailed(RuntimeError):
+    """A round produced no finite model (every update rejected or failed, or a non-finite
+    aggregate): status "failed", the last good checkpoint is kept, never overwritten."""
 
 
 def make_server_app(spec: RunSpec | None = None, *, resume: bool = False) -> ServerApp:
@@ -86,7 +92,8 @@ def run_federation(
 ) -> ServerRunFolder:
     """Run (or resume) the federation described by ``spec`` on ``grid``; returns its folder.
     Raises FederationStopped when fewer than ``min_sites`` sites are connected after
-    ``quorum_timeout_s`` at the start of a round."""
+    ``quorum_timeout_s`` at the start of a round, FederationFailed when a round yields no finite
+    model (server/screening.py)."""
     fed, exp = spec.federation, spec.experiment
     folder = ServerRunFolder(spec.run_dir)
     start, state, run_key, strategy_state = _initial_state(folder, spec, resume)
@@ -124,10 +131,15 @@ def run_federation(
             replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, train_cfg, grid),
                                             timeout=fed.round_timeout_s)
             new_arrays, _ = strategy.aggregate_train(rnd, replies)
-            if new_arrays is None:
-                log.error("round %d: no site update could be aggregated; global model unchanged", rnd)
-            else:
-                arrays = new_arrays
+            problem = aggregate_problem(new_arrays, strategy.last_failures["train"])  # type: ignore[attr-defined]
+            if problem:  # never go on (or finish) with a poisoned or unchanged model
+                text = (f"round {rnd}: {problem}; stopping. The checkpoint of round {saved} is kept; "
+                        "fix or remove the offending site(s) before resuming.")
+                log.error(text)
+                folder.append_metrics(rows)
+                folder.write_status("failed", saved, text)
+                raise FederationFailed(text)
+            arrays = new_arrays
             record(rnd, "train", AGGREGATE_SITE, "wall_seconds", clock() - t0)
             t0 = clock()
             replies = grid.send_and_receive(
@@ -143,6 +155,7 @@ def run_federation(
                 folder.save(rnd, arrays.to_torch_state_dict(), spec, run_key, strategy.state_dict())  # type: ignore[attr-defined]
                 saved = rnd
             folder.write_status("running", saved)
+        folder.write_model(fed.rounds, arrays.to_torch_state_dict(), spec, run_key)  # what fedbus-predict takes
         folder.write_status("finished", saved, f"{fed.rounds} rounds done")
         log.info("federation finished: %d rounds, run folder %s", fed.rounds, folder.path)
         return folder
@@ -236,7 +249,12 @@ def _query(grid: Grid, registry: SiteRegistry, nodes: list[int], base_config: Ma
             log.error("node %d sent no valid site name: ignored", node)
             registry.refused.add(node)
             continue
-        if registry.register(node, site, connected):
+        declared = info.get("num-train")
+        if isinstance(declared, bool) or not isinstance(declared, int) or declared < 0:
+            log.error("node %d (site %s) declared no valid num-train: ignored", node, site)
+            registry.refused.add(node)  # its train replies' num-examples could not be capped
+            continue
+        if registry.register(node, site, connected, declared=declared):
             log.info("site %s joined (node %d): %s training / %s validation images, app %s", site, node,
                      info.get("num-train"), info.get("num-val"), info.get("app-version"))
     for node in set(nodes) - answered:
@@ -285,6 +303,8 @@ def _log_round(rnd: int, rows: list[MetricRow]) -> None:
         shown = " ".join(f"{k} {values[k]:.4g}" for k in keys.get(phase, ()) if k in values)
         if "failed" in values:
             shown = "FAILED"
+        if "rejected" in values:
+            shown = "REJECTED (reason logged above)"
         if shown:
             log.info("round %d %s %s: %s", rnd, phase, site, shown)
 

@@ -10,6 +10,10 @@ multi-hospital run needs around them:
 * per-site metric rows (``msg.metadata.src_node_id`` → site name via ``SiteRegistry``);
 * failed, vanished or malformed replies reported by site name and left out, so the round
   completes with the rest (stock FedAvg skips the *whole* aggregation on one bad reply);
+* every train update screened before aggregation, whatever the strategy (server/screening.py:
+  names, shapes, dtypes, finiteness, num-examples, update norm): a rejected update is named in
+  the metrics and left out, and a site rejected ``drop_after_rejections`` rounds running is no
+  longer sampled;
 * replies aggregated in site-name order and cast back to the global dtypes, so a resumed run
   reproduces an uninterrupted one;
 * ``state_dict``/``load_state_dict`` for the server optimiser (FedAdam m, v) in checkpoints;
@@ -21,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -38,7 +42,9 @@ from common.federation import (
     aggregate_site_metrics,
     site_seed,
 )
-from common.packing import PACKED_KEY, layout_of, layout_to_json, pack, unpack
+from common.packing import layout_to_json, pack
+from common.screening import RejectionStreaks, ScreenLimits
+from server.screening import screen_train_replies
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +62,17 @@ class SiteRegistry:
     """node id ↔ site name, learned from query replies. With ``allowed`` names (the spec's
     sites) an unexpected name is refused; a name already held by a *connected* node is refused
     (a restarted SuperNode without authentication comes back under a new id: it replaces the
-    old id once that one is gone). Nodes whose query failed are retried after ``clear_failed``."""
+    old id once that one is gone). Nodes whose query failed are retried after ``clear_failed``.
+    ``declared``: each site's num-train from its query reply (caps its num-examples);
+    ``dropped``: sites no longer sampled (rejected too often), by name, so a reconnect stays out."""
 
     def __init__(self, allowed: Iterable[str] | None = None) -> None:
         self.allowed = set(allowed) if allowed else None
         self._by_node: dict[int, str] = {}
         self.refused: set[int] = set()
         self.failed: set[int] = set()
+        self.declared: dict[str, int] = {}
+        self.dropped: set[str] = set()
 
     def __contains__(self, node_id: int) -> bool:
         return node_id in self._by_node or node_id in self.refused or node_id in self.failed
@@ -70,7 +80,7 @@ class SiteRegistry:
     def clear_failed(self) -> None:
         self.failed.clear()
 
-    def register(self, node_id: int, site: str, connected: Iterable[int]) -> bool:
+    def register(self, node_id: int, site: str, connected: Iterable[int], declared: int | None = None) -> bool:
         if self.allowed is not None and site not in self.allowed:
             log.error("node %d reports site %r, which is not in the run spec: ignored", node_id, site)
             self.refused.add(node_id)
@@ -85,14 +95,19 @@ class SiteRegistry:
                 del self._by_node[other]
                 log.info("site %s reconnected as node %d", site, node_id)
         self._by_node[node_id] = site
+        if declared is not None:
+            self.declared[site] = int(declared)
         return True
+
+    def drop(self, site: str) -> None:
+        self.dropped.add(site)
 
     def name(self, node_id: int) -> str:
         return self._by_node.get(node_id, f"node-{node_id}")
 
     def connected(self, node_ids: Iterable[int]) -> dict[str, int]:
-        """{site: node id} of the registered nodes among ``node_ids``, sorted by site."""
-        out = {self._by_node[n]: n for n in node_ids if n in self._by_node}
+        """{site: node id} of the registered, not dropped nodes among ``node_ids``, sorted by site."""
+        out = {self._by_node[n]: n for n in node_ids if n in self._by_node and self._by_node[n] not in self.dropped}
         return dict(sorted(out.items()))
 
 
@@ -113,6 +128,8 @@ class SiteAware:
         self._outbox: dict[str, list[Message]] = {}
         self.last_site_metrics: dict[str, dict[str, dict[str, float]]] = {"train": {}, "evaluate": {}}
         self.last_failures: dict[str, dict[str, str]] = {"train": {}, "evaluate": {}}
+        self.last_rejections: dict[str, str] = {}
+        self.limits, self.streaks = ScreenLimits(), RejectionStreaks(3)  # build_strategy sets both
         return self
 
     # ------------------------------------------------------------------ selection
@@ -172,8 +189,10 @@ class SiteAware:
         return {k for k in self.current if k not in self.norm_keys}
 
     def _screen(self, server_round: int, phase: str, replies: Iterable[Message]) -> list[Message]:
-        """Keep well-formed replies (sorted by site), record their metrics per site, and report
-        every failed, malformed or missing site by name."""
+        """Keep well-formed (and, for train, screened) replies sorted by site, record their
+        metrics per site, and report every failed, malformed, missing or rejected site by name.
+        ``last_failures[phase]`` holds every site left out and why; ``last_rejections`` the
+        train updates rejected by screening."""
         schema = TRAIN_METRIC_KEYS if phase == "train" else EVAL_METRIC_KEYS
         failures: dict[str, str] = {}
         valid: dict[str, Message] = {}
@@ -185,8 +204,7 @@ class SiteAware:
             if msg.has_error():
                 failures[site] = f"error reply: {msg.error.reason}"
                 continue
-            problem = self._unpack_reply(msg) if phase == "train" else ""
-            problem = problem or _schema_problem(msg, schema, self.expected_array_keys() if phase == "train" else None)
+            problem = _schema_problem(msg, schema)
             if problem:
                 failures[site] = f"malformed reply ({problem})"
                 continue
@@ -194,6 +212,11 @@ class SiteAware:
         for node in self._sent.get(phase, []):
             if node not in answered:
                 failures[self.registry.name(node)] = "no reply before the round timeout"
+        rejections: dict[str, tuple[tuple[str, str], ...]] = {}
+        if phase == "train":
+            screened = screen_train_replies(server_round, valid, self.reference(), self.registry.declared, self.limits)
+            valid, rejections = screened.accepted, screened.verdict.rejected
+            self.last_rejections = {s: screened.verdict.reason(s) for s in rejections}
         per_site: dict[str, dict[str, float]] = {}
         for site, msg in sorted(valid.items()):
             metrics = {k: float(v) for k, v in msg.content["metrics"].items()}  # type: ignore[arg-type]
@@ -203,6 +226,13 @@ class SiteAware:
         for site, why in sorted(failures.items()):
             log.warning("round %d %s: site %s left out: %s", server_round, phase, site, why)
             self.recorder(server_round, phase, site, "failed", 1.0)
+        for site, reasons in rejections.items():
+            failures[site] = "update rejected: " + "; ".join(text for _c, text in reasons)
+            self.recorder(server_round, phase, site, "rejected", 1.0)
+            for code in dict(reasons):
+                self.recorder(server_round, phase, site, f"rejected_{code}", 1.0)
+        if phase == "train":
+            self._count_rejections(server_round, per_site, rejections)
         if per_site:
             for key, value in aggregate_site_metrics(per_site, phase).items():
                 self.recorder(server_round, phase, AGGREGATE_SITE, key, value)
@@ -210,18 +240,18 @@ class SiteAware:
         self.last_site_metrics[phase], self.last_failures[phase] = per_site, failures
         return [valid[s] for s in sorted(valid)]
 
-    def _unpack_reply(self, msg: Message) -> str:
-        """Replace a packed reply's weights by per-tensor arrays, in place; a problem text
-        when the vector does not fit the global model's layout."""
-        if "arrays" not in msg.content.array_records or PACKED_KEY not in msg.content["arrays"]:
-            return ""
-        expected = {k: self.current[k] for k in self.expected_array_keys()}
-        try:
-            state = unpack({k: a.numpy() for k, a in msg.content["arrays"].items()}, layout_of(expected))
-        except ValueError as exc:
-            return str(exc)
-        msg.content["arrays"] = array_record(state)
-        return ""
+    def reference(self) -> dict[str, np.ndarray]:
+        """The global weights a train reply must match: those sent, less FedBN's norm layers."""
+        return {k: self.current[k] for k in self.expected_array_keys()}
+
+    def _count_rejections(self, server_round: int, accepted: Iterable[str],
+                          rejections: Mapping[str, Any]) -> None:
+        """Drop the sites whose update was rejected ``drop_after`` rounds running."""
+        for site in self.streaks.update(accepted, rejections):
+            self.registry.drop(site)
+            self.recorder(server_round, "train", site, "dropped", 1.0)
+            log.error("round %d: site %s dropped: its update was rejected %d rounds running; it is no "
+                      "longer sampled in this run", server_round, site, self.streaks.drop_after)
 
     # ------------------------------------------------------------------ aggregation
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -249,20 +279,26 @@ class SiteAware:
             value = getattr(self, name, None)
             if value:
                 out[name] = {k: torch.from_numpy(np.array(v)) for k, v in value.items()}
+        if self.streaks.counts or self.registry.dropped:  # rejection streaks and dropped sites
+            out["screening"] = {**self.streaks.state_dict(), "dropped": sorted(self.registry.dropped)}
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name in ("m_t", "v_t"):
             if name in state:
                 setattr(self, name, {k: _numpy(v) for k, v in state[name].items()})
+        if "screening" in state:
+            self.streaks.load_state_dict(state["screening"])
+            self.registry.dropped.update(str(s) for s in state["screening"].get("dropped", []))
 
 
 def _numpy(value: Any) -> np.ndarray:
     return value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
 
 
-def _schema_problem(msg: Message, schema: tuple[str, ...], array_keys: set[str] | None) -> str:
-    """Why a reply can't be aggregated ('' when it can): wrong record counts or keys, NaN."""
+def _schema_problem(msg: Message, schema: tuple[str, ...]) -> str:
+    """Why a reply's metrics can't be used ('' when they can): wrong record count or keys, NaN.
+    (A train reply's arrays are screened separately: server/screening.py.)"""
     content = msg.content
     if "metrics" not in content.metric_records or len(content.metric_records) != 1:
         return "expected one MetricRecord 'metrics'"
@@ -271,12 +307,6 @@ def _schema_problem(msg: Message, schema: tuple[str, ...], array_keys: set[str] 
         return f"metric keys differ from the schema: {sorted(set(metrics.keys()) ^ set(schema))}"
     if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in metrics.values()):
         return "non-finite or non-scalar metric"
-    if array_keys is not None:
-        if len(content.array_records) != 1 or "arrays" not in content.array_records:
-            return "expected one ArrayRecord 'arrays'"
-        got = set(content["arrays"].keys())
-        if got != array_keys:
-            return f"{len(got ^ array_keys)} array keys differ from the global model's"
     return ""
 
 
@@ -343,6 +373,8 @@ def build_strategy(
         common["eta"] = fed.server_lr
     strategy = _CLASSES[fed.strategy](**common)
     strategy.attach(registry, recorder, seed, packed=fed.packed_weights)
+    strategy.limits = ScreenLimits(fed.screen_norm_factor, fed.screen_norm_cap)
+    strategy.streaks = RejectionStreaks(fed.drop_after_rejections)
     if fed.strategy == "fedbn":
         strategy.norm_keys = frozenset(norm_keys)
     return strategy
