@@ -35,7 +35,7 @@ import pandas as pd
 from common.config import ConfigError, ExperimentConfig, replace
 from common.federation import SiteSpec
 from common.metrics import binary_auc, bootstrap_ci
-from common.settings import BASE_ARMS, PROTOCOL_GROUPS, SELECTIONS, Settings, SimConfig
+from common.settings import PROTOCOL_GROUPS, Settings, SimConfig
 from sim.runfolder import Unit
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import pandas as pd
 import torch
 
-from sim.protocols import SELECTIONS
+from common.settings import SELECTIONS
 
 
 def selection_score(summary: Mapping[str, float], classify: bool = True) -> float:

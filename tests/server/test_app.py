@@ -12,7 +12,7 @@ from flwr.app import MessageType
 
 import client.runtime as runtime
 from client.app import make_client_app
-from common.config import ConfigError, replace
+from common.config import ConfigError
 from common.device import seed_everything
 from common.federation import (
     AGGREGATE_SITE,
