@@ -58,12 +58,15 @@ class FederationFailed(RuntimeError):
     aggregate): status "failed", the last good checkpoint is kept, never overwritten."""
 
 
-def make_server_app(spec: RunSpec | None = None, *, resume: bool = False) -> ServerApp:
-    """ServerApp running ``spec`` (simulation) or the spec named by run_config (deployment)."""
+def make_server_app(spec: RunSpec | None = None, *, resume: bool = False, quiet: bool = False) -> ServerApp:
+    """ServerApp running ``spec`` (simulation) or the spec named by run_config (deployment).
+    ``quiet``: Flower's own per-round INFO lines are not printed (our server.log keeps ours)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        if quiet:
+            logging.getLogger("flwr").setLevel(logging.WARNING)
         run_spec, do_resume = resolve_server_spec(spec, resume, context.run_config)
         run_federation(grid, run_spec, resume=do_resume)
 

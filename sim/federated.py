@@ -4,9 +4,10 @@ engine, one RunSpec per unit, and what the run leaves behind (checkpoint, curves
 DP-SGD at the simulated sites: the unit's experiment carries the ``privacy`` section (enabled,
 target ε over rounds × local epochs); the server sends the experiment with every message and
 ``client/app.py`` runs a ``PrivacySession`` per round from it. (Flower's simulation engine sets
-each node's node_config to its partition id only, so the deployment key ``privacy-config``
-cannot be set per simulated node; the result is the same session code.) Each site's accountant
-lives under the unit's own run dir, so every unit starts with a fresh budget.
+each node's node_config to its partition id only, so a site's own ``privacy:`` terms, which a
+deployed site passes as ``privacy-*`` node_config values, are not set per simulated node; the
+session code is the same.) Each site's accountant lives under the unit's own run dir, so every
+unit starts with a fresh budget.
 """
 from __future__ import annotations
 
@@ -71,6 +72,27 @@ def federated_spec(pu: PlannedUnit, cfg: ExperimentConfig, settings: Settings, r
                    run_dir=str(rt.scratch / pu.unit.key), cache_dir=rt.cache_dir)
 
 
+class _Once(logging.Filter):
+    """Pass each distinct message once per process: Flower repeats its deprecation warning of
+    ``run_simulation`` at every call, once per unit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.levelno < logging.WARNING or text not in self.seen:
+            self.seen.add(text)
+            return True
+        return False
+
+
+def _say_once(logger: logging.Logger) -> None:
+    if not any(isinstance(f, _Once) for f in logger.filters):
+        logger.addFilter(_Once())
+
+
 def run_simulation_spec(spec: RunSpec, num_cpus: float = 1.0) -> Path:
     """Run the real Flower apps of ``spec`` on Flower's simulation engine; returns the run dir.
     A previous attempt's server checkpoint is resumed, or reused as is when it finished."""
@@ -88,8 +110,10 @@ def run_simulation_spec(spec: RunSpec, num_cpus: float = 1.0) -> Path:
         log.info("%s: federation already finished; reusing its checkpoint", run_dir)
         return run_dir
     resume = (run_dir / "checkpoint.pt").is_file()
+    quiet = logging.getLogger().getEffectiveLevel() > logging.INFO  # not -v: no per-round lines
+    _say_once(logging.getLogger("flwr"))
     run_simulation(
-        server_app=make_server_app(spec, resume=resume),
+        server_app=make_server_app(spec, resume=resume, quiet=quiet),
         client_app=make_client_app(spec),
         num_supernodes=len(spec.sites),
         backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": 0.0}},

@@ -32,6 +32,8 @@ def worker_threads(settings: Settings) -> int:
 def _init(threads: int, level: int) -> None:
     set_threads(threads)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # the main process has already named every skipped or odd file while describing the centres
+    logging.getLogger("common.data").setLevel(max(level, logging.ERROR))
 
 
 def run_units(units: Sequence[PlannedUnit], settings: Settings, rt: Runtime, run_dir: Path,
