@@ -8,10 +8,12 @@ common/federation.py (numbers only), plus the site name and split sizes in the q
 Any exception is logged here in full and replaced by ``SiteError`` whose text names only the
 site and the error class — Flower ships an exception's text to the server.
 
-DP-SGD (``experiment.privacy.enabled``, the site's own ``privacy-config`` when it gives one):
-each train message runs a ``PrivacySession`` that continues the site's accountant from the
-more-spent of ``context.state`` and ``<state-dir>/privacy/accountant.json`` (the file survives
-SuperNode restarts) and refuses, before any step, a round that would pass the budget.
+DP-SGD (``experiment.privacy``, within the site's own terms, node_config "privacy-*" from its
+site YAML: common/site_privacy.py): each train message runs a ``PrivacySession`` that continues
+the site's accountant from the more-spent of ``context.state`` and
+``<state-dir>/privacy/accountant.json`` (the file survives SuperNode restarts) and refuses, before
+any step, a round that would pass the budget or the site's terms (logged, and audited in
+``<state-dir>/audit.jsonl`` when the site has one).
 """
 from __future__ import annotations
 
@@ -47,7 +49,14 @@ from common.privacy import (
     state_from_text,
     state_to_text,
 )
+from common.site_privacy import (
+    SitePrivacy,
+    SitePrivacyRefused,
+    check_site_cap,
+    effective_privacy,
+)
 from common.sitedata import load_site_tensors
+from launch.audit import AuditLog
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +102,11 @@ def _guarded(kind: str, handler: Handler, msg: Message, context: Context, spec: 
         ctx = resolve_site(context.node_config, spec, str(experiment) if experiment else None)
         site = ctx.site.name
         return handler(msg, context, ctx, RoundConfig.from_mapping(config))
-    except PrivacyBudgetExceeded as exc:  # expected stop, not a crash: the message says it all
+    except (PrivacyBudgetExceeded, SitePrivacyRefused) as exc:  # expected stop, not a crash
         log.error("%s", exc)
+        reason = f": {exc.reason}" if isinstance(exc, SitePrivacyRefused) else ""
         raise SiteError(
-            f"site {site}: {kind} refused ({type(exc).__name__}); details are in the site's log"
+            f"site {site}: {kind} refused ({type(exc).__name__}{reason}); details are in the site's log"
         ) from None
     except Exception as exc:  # noqa: BLE001 - everything must be sanitised before it leaves
         log.error("site %s: %s failed", site, kind, exc_info=True)
@@ -168,20 +178,46 @@ def _evaluate(msg: Message, context: Context, ctx: SiteContext, rc: RoundConfig)
 
 
 def _privacy_session(context: Context, ctx: SiteContext, rc: RoundConfig) -> PrivacySession | None:
-    """This round's DP-SGD session (None: DP off), continuing the site's accountant."""
-    exp = ctx.experiment
-    if not exp.privacy.enabled:
-        return None
-    train, _val = load_site_tensors(ctx.site, exp.data, ctx.cache_dir)
-    if len(train) == 0:
-        raise ValueError("no training images at this site")
-    record = context.state.config_records.get(_PRIVACY)
-    in_memory = state_from_text(str(record["json"]), "context.state privacy") if record else None
-    if in_memory is not None and in_memory.get("site") != ctx.site.name:
-        in_memory = None  # not this site's ledger
-    state = most_spent(in_memory, load_state(privacy_state_path(ctx.state_dir)))
-    return PrivacySession(exp.privacy, num_examples=len(train), batch_size=exp.train.batch_size,
-                          epochs=rc.local_epochs, state=state, site=ctx.site.name)
+    """This round's DP-SGD session (None: DP off), continuing the site's accountant, under the
+    coordinator's request within the site's own terms; a refusal (DP off where the site requires
+    it, the site's or the run's ε budget spent) is raised before any step and audited."""
+    exp, name = ctx.experiment, ctx.site.name
+    terms = SitePrivacy.from_node_config(context.node_config)
+    try:
+        plan = effective_privacy(terms, exp.privacy, name)
+        if not plan.enabled:
+            return None
+        train, _val = load_site_tensors(ctx.site, exp.data, ctx.cache_dir)
+        if len(train) == 0:
+            raise ValueError("no training images at this site")
+        record = context.state.config_records.get(_PRIVACY)
+        in_memory = state_from_text(str(record["json"]), "context.state privacy") if record else None
+        if in_memory is not None and in_memory.get("site") != name:
+            in_memory = None  # not this site's ledger
+        state = most_spent(in_memory, load_state(privacy_state_path(ctx.state_dir)))
+        session = PrivacySession(plan, num_examples=len(train), batch_size=exp.train.batch_size,
+                                 epochs=rc.local_epochs, state=state, site=name)
+        if terms is not None and terms.min_noise_multiplier is not None:
+            session.raise_noise_to(terms.min_noise_multiplier)
+        check_site_cap(terms, session.predicted_epsilon(), session.epsilon_before, name)
+        session.check_budget()
+    except (PrivacyBudgetExceeded, SitePrivacyRefused) as exc:
+        _audit_refusal(ctx, rc, exc)
+        raise
+    return session
+
+
+def _audit_refusal(ctx: SiteContext, rc: RoundConfig, exc: Exception) -> None:
+    """A privacy refusal in the site's audit log (when the site has one: deployment)."""
+    path = ctx.state_dir / "audit.jsonl"
+    if not path.is_file():
+        return
+    try:
+        AuditLog(path, actor=f"site:{ctx.site.name}").append(
+            "privacy_refused", site=ctx.site.name, run_key=rc.run_key, round=rc.server_round,
+            refusal=type(exc).__name__, reason=str(exc))
+    except OSError:
+        log.error("site %s: could not audit the privacy refusal", ctx.site.name, exc_info=True)
 
 
 def _store_privacy_state(context: Context, ctx: SiteContext, state: dict[str, Any]) -> None:

@@ -60,16 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace) -> SiteConfig:
+    """The site's config: the YAML (if any) with the command line's overrides. ``--site`` is
+    never an override: a YAML naming another site is an error, not a rename."""
     overrides: dict[str, Any] = {
-        "site": args.site, "data.path": args.data, "data.format": args.format,
+        "data.path": args.data, "data.format": args.format,
         "superlink": args.superlink, "ca_cert": args.ca_cert, "private_key": args.key,
         "state_dir": args.state_dir, "runtime_port": args.runtime_port,
         "insecure": True if args.insecure else None, "tuning.fast": False if args.stock else None,
     }
     if args.config is not None:
         cfg = load_site_config(args.config, overrides)
+        if cfg.site != args.site:
+            raise ConfigError(f"{args.config} configures site {cfg.site!r} but --site says "
+                              f"{args.site!r}; use the YAML of site {args.site!r} or fix --site")
     else:  # everything from the command line
-        data: dict[str, Any] = {}
+        data: dict[str, Any] = {"site": args.site}
         for key, value in overrides.items():
             head, _, rest = key.partition(".")
             if value is None:
@@ -79,8 +84,6 @@ def resolve_config(args: argparse.Namespace) -> SiteConfig:
             else:
                 data[key] = value
         cfg = site_config_from_dict(data, "command line")
-    if cfg.site != args.site:
-        raise ConfigError(f"{args.config}: configures site {cfg.site!r}, not {args.site!r}")
     return cfg
 
 

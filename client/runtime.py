@@ -24,9 +24,7 @@ from common.config import (
     STRATEGIES,
     ConfigError,
     ExperimentConfig,
-    PrivacyConfig,
     from_dict,
-    load_yaml,
     replace,
 )
 from common.device import resolve_device, set_threads
@@ -43,6 +41,7 @@ from common.federation import (
 from common.inference import evaluate
 from common.privacy import PrivacySession
 from common.schedule import RunPosition
+from common.site_privacy import NODE_KEYS as SITE_PRIVACY_KEYS
 from common.sitedata import load_site_tensors
 from common.train import train_local
 
@@ -51,7 +50,7 @@ log = logging.getLogger(__name__)
 #: node_config keys understood in deployment (values are TOML literals on the command line).
 NODE_KEYS = (
     "site", "data-path", "data-format", "synthetic-centre", "synthetic-n", "cache-dir",
-    "state-dir", "device", "num-threads", "privacy-config",
+    "state-dir", "device", "num-threads", *SITE_PRIVACY_KEYS,
 )
 _FEDBN_KEEP = 2  # norm-state files kept per run: the current and the previous round
 
@@ -117,9 +116,9 @@ def resolve_site(
     ``to_dict(ExperimentConfig)``) so every site builds the same model, else the spec's
     (simulation): a site has no experiment of its own. Site-local settings always win: device and
     threads from node_config; ``pretrained_path`` is dropped (weights arrive in the message,
-    and a server must not make a site open files of its choosing); with node_config
-    "privacy-config" (a YAML holding a ``privacy:`` mapping) the site's DP settings replace the
-    server's entirely, so a coordinator can neither raise a hospital's budget nor switch its DP off.
+    and a server must not make a site open files of its choosing). The site's own privacy terms
+    (node_config "privacy-*", common/site_privacy.py) are applied per train message by
+    client/app.py, so a coordinator can neither raise a hospital's budget nor switch its DP off.
     """
     if "partition-id" in node_config and "site" not in node_config:
         if spec is None:
@@ -159,19 +158,7 @@ def resolve_site(
         overrides["train.device"] = str(node_config["device"])
     if node_config.get("num-threads"):
         overrides["train.num_threads"] = int(node_config["num-threads"])
-    privacy_file = _opt_str(node_config.get("privacy-config"))
-    if privacy_file:
-        experiment = dataclasses.replace(experiment, privacy=load_site_privacy(privacy_file))
     return SiteContext(site, replace(experiment, **overrides), cache_dir, state_dir)
-
-
-def load_site_privacy(path: str | Path) -> PrivacyConfig:
-    """The site's own ``privacy:`` section; a file without one is an error (naming the file),
-    not a silent fall-back to the defaults (which have DP off)."""
-    data = load_yaml(path).get("privacy")
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{path}: needs a 'privacy:' mapping (the site's DP-SGD settings)")
-    return from_dict(PrivacyConfig, data, f"{path}: privacy")
 
 
 def privacy_state_path(state_dir: Path) -> Path:

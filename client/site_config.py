@@ -10,6 +10,11 @@ Example (deploy/site.example.yaml)::
     cache_dir: /var/cache/fedbus/udiat
     state_dir: /var/lib/fedbus/udiat
     runtime_port: 9094
+    privacy:                            # optional: the hospital's own DP terms (docs/privacy.md)
+      required: true                    # no DP-SGD, no training
+      max_epsilon: 4.0                  # lifetime epsilon on this site's data, across runs
+      min_noise_multiplier: 0.8         # sigma never below this
+      delta: 1.0e-5                     # delta never above this
 
 Relative paths are resolved against the YAML's folder. Unknown keys are errors naming the file,
 so a typo cannot silently fall back to a default.
@@ -23,6 +28,7 @@ from typing import Any, Mapping
 
 from common.config import ConfigError, from_dict, load_yaml
 from common.federation import SiteSpec
+from common.site_privacy import SitePrivacy
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,7 @@ class SiteConfig:
     num_threads: int | None = None
     allowed_fab_hashes: tuple[str, ...] = ()
     tuning: Tuning = field(default_factory=Tuning)
+    privacy: SitePrivacy | None = None  # the site's own DP terms (common/site_privacy.py)
 
     def __post_init__(self) -> None:
         SiteSpec(name=self.site, data_path=self.data.path or None,
@@ -98,6 +105,7 @@ class SiteConfig:
             "state-dir": str(self.state_path),
             "device": self.device,
             "num-threads": self.num_threads,
+            **(self.privacy.node_config() if self.privacy is not None else {}),
         }
         return {k: v for k, v in values.items() if v is not None}
 

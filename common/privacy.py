@@ -151,6 +151,16 @@ class PrivacySession:
                         "stored noise multiplier %.4f is kept and the budget check uses the "
                         "current target", self.site, changed, self.noise_multiplier)
 
+    def raise_noise_to(self, minimum: float) -> None:
+        """Use σ ≥ ``minimum`` (a site's floor) from this round on, before training; a larger σ
+        only lowers ε, and the accountant records each round's σ."""
+        if self._engine is not None:
+            raise RuntimeError("PrivacySession.raise_noise_to: call it before training")
+        if self.noise_multiplier < minimum:
+            log.info("site %s: noise multiplier %.4f raised to the site's minimum %.4f",
+                     self.site, self.noise_multiplier, minimum)
+            self.noise_multiplier = float(minimum)
+
     @property
     def budget(self) -> float | None:
         """The ε the site may not exceed (None: no cap, only with a fixed noise multiplier)."""

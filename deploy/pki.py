@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -163,17 +164,33 @@ def register(site: str, pub: Path, flwr_home: Path, connection: str = CONNECTION
     return res.stdout
 
 
-def revoke(site: str, flwr_home: Path, connection: str = CONNECTION) -> list[int]:
-    """Unregister every node registered under ``site``; returns their node ids."""
+def revoke(site: str, flwr_home: Path, connection: str = CONNECTION,
+           audit_log: Path | None = None) -> list[int]:
+    """Unregister every node registered under ``site``; returns their node ids. Each revocation
+    is an entry ``site_revoked`` in the coordinator's audit log (default: the one beside
+    ``flwr_home``, STATE_DIR/audit.jsonl)."""
     ids = [n["node-id"] for n in list_sites(flwr_home, connection)
            if n["name"] == site and n["status"] != "unregistered"]
     if not ids:
         raise LookupError(f"no SuperNode registered under the name {site!r}")
+    audit = _audit(audit_log or Path(flwr_home).resolve().parent / "audit.jsonl")
     for node_id in ids:
         res = _flwr(["supernode", "unregister", str(node_id), connection], flwr_home)
         if res.returncode != 0:
             raise RuntimeError(f"unregistering {site} ({node_id}) failed: {res.stdout}{res.stderr}")
+        audit.append("site_revoked", site=site, node_id=node_id, by="deploy/pki.py")
     return ids
+
+
+def _audit(path: Path) -> Any:
+    """The coordinator's AuditLog (launch.audit; the repository root is put on the path when this
+    file runs as a script from a checkout)."""
+    try:
+        from launch.audit import AuditLog, process_identity
+    except ImportError:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from launch.audit import AuditLog, process_identity
+    return AuditLog(path, actor=f"operator:{process_identity()['user']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         r.add_argument("--flwr-home", type=Path, required=True,
                        help="flower-server's Flower home (STATE_DIR/flwr-home)")
         r.add_argument("--connection", default=CONNECTION)
+        if name == "revoke":
+            r.add_argument("--audit-log", type=Path, default=None,
+                           help="coordinator audit log (default: audit.jsonl beside --flwr-home)")
     args = p.parse_args(argv)
     try:
         return _run(args)
@@ -219,7 +239,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.cmd == "register":
         print(register(args.site, args.public_key, args.flwr_home, args.connection))
     elif args.cmd == "revoke":
-        print("unregistered node ids:", revoke(args.site, args.flwr_home, args.connection))
+        print("unregistered node ids:", revoke(args.site, args.flwr_home, args.connection, args.audit_log))
     else:
         print(json.dumps(list_sites(args.flwr_home, args.connection), indent=2))
     return 0

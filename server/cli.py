@@ -5,7 +5,8 @@
 ``--config`` is the experiment (a RunSpec YAML: strategy, rounds, local epochs, quorum, round
 deadline, run folder); ``--deploy`` the coordinator's deployment settings (CoordinatorConfig:
 address, TLS files, state folder, sites' public keys). The SuperLink runs with TLS and node
-authentication unless ``--insecure``. Sites listed in the deployment file are registered (once;
+authentication unless ``--insecure`` (refused on a non-loopback ``--host`` without
+``--allow-insecure-network``). Sites listed in the deployment file are registered (once;
 re-registering is skipped by key fingerprint). The run is submitted with ``flwr run`` and
 followed until it ends; the ServerApp itself bounds every wait (quorum give-up, round timeout),
 and we add an overall deadline. ``--resume`` continues from the run folder's checkpoint.
@@ -35,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="bind address of the SuperLink (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="SuperLink port (Fleet, Control and Runtime APIs)")
     p.add_argument("--app-dir", help="Flower app directory to submit")
-    p.add_argument("--insecure", action="store_true", help="plaintext, no node authentication")
+    p.add_argument("--insecure", action="store_true",
+                   help="plaintext, no node authentication (loopback hosts only)")
+    p.add_argument("--allow-insecure-network", action="store_true",
+                   help="with --insecure: also on a non-loopback --host (exposes the SuperLink)")
     p.add_argument("--stock", action="store_true", help="stock ServerApp timing (SuperExec)")
     p.add_argument("--register-only", action="store_true",
                    help="start the SuperLink, register the configured sites, stop")
@@ -50,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_coordinator_config(args.deploy, {
             "state_dir": args.state_dir, "host": args.host, "port": args.port,
             "app_dir": args.app_dir, "insecure": True if args.insecure else None,
+            "allow_insecure_network": True if args.allow_insecure_network else None,
             "fast": False if args.stock else None})
     except ConfigError as exc:
         print(f"flower-server: {exc}", file=sys.stderr)

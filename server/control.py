@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from launch.audit import AuditLog
 from launch.flwr_env import flwr_env, kv_config
 from launch.process import bin_path
 from server.superlink import CONNECTION
@@ -113,10 +114,13 @@ class Control:
             raise ControlError(f"the SuperLink did not register {name}")
         return int(res.node_id)
 
-    def unregister(self, node_id: int) -> None:
+    def unregister(self, node_id: int, audit: AuditLog | None = None, site: str = "") -> None:
+        """Revoke a node; with ``audit``, logged as ``site_revoked``."""
         from flwr.proto.control_pb2 import UnregisterNodeRequest
 
         self._client.UnregisterNode(UnregisterNodeRequest(node_id=node_id))
+        if audit is not None:
+            audit.append("site_revoked", site=site, node_id=node_id)
 
     def stop_run(self, run_id: int) -> None:
         from flwr.proto.control_pb2 import StopRunRequest
@@ -172,8 +176,12 @@ def register_site(name: str, pub_path: str | Path, flwr_home: str | Path,
     return int(data["node-id"])
 
 
-def unregister_node(node_id: int, flwr_home: str | Path, connection: str = CONNECTION) -> None:
+def unregister_node(node_id: int, flwr_home: str | Path, connection: str = CONNECTION,
+                    audit: AuditLog | None = None, site: str = "") -> None:
+    """`flwr supernode unregister`; with ``audit``, logged as ``site_revoked``."""
     flwr_cli(["supernode", "unregister", str(node_id), connection], flwr_home)
+    if audit is not None:
+        audit.append("site_revoked", site=site, node_id=node_id)
 
 
 def submit_run(app_dir: str | Path, run_config: Mapping[str, object], flwr_home: str | Path,

@@ -4,6 +4,7 @@ imports no flwr (the launcher stays light, tests/test_light_imports.py)."""
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,9 @@ class CoordinatorConfig:
     database: str = "state.db"  # ":memory:": no SuperLink state on disk (re-registers sites)
     payloads_in_memory: bool = True  # message payloads in memory even with a database file
     insecure: bool = False
+    #: insecure on a non-loopback host serves plaintext without node authentication to the
+    #: network: refused unless this second, explicit switch says so
+    allow_insecure_network: bool = False
     tls: TLSFiles = field(default_factory=TLSFiles)
     sites: dict[str, str] = field(default_factory=dict)  # site name -> OpenSSH public key file
     app_dir: str | None = None  # Flower app to submit (default: this source tree)
@@ -46,6 +50,11 @@ class CoordinatorConfig:
         if not self.insecure and not (self.tls.ca_cert and self.tls.server_cert and self.tls.server_key):
             raise ConfigError("coordinator: TLS needs tls.ca_cert, tls.server_cert and tls.server_key "
                               "(or insecure: true for loopback trials)")
+        if self.insecure and not is_loopback(self.host) and not self.allow_insecure_network:
+            raise ConfigError(f"coordinator: insecure (plaintext, no node authentication) on host "
+                              f"{self.host!r} would expose the SuperLink to the network; use a "
+                              "loopback host (127.0.0.1), TLS, or add --allow-insecure-network "
+                              "(allow_insecure_network: true) to accept the risk")
         if not isinstance(self.sites, dict) or not all(isinstance(v, str) for v in self.sites.values()):
             raise ConfigError("coordinator: sites must map site names to public key files")
         for name in self.sites:
@@ -58,6 +67,18 @@ class CoordinatorConfig:
     @property
     def ca(self) -> Path | None:
         return None if self.insecure else Path(str(self.tls.ca_cert))
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or "localhost"; anything else (0.0.0.0, ::, a name, a LAN address)
+    may be reachable from other machines."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def load_coordinator_config(path: Path | None, overrides: dict[str, Any]) -> CoordinatorConfig:

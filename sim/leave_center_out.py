@@ -37,7 +37,7 @@ from common.settings import (  # noqa: E402
     DEFAULT_REAL_PRESET, DEFAULT_SYNTHETIC_PRESET, Settings, SimConfig, list_presets, load_settings,
     merge, parse_overrides, settings_from_dict, settings_to_dict,
 )
-from common.sitedata import load_test_tensors  # noqa: E402
+from common.sitedata import load_test_tensors, require_cases, user_tensor_cache  # noqa: E402
 from sim.protocols import Runtime, plan_units  # noqa: E402
 from sim.ensemble import score_ensembles  # noqa: E402
 from sim.outputs import write_outputs  # noqa: E402
@@ -151,13 +151,14 @@ def run(args: argparse.Namespace) -> int:
     sites = site_specs(opts)  # every setting is checked before anything is written
     centres = list(sites)
     plan = plan_units(settings, centres, default_train_centre(opts, centres))
+    cache_dir = str(user_tensor_cache()) if opts.data_root else None  # keyed by the data fingerprint
+    require_cases(sites, cfg.data, cache_dir)  # an empty or all-invalid centre: refused, nothing written
     if folder is None:
         folder = SimRunFolder.create(args.out)
         folder.write_config(settings_to_dict(settings))
     else:
         folder.drop_incomplete()
     set_threads(args.threads or cfg.train.num_threads)  # resume: this process only, results unchanged
-    cache_dir = str(folder.path / "cache") if opts.data_root else None  # decoded real images
     print(f"run folder: {folder.path}  ({len(plan)} units over centres {', '.join(centres)})", flush=True)
     table = describe_centres(sites, cfg, cache_dir)
     fingerprints = dict(zip(table["centre"], table["fingerprint"]))
@@ -219,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("flwr").propagate = False  # Flower prints its own lines; once is enough
     if not args.verbose:  # the server app raises its own loggers to INFO for its log file
         logging.getLogger("flwr").setLevel(logging.WARNING)
         for handler in logging.getLogger().handlers:

@@ -111,7 +111,8 @@ def natural_key(path: Path | str) -> tuple[object, ...]:
 def scan_folder(folder: Path, log_: IssueLog) -> list[Path]:
     """Image files in a folder (sorted naturally); anything else is reported and ignored.
 
-    Dot-files (.DS_Store and the like) are OS metadata and are skipped without an issue.
+    Dot-files (.DS_Store and the like) are OS metadata and are skipped without an issue; an
+    image name that is not a regular file (a FIFO, a device) is an error, never opened.
     """
     files = []
     for f in sorted(folder.iterdir(), key=natural_key):
@@ -119,6 +120,8 @@ def scan_folder(folder: Path, log_: IssueLog) -> list[Path]:
             continue
         if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
             files.append(f)
+        elif f.suffix.lower() in IMAGE_SUFFIXES:  # stat only: opening a FIFO would block
+            log_.error(f, "not a regular file (a FIFO, device or folder); refused", "not-regular")
         else:
             log_.warning(f, "not an image file; ignored", "stray")
     return files

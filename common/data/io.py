@@ -8,17 +8,25 @@ once: images become uint8 (H, W) grey, masks become bool (H, W). Every failure r
 from __future__ import annotations
 
 import logging
+import os
+import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from common.data.plausibility import implausible_pair
 from common.records import Case, DataError, Label
 
 log = logging.getLogger(__name__)
 
 PathLike = str | Path
+
+#: Largest image accepted, in pixels (W × H): ultrasound frames are ~1 Mpx, and a header claiming
+#: more (a decompression bomb) would exhaust memory before any check on the pixels could run.
+MAX_PIXELS = 50_000_000
 
 
 class FileError(DataError):
@@ -41,17 +49,46 @@ class Note:
     message: str
 
 
-def _open(path: PathLike) -> Image.Image:
-    """Open and fully decode (so truncation shows up here, not later)."""
+def check_regular(path: PathLike) -> None:
+    """``FileError`` unless ``path`` is a regular file (after symlinks), checked with ``stat``
+    before anything opens it: opening a FIFO blocks forever, a device or folder is no image."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
+        st = os.stat(path)
     except FileNotFoundError:
         raise FileError(path, "file not found") from None
+    except OSError as exc:
+        raise FileError(path, f"cannot read file ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        what = ("a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO"
+                if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "special")
+        raise FileError(path, f"not a regular file ({what}); refused", kind="not-regular")
+
+
+def _open(path: PathLike) -> Image.Image:
+    """Open and fully decode (so truncation shows up here, not later). Only regular files are
+    opened, and the header's size is checked against ``MAX_PIXELS`` before any pixel is decoded."""
+    check_regular(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > MAX_PIXELS:
+                    raise FileError(path, f"refused, too many pixels: the image claims {w}x{h} "
+                                    f"(over {MAX_PIXELS}), a possible decompression bomb", kind="bomb")
+                im.load()
+                return im.copy()
+    except FileNotFoundError:
+        raise FileError(path, "file not found") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise FileError(path, f"refused, too many pixels, a possible decompression bomb ({exc})",
+                        kind="bomb") from None
     except UnidentifiedImageError:
         raise FileError(path, "not a readable image") from None
     except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt data
+        if isinstance(exc, FileError):
+            raise
         raise FileError(path, f"cannot decode image ({exc})") from None
 
 
@@ -227,6 +264,7 @@ def assemble_case(image: np.ndarray, image_path: PathLike, masks: list[tuple[Pat
         if warn:
             notes.append(Note(str(mpath), "mask-size", warn))
         merged |= fitted
+    notes += [Note(*w) for w in implausible_pair(image, image_path, merged, [p for p, _ in masks])]
     if label != Label.NORMAL:
         if not masks:
             raise FileError(image_path, f"{label.name.lower()} image has no mask file",
@@ -258,6 +296,7 @@ def read_table(path: PathLike) -> dict[str, list[dict[str, str | None]]]:
     A CSV has one sheet named after the file.
     """
     p = Path(path)
+    check_regular(p)
     try:
         if p.suffix.lower() in (".xlsx", ".xlsm", ".xls"):
             import pandas as pd

@@ -4,7 +4,7 @@ Columns (header names ignore case, spaces, '_' and '-'; ',' ';' or tab separated
 
 | column | required | meaning |
 |---|---|---|
-| image | yes | image path, relative to the CSV's folder (or absolute) |
+| image | yes | image path, relative to the CSV's folder (or absolute, inside it) |
 | label | yes | benign / malignant / normal |
 | mask | no | lesion mask path(s), several joined by '|' (merged); empty for normal images |
 | patient_id | no | patient; empty → the case id (then only identical images are grouped) |
@@ -12,7 +12,9 @@ Columns (header names ignore case, spaces, '_' and '-'; ',' ';' or tab separated
 
 Any other column is kept as a descriptor. The case id is the image path relative to the CSV
 without its suffix; the centre name is the CSV's folder name. ``root`` is the folder holding
-``manifest.csv`` or the CSV file itself.
+``manifest.csv`` or the CSV file itself. Every image and mask path must resolve (symlinks
+followed) inside the CSV's folder: a row pointing elsewhere (``..``, an outside absolute path, a
+symlink out) is an error naming the row, so a manifest can never make a site read other files.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ def load(root: Path, *, strict: bool = True) -> CentreLoad:
     csv_path = _csv_path(Path(root))
     base = csv_path.parent
     log = IssueLog(base.name or "manifest", csv_path)
-    if not csv_path.is_file():
+    if not csv_path.exists():  # anything else there (a FIFO, a folder): read_table names it
         log.error(csv_path, "manifest file missing", "layout")
         return log.finish([], strict)
     try:
@@ -74,6 +76,12 @@ def _row(n: int, row: dict[str, str | None], col: dict[str, str | None], known: 
         log.error(csv_path, f"row {n}: empty image path", "spreadsheet")
         return None
     img = base / image
+    masks = [base / m.strip() for m in (cell("mask") or "").split("|") if m.strip()]
+    outside = [str(p) for p in (img, *masks) if not _inside(p, base)]
+    if outside:
+        log.error(csv_path, f"row {n}: path(s) {', '.join(outside)} lie outside the manifest's "
+                  f"folder {base}; refused", "path-outside")
+        return None
     if img in seen:
         log.error(csv_path, f"row {n}: {image} listed again (first in row {seen[img]})",
                   "spreadsheet")
@@ -90,12 +98,19 @@ def _row(n: int, row: dict[str, str | None], col: dict[str, str | None], known: 
         log.error(img, f"{where}: spacing_mm {cell('spacing_mm')!r} is not a positive number",
                   "spreadsheet")
         return None
-    masks = [base / m.strip() for m in (cell("mask") or "").split("|") if m.strip()]
     case_id = Path(image).with_suffix("").as_posix()
     descriptors = {k: v for k, v in row.items() if k not in known and v}
     return log.case(img, masks, label, case_id=case_id,
                     patient_id=cell("patient_id") or case_id, spacing_mm=spacing,
                     descriptors=descriptors)
+
+
+def _inside(path: Path, base: Path) -> bool:
+    """Does ``path`` resolve (symlinks followed, '..' applied) inside ``base``?"""
+    try:
+        return path.resolve().is_relative_to(base.resolve())
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
 
 
 def _spacing(text: str | None) -> float | None:

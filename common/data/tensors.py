@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from common.atomic import atomic_write
 from common.config import AugmentConfig
 from common.data.augment import augment_batch, augmentation
+from common.data.fingerprint import READER_VERSION
 from common.records import Case
 
 log = logging.getLogger(__name__)
@@ -211,11 +212,23 @@ def batches(
         }
 
 
-def _cache_path(cache_dir: Path, key: str, size: int) -> Path:
-    """Readable, collision-free file name: sanitised key + a digest of the exact key + size."""
+def _cache_path(cache_dir: Path, key: str, size: int, fingerprint: str = "") -> Path:
+    """Readable, collision-free file name: sanitised key, a digest of the exact key, a digest of
+    the data fingerprint and reader version, and the size."""
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in key)[:80]
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
-    return cache_dir / f"{safe}-{digest}-{size}.pt"
+    data = hashlib.sha256(f"r{READER_VERSION}|{fingerprint}".encode()).hexdigest()[:10]
+    return cache_dir / f"{safe}-{digest}-{data}-{size}.pt"
+
+
+def _drop_stale(path: Path) -> None:
+    """Remove this key's files built from other data (a withdrawn image must not linger on
+    disk either); best effort, another process may be doing the same."""
+    stem, _, size = path.stem.rpartition("-")
+    prefix = stem.rpartition("-")[0]
+    for old in path.parent.glob(f"{prefix}-*-{size}.pt"):  # sanitised: no glob characters
+        if old != path and old.stem.rpartition("-")[0].rpartition("-")[0] == prefix:
+            old.unlink(missing_ok=True)
 
 
 def _read_cache(path: Path, size: int) -> TensorData:
@@ -227,14 +240,17 @@ def _read_cache(path: Path, size: int) -> TensorData:
 
 
 def cached_tensors(
-    load_cases: Callable[[], Sequence[Case]], size: int, cache_dir: str | Path, key: str
+    load_cases: Callable[[], Sequence[Case]], size: int, cache_dir: str | Path, key: str, *,
+    fingerprint: str = "",
 ) -> TensorData:
-    """``to_tensors(load_cases(), size)`` through an on-disk cache keyed by ``key`` and ``size``
-    (the caller makes ``key`` change when the data does). A hit never calls ``load_cases``. The
-    file is written to a temporary name and renamed (atomic: a crash or a concurrent reader never
-    sees half a file); an unreadable or inconsistent cache is rebuilt with a warning."""
+    """``to_tensors(load_cases(), size)`` through an on-disk cache keyed by ``key``, ``size``,
+    ``fingerprint`` (the data's, ``common.data.fingerprint.files_fingerprint``) and the reader
+    version, so changed or withdrawn files are never served from an old entry. A hit never calls
+    ``load_cases``; a miss removes the key's entries built from other data. The file is written
+    to a temporary name and renamed (atomic: a crash or a concurrent reader never sees half a
+    file), private (0600); an unreadable or inconsistent cache is rebuilt with a warning."""
     cache_dir = Path(cache_dir)
-    path = _cache_path(cache_dir, key, size)
+    path = _cache_path(cache_dir, key, size, fingerprint)
     if path.exists():
         try:
             return _read_cache(path, size)
@@ -243,4 +259,5 @@ def cached_tensors(
     data = to_tensors(list(load_cases()), size)
     payload = {f.name: getattr(data, f.name) for f in fields(data)}
     atomic_write(path, lambda fh: torch.save(payload, fh), binary=True)
+    _drop_stale(path)
     return data

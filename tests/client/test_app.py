@@ -2,6 +2,7 @@
 FedBN local state, FedProx wiring and deterministic local training."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from client.app import make_client_app
 from client.runtime import SiteError
-from common.config import to_dict
+from common.config import PrivacyConfig, to_dict
 from common.federation import (
     EVAL_METRIC_KEYS,
     TRAIN_METRIC_KEYS,
@@ -24,6 +25,7 @@ from common.federation import (
     build_experiment_model,
     norm_keys,
 )
+from common.site_privacy import SitePrivacy
 from common.sitedata import clear_memo
 from tests.server.local_grid import LocalGrid, task_identity, tiny_spec
 
@@ -245,31 +247,37 @@ def test_fedprox_term_keeps_local_weights_closer_to_the_global_ones(spec) -> Non
 _SIGMA = 1.0
 
 
-def _dp_node(tmp_path: Path, **privacy: Any) -> dict[str, Any]:
-    """A deployed site whose own privacy-config enables DP-SGD (fixed sigma, optional cap)."""
+def _dp_spec(spec: RunSpec, **privacy: Any) -> RunSpec:
+    """The coordinator's request: DP-SGD with a fixed sigma (optionally capped)."""
+    cfg = PrivacyConfig(**{"enabled": True, "noise_multiplier": _SIGMA, "target_epsilon": None,
+                           "target_delta": 1e-3, **privacy})
+    return dataclasses.replace(spec, experiment=dataclasses.replace(spec.experiment, privacy=cfg))
+
+
+def _dp_node(tmp_path: Path, **terms: Any) -> dict[str, Any]:
+    """A deployed site; ``terms``: its own privacy terms (SitePrivacy fields), as flower-client
+    passes them through node_config."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    cfg = tmp_path / "site_privacy.yaml"
-    cfg.write_text(json.dumps({"privacy": {"enabled": True, "noise_multiplier": _SIGMA,
-                                           "target_epsilon": None, "target_delta": 1e-3, **privacy}}))
-    return {"site": "Hosp1", "synthetic-centre": "SynES1", "synthetic-n": 16,
-            "state-dir": str(tmp_path / "state"), "privacy-config": str(cfg)}
+    node = {"site": "Hosp1", "synthetic-centre": "SynES1", "synthetic-n": 16,
+            "state-dir": str(tmp_path / "state")}
+    return {**node, **(SitePrivacy(**terms).node_config() if terms else {})}
 
 
-def _expected_epsilon(app: Any, spec: RunSpec, node: dict[str, Any], rounds: int) -> float:
+def _expected_epsilon(app: Any, spec: RunSpec, node: dict[str, Any], rounds: int,
+                      sigma: float = _SIGMA, delta: float = 1e-3) -> float:
     """epsilon after ``rounds`` one-epoch rounds, from the site's N and B by the accountant."""
     from common.privacy import epsilon_of, poisson_rate
 
     n = app(_msg(MessageType.QUERY, spec), _context(node)).content["info"]["num-train"]
     q, steps = poisson_rate(n, spec.experiment.train.batch_size)
-    return epsilon_of([[_SIGMA, q, steps * rounds]], 1e-3)
+    return epsilon_of([[sigma, q, steps * rounds]], delta)
 
 
 def test_dp_site_reports_growing_epsilon_and_sends_plain_keys(spec, tmp_path) -> None:
     app = make_client_app()
-    node, init = _dp_node(tmp_path), _init(spec)
-    assert not spec.experiment.privacy.enabled  # the server sends DP off; the site's file wins
+    dp, node, init = _dp_spec(spec), _dp_node(tmp_path), _init(spec)
     ctx = _context(node)
-    replies = [app(_msg(MessageType.TRAIN, spec, init, **{"server-round": r}), ctx) for r in (1, 2)]
+    replies = [app(_msg(MessageType.TRAIN, dp, init, **{"server-round": r}), ctx) for r in (1, 2)]
     eps = [r.content["metrics"]["epsilon"] for r in replies]
     eps_round = [r.content["metrics"]["epsilon_round"] for r in replies]
     assert 0 < eps[0] < eps[1]
@@ -284,11 +292,11 @@ def test_dp_site_reports_growing_epsilon_and_sends_plain_keys(spec, tmp_path) ->
 
 def test_dp_budget_continues_from_the_site_file_in_a_new_process(spec, tmp_path) -> None:
     app = make_client_app()
-    node, init = _dp_node(tmp_path), _init(spec)
-    first = app(_msg(MessageType.TRAIN, spec, init), _context(node)).content["metrics"]["epsilon"]
+    dp, node, init = _dp_spec(spec), _dp_node(tmp_path), _init(spec)
+    first = app(_msg(MessageType.TRAIN, dp, init), _context(node)).content["metrics"]["epsilon"]
     assert (tmp_path / "state" / "privacy" / "accountant.json").is_file()
     fresh = _context(node)  # new process: context.state is empty
-    second = app(_msg(MessageType.TRAIN, spec, init, **{"server-round": 2}), fresh).content["metrics"]
+    second = app(_msg(MessageType.TRAIN, dp, init, **{"server-round": 2}), fresh).content["metrics"]
     assert second["epsilon"] == pytest.approx(_expected_epsilon(app, spec, node, 2), rel=1e-6)
     assert second["epsilon"] > first and second["epsilon_round"] < second["epsilon"]
 
@@ -297,21 +305,14 @@ def test_dp_site_refuses_a_round_past_its_budget(spec, tmp_path) -> None:
     app = make_client_app()
     probe = _dp_node(tmp_path / "probe")
     one, two = (_expected_epsilon(app, spec, probe, r) for r in (1, 2))
-    node, init = _dp_node(tmp_path, target_epsilon=(one + two) / 2), _init(spec)  # one round fits
+    dp, node, init = _dp_spec(spec, target_epsilon=(one + two) / 2), _dp_node(tmp_path), _init(spec)
     grid = LocalGrid(app, {5: node})
-    ok = list(grid.send_and_receive([_msg(MessageType.TRAIN, spec, init, dst_node_id=5)]))[0]
+    ok = list(grid.send_and_receive([_msg(MessageType.TRAIN, dp, init, dst_node_id=5)]))[0]
     assert not ok.has_error() and ok.content["metrics"]["epsilon"] == pytest.approx(one, rel=1e-6)
-    reply = list(grid.send_and_receive([_msg(MessageType.TRAIN, spec, init, dst_node_id=5,
+    reply = list(grid.send_and_receive([_msg(MessageType.TRAIN, dp, init, dst_node_id=5,
                                              **{"server-round": 2})]))[0]
     assert reply.has_error() and not reply.has_content()
     assert "site Hosp1" in reply.error.reason and "PrivacyBudgetExceeded" in reply.error.reason
     assert str(tmp_path) not in reply.error.reason  # no paths leave the site
     ledger = json.loads((tmp_path / "state" / "privacy" / "accountant.json").read_text())
     assert ledger["epsilon"] == pytest.approx(one, rel=1e-6)  # the refused round spent nothing
-
-
-def test_site_privacy_config_without_a_privacy_section_is_an_error(spec, tmp_path) -> None:
-    node = _dp_node(tmp_path)
-    Path(node["privacy-config"]).write_text("train: {}\n")
-    with pytest.raises(SiteError, match=r"site Hosp1: query failed \(ConfigError\)"):
-        make_client_app()(_msg(MessageType.QUERY, spec), _context(node))

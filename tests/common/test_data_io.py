@@ -22,6 +22,12 @@ def save(path: Path, arr: np.ndarray, mode: str | None = None) -> Path:
 GREY = np.arange(24, dtype=np.uint8).reshape(4, 6) * 10
 
 
+@pytest.fixture(autouse=True)
+def _tiny_images_allowed(monkeypatch) -> None:
+    """These fixtures are a few px; the under-32-px warning is tested in test_bad_data.py."""
+    monkeypatch.setattr("common.data.plausibility.MIN_SIDE", 1)
+
+
 # --- read_grey -------------------------------------------------------------------------------
 
 def test_grey_l_roundtrip(tmp_path):

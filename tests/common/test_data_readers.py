@@ -17,6 +17,12 @@ from common.records import DataError, Label
 H, W = 8, 10
 
 
+@pytest.fixture(autouse=True)
+def _tiny_images_allowed(monkeypatch) -> None:
+    """These fixtures are 10x8 px; the under-32-px warning is tested in test_bad_data.py."""
+    monkeypatch.setattr("common.data.plausibility.MIN_SIDE", 1)
+
+
 def img(seed: int, h: int = H, w: int = W) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w), dtype=np.uint8)
 
