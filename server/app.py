@@ -39,6 +39,7 @@ from common.federation import (
 )
 from common.inference import evaluate
 from common.sitedata import load_test_tensors
+from server.identity import IdentityCheck
 from server.screening import aggregate_problem
 from server.state import MetricRow, ServerRunFolder, check_resumable
 from server.strategy import SiteRegistry, build_strategy
@@ -68,7 +69,9 @@ def make_server_app(spec: RunSpec | None = None, *, resume: bool = False, quiet:
         if quiet:
             logging.getLogger("flwr").setLevel(logging.WARNING)
         run_spec, do_resume = resolve_server_spec(spec, resume, context.run_config)
-        run_federation(grid, run_spec, resume=do_resume)
+        # deployment only: flower-server writes the key registry into the run folder
+        identity = IdentityCheck.from_run_dir(run_spec.run_dir) if spec is None else None
+        run_federation(grid, run_spec, resume=do_resume, identity=identity)
 
     return app
 
@@ -92,11 +95,13 @@ def run_federation(
     poll_s: float = 1.0,
     clock: Clock = time.monotonic,
     sleep: Sleep = time.sleep,
+    identity: IdentityCheck | None = None,
 ) -> ServerRunFolder:
     """Run (or resume) the federation described by ``spec`` on ``grid``; returns its folder.
     Raises FederationStopped when fewer than ``min_sites`` sites are connected after
     ``quorum_timeout_s`` at the start of a round, FederationFailed when a round yields no finite
-    model (server/screening.py)."""
+    model (server/screening.py). ``identity``: refuse nodes whose claimed site name is not the
+    name their key was registered under (server/identity.py); None: not checked."""
     fed, exp = spec.federation, spec.experiment
     folder = ServerRunFolder(spec.run_dir)
     start, state, run_key, strategy_state = _initial_state(folder, spec, resume)
@@ -120,12 +125,16 @@ def run_federation(
         folder.write_status("running", saved)
         for rnd in range(start + 1, fed.rounds + 1):
             registry.clear_failed()
-            sites = gather_sites(grid, registry, fed, base, clock=clock, sleep=sleep, poll_s=poll_s)
+            sites = gather_sites(grid, registry, fed, base, clock=clock, sleep=sleep, poll_s=poll_s,
+                                 identity=identity)
+            for refusal in identity.drain() if identity is not None else ():
+                record(rnd, "join", refusal.registered or f"node-{refusal.node_id}", "identity_refused", 1.0)
             if len(sites) < fed.min_sites:
                 text = (f"round {rnd}: {len(sites)} site(s) {list(sites)} connected after "
                         f"{fed.quorum_timeout_s:.0f}s, {fed.min_sites} needed; stopping. The checkpoint "
                         f"of round {saved} is kept; resume to continue.")
                 log.error(text)
+                folder.append_metrics(rows)
                 folder.write_status("stopped", saved, text)
                 raise FederationStopped(text)
             log.info("round %d/%d: %s with sites %s", rnd, fed.rounds, fed.strategy, list(sites))
@@ -204,6 +213,10 @@ def _attach_file_log(run_dir: Path) -> tuple[logging.Handler, int]:
     return handler, level
 
 
+#: Seconds before a node whose site query failed is queried again while a round waits for its quorum.
+QUERY_RETRY_S = 5.0
+
+
 def gather_sites(
     grid: Grid,
     registry: SiteRegistry,
@@ -213,16 +226,21 @@ def gather_sites(
     clock: Clock = time.monotonic,
     sleep: Sleep = time.sleep,
     poll_s: float = 1.0,
+    identity: IdentityCheck | None = None,
 ) -> dict[str, int]:
     """Query new nodes for their site name and wait (at most ``quorum_timeout_s``) until
-    ``min_sites`` named sites are connected; returns {site: node id} of those connected."""
+    ``min_sites`` named sites are connected; returns {site: node id} of those connected.
+    With ``identity``, a node whose claimed name is not its key's registered name is refused."""
     deadline = clock() + fed.quorum_timeout_s
-    next_note = clock()
+    next_note = retry_at = clock()
     while True:
+        if clock() >= retry_at:  # a node that was unavailable a moment ago (reconnecting after a
+            registry.clear_failed()  # SuperLink restart) is asked again, not shut out of the round
+            retry_at = clock() + QUERY_RETRY_S
         connected = list(grid.get_node_ids())
         new = [n for n in connected if n not in registry]
         if new:
-            _query(grid, registry, new, base_config, connected, fed.round_timeout_s)
+            _query(grid, registry, new, base_config, connected, fed.round_timeout_s, identity)
         sites = registry.connected(connected)
         now = clock()
         if len(sites) >= fed.min_sites or now >= deadline:
@@ -235,7 +253,7 @@ def gather_sites(
 
 
 def _query(grid: Grid, registry: SiteRegistry, nodes: list[int], base_config: Mapping[str, Any],
-           connected: list[int], timeout: float) -> None:
+           connected: list[int], timeout: float, identity: IdentityCheck | None = None) -> None:
     content = RecordDict({"config": ConfigRecord(dict(base_config))})
     messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
     answered: set[int] = set()
@@ -251,6 +269,9 @@ def _query(grid: Grid, registry: SiteRegistry, nodes: list[int], base_config: Ma
         if not is_site_name(site):
             log.error("node %d sent no valid site name: ignored", node)
             registry.refused.add(node)
+            continue
+        if identity is not None and identity.check(node, site) is not None:
+            registry.refused.add(node)  # never queried again: its key cannot become another site
             continue
         declared = info.get("num-train")
         if isinstance(declared, bool) or not isinstance(declared, int) or declared < 0:

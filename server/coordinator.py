@@ -24,9 +24,10 @@ from launch.process import (
     LogFollower, ManagedProcess, ProcessError, bin_path, ensure_secret, wait_for_health,
 )
 from server.control import (
-    Control, ControlError, fab_preflight, key_fingerprint, submit_run,
+    Control, ControlError, NodeRow, fab_preflight, key_fingerprint, submit_run,
 )
 from server.coordinator_config import REPO_ROOT, CoordinatorConfig, default_run_timeout
+from server.identity import remove_site_registry, write_site_registry
 from server.run_watcher import RunFolderWatcher
 from server.superlink import CONNECTION, SuperLinkLaunch, write_flwr_config
 
@@ -50,6 +51,7 @@ class Coordinator:
         self.control: Control | None = None
         self.audit: AuditLog | None = None
         self.launch: SuperLinkLaunch | None = None
+        self.registry: dict[int, str] | None = None  # node id → registered name, as last written
 
     # ------------------------------------------------------------------ steps
     def preflight(self, resume: bool) -> None:
@@ -106,6 +108,20 @@ class Coordinator:
             self.audit.append("site_registered", site=site, node_id=node_id, key_sha256=fingerprint)
             print(f"registered site {site} (node {node_id})")
 
+    def publish_registry(self, nodes: list[NodeRow] | None = None) -> None:
+        """Write the SuperLink's registry (node id → name its key was registered under) into
+        the run folder for the ServerApp (server/identity.py), again whenever it changes.
+        Without node authentication nodes have no keys: any earlier registry is removed."""
+        assert self.control is not None
+        if self.cfg.insecure:
+            remove_site_registry(self.spec.run_dir)
+            return
+        rows = self.control.nodes() if nodes is None else nodes
+        names = {n.node_id: n.name for n in rows if n.status != "unregistered"}
+        if names != self.registry:
+            write_site_registry(self.spec.run_dir, names, self.cfg.audit_log)
+            self.registry = names
+
     def start_executor(self) -> None:
         """Fast mode: our ServerApp executor (server/serverapp_exec.py)."""
         from server.serverapp_exec import ServerAppExecutor
@@ -160,7 +176,9 @@ class Coordinator:
 
     def _audit_nodes(self, online: dict[int, str]) -> None:
         assert self.control is not None and self.audit is not None
-        for node in self.control.nodes():
+        nodes = self.control.nodes()
+        self.publish_registry(nodes)
+        for node in nodes:
             was = online.get(node.node_id)
             if node.status == "online" and was != "online":
                 self.audit.append("site_online", site=node.name, node_id=node.node_id,
@@ -194,6 +212,7 @@ class Coordinator:
             if self.cfg.fast:
                 self.start_executor()
             start_status = _run_folder_status(self.spec.run_dir) if resume else {}
+            self.publish_registry()
             run_config = dict(zip(RUN_CONFIG_KEYS, (str(self.spec_path), resume)))
             run_id = submit_run(self.app_dir, run_config, self.home)
             row = self.control.run(run_id) if self.control else None

@@ -91,6 +91,30 @@ def test_failing_site_is_named_left_out_and_its_error_text_is_sanitised(tmp_path
     assert folder.load(restore=False).round == 2
 
 
+def test_a_node_unavailable_at_its_first_query_is_asked_again_within_the_quorum_wait(tmp_path) -> None:
+    """After a SuperLink restart a reconnecting node can answer its first query with an error;
+    it must be queried again while the round waits, not shut out until the next round."""
+    spec = tiny_spec(tmp_path / "run", rounds=1)
+    spec = dataclasses.replace(spec, federation=dataclasses.replace(spec.federation, min_sites=3, quorum_timeout_s=30.0))
+    grid = sim_grid(spec)
+    real, flaky = grid.app, 1001
+    calls: list[int] = []
+
+    class FirstQueryFails:
+        def __call__(self, msg, context):
+            if context.node_id == flaky and msg.metadata.message_type == MessageType.QUERY and not calls:
+                calls.append(flaky)
+                raise ConnectionError("node unavailable")
+            return real(msg, context)
+
+    grid.app = FirstQueryFails()
+    clock = FakeClock()
+    folder = run_federation(grid, spec, clock=clock, sleep=clock.sleep, poll_s=1.0)
+    assert calls == [flaky] and folder.read_status()["state"] == "finished"
+    queried = [m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == MessageType.QUERY]
+    assert queried.count(flaky) == 2 and clock.now < spec.federation.quorum_timeout_s
+
+
 def test_no_quorum_stops_with_the_checkpoint_intact_and_resume_finishes(tmp_path) -> None:
     spec = tiny_spec(tmp_path / "run", quorum_timeout_s=30.0)
     grid = sim_grid(spec)
