@@ -108,9 +108,15 @@ class DataConfig:
     val_fraction: float = 0.2  # share of a site's images for validation (whole patients per split)
     test_fraction: float = 0.0  # share held back as the site's own test split (whole patients)
     seed: int = 0  # seed of the splits (and of synthetic centres' images)
+    mask_fraction: float = 1.0  # share of training lesion images keeping their mask (by patient; experiments)
+    label_fraction: float = 1.0  # share of training images keeping their label (by patient; experiments)
 
     def __post_init__(self) -> None:
         _need(self.image_size >= 32, "data.image_size", "must be >= 32 pixels", self.image_size)
+        for name in ("mask_fraction", "label_fraction"):
+            v = getattr(self, name)
+            _need(isinstance(v, (int, float)) and 0.0 <= v <= 1.0, f"data.{name}",
+                  "must lie in [0, 1]", v)
         _need(0.0 <= self.val_fraction < 1.0, "data.val_fraction", "must lie in [0, 1)", self.val_fraction)
         _need(0.0 <= self.test_fraction < 1.0 and self.val_fraction + self.test_fraction < 1.0,
               "data.test_fraction", "must lie in [0, 1) with val_fraction + test_fraction < 1",

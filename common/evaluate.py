@@ -82,8 +82,12 @@ def score(
     """Per-image metrics and the summary of predictions ``probs`` (N,1,S,S), ``p_malignant`` (N,).
     ``threshold`` decides malignant for sensitivity, specificity and accuracy; ``mask_threshold``
     binarises the mask probabilities. Summary: dice, iou, hd95 (px) are means over lesion images
-    only; auc over all images; NaN where undefined."""
+    with a known mask; auc, sensitivity, specificity, accuracy over images with a known label
+    (partial annotations: an unknown mask or label is not scored as empty or benign); NaN where
+    undefined. ``n_lesion`` counts the lesion images whose Dice is defined."""
     true = data.masks.cpu().numpy()[:, 0] > 0.5
+    masked = data.has_mask.cpu().numpy().astype(bool)
+    labelled = data.has_label.cpu().numpy().astype(bool)
     pred = np.asarray(probs)[:, 0] >= mask_threshold
     spacing = data.spacing_mm.cpu().numpy().astype(float)
     rows = []
@@ -93,6 +97,7 @@ def score(
         rows.append((d, j, h, h * spacing[i] if np.isfinite(spacing[i]) else float("nan"),
                      int(pred[i].sum())))
     seg = np.array(rows, dtype=float).reshape(-1, 5)
+    seg[~masked, :4] = np.nan  # no mask: no segmentation score
     y = data.malignant.cpu().numpy().astype(float)
     p = np.asarray(p_malignant, dtype=float)
     per_image = pd.DataFrame({
@@ -105,18 +110,19 @@ def score(
         "dice": seg[:, 0], "iou": seg[:, 1], "hd95_px": seg[:, 2], "hd95_mm": seg[:, 3],
         "pred_area": seg[:, 4].astype(int),
     }, columns=list(PER_IMAGE_COLUMNS))
-    decided = p >= threshold
-    sens, spec = metrics.sens_spec(y, decided)
+    yl, pl = y[labelled], p[labelled]
+    decided = pl >= threshold
+    sens, spec = metrics.sens_spec(yl, decided)
     summary = {
         "dice": _nanmean(seg[:, 0]),
         "iou": _nanmean(seg[:, 1]),
         "hd95": _nanmean(seg[:, 2]),
-        "auc": metrics.binary_auc(y, p),
+        "auc": metrics.binary_auc(yl, pl),
         "sensitivity": sens,
         "specificity": spec,
-        "accuracy": float(np.mean(decided == (y > 0.5))) if len(y) else float("nan"),
+        "accuracy": float(np.mean(decided == (yl > 0.5))) if len(yl) else float("nan"),
         "n_images": float(len(data)),
-        "n_lesion": float(per_image["has_lesion"].sum()),
+        "n_lesion": float((per_image["has_lesion"].to_numpy(bool) & masked).sum()),
     }
     return EvalResult(per_image=per_image, summary=summary)
 

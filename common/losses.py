@@ -7,10 +7,25 @@ Choices that the published method leaves open, made here:
 - Dice is per image over *lesion images only* (the Dice of an empty truth is degenerate: any
   prediction scores 0 or 1 by convention); BCE covers every pixel of every image, so normal
   images still teach "no lesion". The Dice term is 0 for a batch without lesions.
-- Consistency and prior supervision use lesion images only (``has_lesion``, the ground truth,
-  which training always has): φ computed from the mask of a normal image describes no lesion.
+- Partial annotations (``has_mask``, ``has_label`` per image; absent = known): the segmentation
+  terms use images with a mask only (pixel BCE: a per-image mean over those images; Dice: their
+  lesion images), the classification term images with a label only, and the consistency term
+  every *lesion image*: ``has_lesion``, which is the mask's answer where the mask is known (non-
+  empty = lesion, whatever the label) and the label's where it is not (benign or malignant =
+  lesion, normal = none; ``common.data.tensors.lesion_present``). A label-only lesion image is
+  where the term earns its place: its p̂ is trained by the label, and the consistency term is the
+  only one that reaches its predicted mask. Prior supervision needs both a lesion and a label.
   φ is still evaluated for every image (and multiplied by 0), so the graph and Opacus'
   per-sample hooks look the same whatever the batch holds.
+- The prior learns in every mode. ``consistency_grad`` routes the term's gradient to the mask
+  (``mask``), to p̂ (``classifier``) or to both, but the prior's own weights and bias always
+  receive the term's gradient (in ``classifier`` mode φ is computed from features that carry no
+  gradient, so the mask is untouched). We chose this over making the label term
+  BCE(φ, y) (``prior_supervision``) the way the prior learns: the consistency gradient exists in
+  every arm that uses the term, needs no label (so label-less images teach the prior too) and
+  no extra weight to tune, and makes φ the best sign-constrained, interpretable summary of what
+  the classifier has learned from shape; its weights are then "what this model learned about
+  malignancy". ``prior_supervision`` stays available as an anchor to the labels.
 - ``cls_weight = 0`` is the single-task segmentation arm: p̂ is untrained there, so the
   consistency term is switched off too (its value is still reported).
 - Prior supervision trains the prior's weights only: it sees detached features, so it cannot push
@@ -22,8 +37,9 @@ Choices that the published method leaves open, made here:
   the masks and p̂ mean something. Progress counts the whole run (``common.schedule``), so the
   warm-up happens once, not in every federated round; a call without ``progress`` applies λ.
 
-Per-sample structure (for DP-SGD): every term is a mean of per-image terms. By default the lesion
-terms divide by the batch's count of lesion images, which couples images; with
+Per-sample structure (for DP-SGD): every term is a mean of per-image terms. By default each term
+divides by the batch's count of the images it covers (lesion, masked, labelled), which couples
+images; with
 ``per_sample_denominator=True`` (set by ``train_local`` under DP) they divide by the batch size, so
 after Opacus undoes its mean reduction each image's gradient depends on that image alone.
 """
@@ -109,14 +125,14 @@ class MultiTaskLoss(nn.Module):
     def trains_prior(self) -> bool:
         """Whether the prior's parameters receive gradient. Where False, freeze them (e.g. under
         Opacus, which requires a per-sample gradient for every trainable parameter)."""
-        consistency = self.consistency_weight > 0 and self.cfg.consistency_grad != "classifier"
-        return consistency or self.cfg.prior_supervision > 0
+        return self.consistency_weight > 0 or self.cfg.prior_supervision > 0
 
     def _cls(self, logit: Tensor, target: Tensor) -> Tensor:
+        """Per-image classification loss (B,)."""
         if self.cfg.cls_loss == "focal":
-            return focal_loss(logit, target, self.cfg.focal_alpha, self.cfg.focal_gamma).mean()
+            return focal_loss(logit, target, self.cfg.focal_alpha, self.cfg.focal_gamma)
         pw = None if self.pos_weight is None else logit.new_tensor(self.pos_weight)
-        return F.binary_cross_entropy_with_logits(logit, target, pos_weight=pw)
+        return F.binary_cross_entropy_with_logits(logit, target, pos_weight=pw, reduction="none")
 
     def forward(
         self,
@@ -140,38 +156,49 @@ class MultiTaskLoss(nn.Module):
         cls_logit = cls_logit.reshape(-1)
         y = batch["malignant"].to(cls_logit.dtype).reshape(-1)
         lesion = batch["has_lesion"].to(torch.bool).reshape(-1)
+        known_mask = batch.get("has_mask", torch.ones_like(lesion)).to(torch.bool).reshape(-1)
+        known_label = batch.get("has_label", torch.ones_like(lesion)).to(torch.bool).reshape(-1)
         w = lesion.to(mask_logits.dtype)
-        n_lesion = (
-            w.new_tensor(float(w.numel())) if self.per_sample_denominator else w.sum().clamp_min(1.0)
-        )
+        w_mask = known_mask.to(mask_logits.dtype)
+        w_dice = (lesion & known_mask).to(mask_logits.dtype)
+        w_label = known_label.to(mask_logits.dtype)
+        w_sup = (lesion & known_label).to(mask_logits.dtype)
 
-        bce = F.binary_cross_entropy_with_logits(mask_logits, target)
-        dice = (soft_dice_loss(mask_logits, target) * w).sum() / n_lesion
+        def mean_over(values: Tensor, weights: Tensor) -> Tensor:
+            """Σ values·weights / (their count, or the batch size under per-sample denominators)."""
+            den = (weights.new_tensor(float(weights.numel())) if self.per_sample_denominator
+                   else weights.sum().clamp_min(1.0))
+            return (values * weights).sum() / den
+
+        bce_img = F.binary_cross_entropy_with_logits(mask_logits, target, reduction="none").flatten(1)
+        bce = mean_over(bce_img.mean(1), w_mask)
+        dice = mean_over(soft_dice_loss(mask_logits, target), w_dice)
         seg = cfg.dice * dice + cfg.bce * bce
         with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.cls_weight > 0):
-            cls = self._cls(cls_logit, y)
+            cls = mean_over(self._cls(cls_logit, y), w_label)
 
         lam = self.consistency_weight if progress is None else self.scheduled_consistency(progress)
         mode = cfg.consistency_grad
         p_hat = torch.sigmoid(cls_logit)
-        # features need grad only when φ's gradient is used (mode both/mask and λ > 0)
+        # features need grad only when φ's gradient reaches the mask (mode both/mask and λ > 0);
+        # the prior's own parameters get the term's gradient in every mode
         feat_grad = torch.is_grad_enabled() and lam > 0 and mode != "classifier"
         with torch.set_grad_enabled(feat_grad):
             feats = birads_features(
                 torch.sigmoid(mask_logits), batch.get("raw"), batch.get("spacing_mm"),
                 cfg.features,
             )
+        with torch.set_grad_enabled(torch.is_grad_enabled() and lam > 0):
             phi = prior(feats, track=lesion)
         if mode == "mask":
             p_hat = p_hat.detach()
-        consistency = (((p_hat - phi) ** 2) * w).sum() / n_lesion
+        consistency = mean_over((p_hat - phi) ** 2, w)
 
         if cfg.prior_supervision > 0 and torch.is_grad_enabled():
             phi_logit = prior.logit(feats.detach(), track=False)
         else:
             phi_logit = torch.logit(phi.detach().float(), eps=1e-6)
-        prior_sup = (F.binary_cross_entropy_with_logits(phi_logit, y, reduction="none")
-                     * w).sum() / n_lesion
+        prior_sup = mean_over(F.binary_cross_entropy_with_logits(phi_logit, y, reduction="none"), w_sup)
 
         total = mask_logits.new_zeros(())  # only terms with a positive weight enter the graph
         if cfg.seg_weight > 0:

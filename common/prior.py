@@ -112,6 +112,22 @@ class BiradsPrior(nn.Module):
         return dict(zip(self.names, w))
 
     @torch.no_grad()
+    def describe(self) -> dict[str, object]:
+        """What the prior learned, readable: {"features": {name: {"weight" (per standard
+        deviation, signed), "per_unit" (per clinical unit of the feature: weight / std), "mean",
+        "std"}}, "bias" (logit at the mean features), "bias_per_unit" (logit at all features 0)}.
+        The per-unit form ignores the soft clip, exact within about one std of the mean."""
+        w = self.head.effective_weight().detach().double().cpu()
+        mean = self.running_mean.detach().double().cpu()
+        std = torch.sqrt(self.running_var.detach().double().cpu() + 1e-6)
+        bias = float(self.head.bias.detach().double().cpu()[0])
+        features = {name: {"weight": float(w[k]), "per_unit": float(w[k] / std[k]),
+                           "mean": float(mean[k]), "std": float(std[k])}
+                    for k, name in enumerate(self.names)}
+        return {"features": features, "bias": bias,
+                "bias_per_unit": bias - float((w * mean / std).sum())}
+
+    @torch.no_grad()
     def update_stats(self, feats: Tensor) -> None:
         """EMA update from (N,K) feature rows; the first updates are a running average."""
         feats = feats.detach().to(self.running_mean.dtype)

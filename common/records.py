@@ -35,6 +35,9 @@ class Case:
     descriptors: radiologist BI-RADS descriptors where the centre provides them
     (BrEaST: Shape, Margin, Echogenicity, Posterior_features, Halo, Calcifications, BIRADS ...).
     source: the image's path, for messages at the site only; it never leaves the site.
+    has_mask / has_label: whether the mask / the label is known (partial annotations). An unknown
+    mask is stored all False and an unknown label as a placeholder (NORMAL for an empty mask,
+    BENIGN otherwise, so splits still stratify); the loss never reads either.
     """
 
     image: np.ndarray
@@ -46,6 +49,13 @@ class Case:
     spacing_mm: float | None = None
     descriptors: Mapping[str, str] = field(default_factory=dict)
     source: str = ""
+    has_mask: bool = True
+    has_label: bool = True
+
+    def __post_init__(self) -> None:
+        if not (self.has_mask or self.has_label):
+            raise DataError(f"case {self.case_id} ({self.source or self.centre}): neither a mask "
+                            "nor a label")
 
     @property
     def malignant(self) -> float:
@@ -54,4 +64,6 @@ class Case:
 
     @property
     def has_lesion(self) -> bool:
-        return bool(self.mask.any())
+        """Lesion present: from the mask where it is known, else from the label (benign or
+        malignant = a lesion, normal = none)."""
+        return bool(self.mask.any()) if self.has_mask else self.label != Label.NORMAL

@@ -41,6 +41,9 @@ PROTOCOL_GROUPS: dict[str, tuple[str, ...]] = {
     "reference": ("local", "pooled"),
 }
 BASE_ARMS: tuple[str, ...] = ("seg_only", "multitask", "consistency")
+#: The consistency arm with its gradient routed to the mask, the classifier or both (sim.arms).
+CONSISTENCY_GRAD_ARMS: tuple[str, ...] = ("consistency-mask", "consistency-classifier",
+                                          "consistency-both")
 SELECTIONS: tuple[str, ...] = ("best_val", "last")
 
 
@@ -77,9 +80,10 @@ class SimConfig:
         if bad:
             raise ConfigError(f"sim.strategies: unknown {bad}; known: {list(STRATEGIES)}")
         for name in ("arms", "fed_arms", "dp_arms"):
-            bad = [a for a in getattr(self, name) if a not in BASE_ARMS]
+            bad = [a for a in getattr(self, name) if a not in BASE_ARMS + CONSISTENCY_GRAD_ARMS]
             if bad:
-                raise ConfigError(f"sim.{name}: unknown arm(s) {bad}; known: {list(BASE_ARMS)} "
+                raise ConfigError(f"sim.{name}: unknown arm(s) {bad}; known: "
+                                  f"{list(BASE_ARMS + CONSISTENCY_GRAD_ARMS)} "
                                   "(ablations and the λ sweep have their own keys)")
         if self.synthetic_n < 4:
             raise ConfigError(f"sim.synthetic_n: must be >= 4, got {self.synthetic_n}")

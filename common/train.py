@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from common.config import AugmentConfig, LossConfig, TrainConfig
 from common.data.augment import augment_batch, augmentation
-from common.data.tensors import TensorData, batches, normalise
+from common.data.tensors import TensorData, batches, lesion_present, normalise
 from common.device import resolve_device, seed_everything, set_threads
 from common.losses import MultiTaskLoss
 from common.nets.mixstyle import MixStyle
@@ -158,6 +158,16 @@ def _proximal(
     return add_grad, value
 
 
+def _prior_record(prior: nn.Module | None) -> dict[str, float]:
+    """The prior's learned weights per clinical unit of each feature (``prior_w_<feature>``) and
+    its intercept (``prior_bias``), for the epoch's history record ({} without a prior)."""
+    if prior is None or not hasattr(prior, "describe"):
+        return {}
+    d = prior.describe()
+    return {**{f"prior_w_{k}": v["per_unit"] for k, v in d["features"].items()},
+            "prior_bias": d["bias_per_unit"]}
+
+
 def train_local(
     model: nn.Module,
     data: TensorData,
@@ -210,7 +220,8 @@ def train_local(
         # per-sample denominators.
         pos_weight = loss_cfg.pos_weight
     else:
-        pos_weight = loss_cfg.pos_weight if loss_cfg.pos_weight is not None else balanced_pos_weight(data.malignant)
+        pos_weight = (loss_cfg.pos_weight if loss_cfg.pos_weight is not None
+                      else balanced_pos_weight(data.malignant[data.has_label]))
     loss_fn = MultiTaskLoss(loss_cfg, pos_weight, per_sample_denominator=privacy is not None)
 
     prior = getattr(model, "prior", None)
@@ -288,8 +299,9 @@ def _run(
                 batch = {k: v.to(dev, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
                 if geometry is not None:  # here, not in the batch factory: DP batches too
                     raw, mask = augment_batch(batch["raw"], batch["mask"], generator, geometry)
+                    has_mask = batch.get("has_mask", torch.ones_like(batch["has_lesion"]))
                     batch = {**batch, "raw": raw, "mask": mask, "image": normalise(raw),
-                             "has_lesion": mask.flatten(1).amax(1) > 0}
+                             "has_lesion": lesion_present(mask, has_mask, batch["has_lesion"])}
                 factor = lr_factor(cfg, at, until, total_epochs)
                 for group, base in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = base * factor
@@ -323,7 +335,7 @@ def _run(
             means = {k: v / max(n_epoch, 1) for k, v in sums.items()}
             history.append({"epoch": epoch + 1, "loss": means.get("total", float("nan")), **means,
                             "seconds": secs, "images_per_s": n_epoch / secs if secs > 0 else 0.0,
-                            "lr": optimizer.param_groups[0]["lr"]})
+                            "lr": optimizer.param_groups[0]["lr"], **_prior_record(prior)})
             log.info("%s epoch %d/%d loss %.4f (seg %.4f cls %.4f cons %.4f prox %.4g) %.1f img/s",
                      desc or "train", epoch + 1, cfg.epochs, means.get("total", float("nan")),
                      means.get("seg", float("nan")), means.get("cls", float("nan")),
@@ -336,7 +348,9 @@ def _run(
         bar.close()
     seconds = time.perf_counter() - start
     last = history[-1] if history else {}
-    parts = {k: v for k, v in last.items() if k not in ("epoch", "loss", "seconds", "images_per_s", "lr")}
+    parts = {k: v for k, v in last.items()
+             if k not in ("epoch", "loss", "seconds", "images_per_s", "lr") and not k.startswith("prior_w")
+             and k != "prior_bias"}
     return TrainResult(
         num_examples=len(data),
         epochs=cfg.epochs,

@@ -35,7 +35,7 @@ import pandas as pd
 from common.config import ConfigError, ExperimentConfig, replace
 from common.federation import SiteSpec
 from common.metrics import binary_auc, bootstrap_ci
-from common.settings import PROTOCOL_GROUPS, Settings, SimConfig
+from common.settings import CONSISTENCY_GRAD_ARMS, PROTOCOL_GROUPS, Settings, SimConfig
 from sim.runfolder import Unit
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,8 @@ def with_dp_arms(arms: Sequence[str], opts: SimConfig) -> list[str]:
 
 def arm_config(cfg: ExperimentConfig, arm: str, planned_epochs: int | None = None) -> ExperimentConfig:
     """The experiment of one arm: seg_only (no classification, no consistency), multitask
-    (λ=0), consistency (λ from the config, 0.5 by default), consistency-no-<feature> (that
+    (λ=0), consistency (λ from the config, 0.5 by default), consistency-mask / -classifier /
+    -both (that arm with ``loss.consistency_grad`` set so), consistency-no-<feature> (that
     feature left out of the prior), consistency-lambda<λ>; ``<arm>-eps<ε>``: that arm with
     DP-SGD (``cfg.privacy`` with enabled, target ε, and ``planned_epochs``: every local epoch
     the unit will train, so that σ is planned for the whole unit)."""
@@ -102,6 +103,9 @@ def arm_config(cfg: ExperimentConfig, arm: str, planned_epochs: int | None = Non
         if cfg.loss.consistency <= 0 or cfg.loss.cls_weight <= 0:
             raise ConfigError("consistency arm needs loss.consistency > 0 and loss.cls_weight > 0")
         return cfg
+    if arm in CONSISTENCY_GRAD_ARMS:  # the consistency arm with its gradient routed as named
+        mode = arm.removeprefix("consistency-")
+        return replace(arm_config(cfg, "consistency"), **{"loss.consistency_grad": mode})
     if arm.startswith("consistency-no-"):
         feature = arm.removeprefix("consistency-no-")
         kept = tuple(f for f in cfg.loss.features if f != feature)

@@ -5,11 +5,14 @@ Columns (header names ignore case, spaces, '_' and '-'; ',' ';' or tab separated
 | column | required | meaning |
 |---|---|---|
 | image | yes | image path, relative to the CSV's folder (or absolute, inside it) |
-| label | yes | benign / malignant / normal |
+| label | yes | benign / malignant / normal; empty: unknown (the row must then give a mask) |
 | mask | no | lesion mask path(s), several joined by '|' (merged); empty for normal images |
 | patient_id | no | patient; empty → the case id (then only identical images are grouped) |
 | spacing_mm | no | mm per pixel of the image file as stored; empty → unknown |
 
+Partial annotations: an empty mask cell on a benign or malignant row means "label only" (the
+mask is unknown, ``Case.has_mask`` False); an empty label cell with a mask means "mask only"
+(``Case.has_label`` False). A row with neither a mask nor a label is an error naming the row.
 Any other column is kept as a descriptor. The case id is the image path relative to the CSV
 without its suffix; the centre name is the CSV's folder name. ``root`` is the folder holding
 ``manifest.csv`` or the CSV file itself. Every image and mask path must resolve (symlinks
@@ -18,11 +21,12 @@ symlink out) is an error naming the row, so a manifest can never make a site rea
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
 from common.data import CentreLoad, IssueLog, resolve_duplicates
-from common.data.io import find_column, read_table
+from common.data.io import FileError, find_column, read_case, read_table
 from common.records import Case, DataError, Label
 
 FILENAME = "manifest.csv"
@@ -87,10 +91,15 @@ def _row(n: int, row: dict[str, str | None], col: dict[str, str | None], known: 
                   "spreadsheet")
         return None
     seen[img] = n
-    try:
-        label = Label.parse(cell("label") or "")
-    except ValueError as exc:
-        log.error(img, f"{where}: {exc}", "label")
+    label: Label | None = None
+    if cell("label"):
+        try:
+            label = Label.parse(cell("label") or "")
+        except ValueError as exc:
+            log.error(img, f"{where}: {exc}", "label")
+            return None
+    elif not masks:
+        log.error(img, f"{where}: neither a mask nor a label; give at least one", "label")
         return None
     try:
         spacing = _spacing(cell("spacing_mm"))
@@ -100,9 +109,32 @@ def _row(n: int, row: dict[str, str | None], col: dict[str, str | None], known: 
         return None
     case_id = Path(image).with_suffix("").as_posix()
     descriptors = {k: v for k, v in row.items() if k not in known and v}
-    return log.case(img, masks, label, case_id=case_id,
-                    patient_id=cell("patient_id") or case_id, spacing_mm=spacing,
-                    descriptors=descriptors)
+    fields = {"case_id": case_id, "patient_id": cell("patient_id") or case_id,
+              "spacing_mm": spacing, "descriptors": descriptors}
+    if label is None:
+        return _mask_only(img, masks, log, fields)
+    if not masks and label != Label.NORMAL:  # label only: read the image as if normal
+        case = log.case(img, [], Label.NORMAL, **fields)
+        return None if case is None else dataclasses.replace(case, label=label, has_mask=False)
+    return log.case(img, masks, label, **fields)
+
+
+def _mask_only(img: Path, masks: list[Path], log: IssueLog, fields: dict[str, object]) -> Case | None:
+    """A row with a mask and no label: read as benign (a lesion), or as normal when the mask
+    is empty; the label is a placeholder (``has_label`` False)."""
+    try:
+        case, notes = read_case(img, list(masks), Label.BENIGN, centre=log.centre, **fields)
+    except FileError as exc:
+        if exc.kind != "mask-empty":
+            log.failed(exc, img)
+            return None
+        case = log.case(img, masks, Label.NORMAL, **fields)
+        return None if case is None else dataclasses.replace(case, has_label=False)
+    except DataError as exc:
+        log.failed(exc, img)
+        return None
+    log.notes(notes)
+    return dataclasses.replace(case, has_label=False)
 
 
 def _inside(path: Path, base: Path) -> bool:

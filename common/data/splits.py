@@ -36,7 +36,7 @@ def duplicate_groups(cases: list[Case]) -> list[int]:
     return [ids.setdefault(image_digest(c.image), len(ids)) for c in cases]
 
 
-def _groups(cases: list[Case]) -> list[list[int]]:
+def patient_groups(cases: list[Case]) -> list[list[int]]:
     """Union-find over (centre, patient_id) and duplicate group → lists of case indices."""
     parent = list(range(len(cases)))
 
@@ -79,7 +79,7 @@ def split_cases(cases: list[Case], val_fraction: float, test_fraction: float = 0
         np.zeros(n_labels)
     target = fractions[:, None] * totals[None, :]
     counts = np.zeros_like(target)
-    groups = _groups(cases)
+    groups = patient_groups(cases)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(groups))
     order = sorted(order, key=lambda g: -len(groups[g]))  # stable: ties stay in random order

@@ -24,11 +24,12 @@ from common.atomic import atomic_write
 from common.config import AugmentConfig
 from common.data.augment import augment_batch, augmentation
 from common.data.fingerprint import READER_VERSION
-from common.records import Case
+from common.records import Case, Label
 
 log = logging.getLogger(__name__)
 
-_TENSOR_FIELDS = ("images", "masks", "malignant", "labels", "has_lesion", "spacing_mm")
+_TENSOR_FIELDS = ("images", "masks", "malignant", "labels", "has_lesion", "spacing_mm", "has_mask",
+                  "has_label")
 
 
 @dataclass
@@ -37,6 +38,8 @@ class TensorData:
 
     images: float32 (N,1,S,S) in [0,1]; masks: float32 (N,1,S,S) in {0,1}; malignant: float32 (N,);
     labels: int64 (N,) Label values; has_lesion: bool (N,); spacing_mm: float32 (N,), NaN unknown.
+    has_mask / has_label: bool (N,), whether the mask / label is known (partial annotations; None:
+    all known). Where the mask is unknown, masks is all 0 and has_lesion comes from the label.
     """
 
     images: torch.Tensor
@@ -47,9 +50,14 @@ class TensorData:
     spacing_mm: torch.Tensor
     case_ids: list[str]
     centres: list[str]
+    has_mask: torch.Tensor = None  # type: ignore[assignment]  # None → all True
+    has_label: torch.Tensor = None  # type: ignore[assignment]  # None → all True
 
     def __post_init__(self) -> None:
         n = self.images.shape[0]
+        for name in ("has_mask", "has_label"):  # older callers and caches: fully annotated
+            if getattr(self, name) is None:
+                setattr(self, name, torch.ones(n, dtype=torch.bool, device=self.images.device))
         lengths = {name: getattr(self, name).shape[0] for name in _TENSOR_FIELDS}
         lengths.update(case_ids=len(self.case_ids), centres=len(self.centres))
         if any(v != n for v in lengths.values()) or self.images.shape != self.masks.shape:
@@ -88,10 +96,20 @@ class TensorData:
         h.update("\x00".join(self.centres).encode())
         for name in ("labels", "spacing_mm"):
             h.update(getattr(self, name).detach().cpu().numpy().tobytes())
+        if not bool(self.has_mask.all() and self.has_label.all()):  # unchanged when fully annotated
+            for name in ("has_mask", "has_label"):
+                h.update(getattr(self, name).detach().cpu().numpy().tobytes())
         step = max(1, self.images.numel() // 65536)
         for name in ("images", "masks"):
             h.update(getattr(self, name).detach().reshape(-1)[::step].cpu().numpy().tobytes())
         return h.hexdigest()[:16]
+
+    def annotation_counts(self) -> dict[str, int]:
+        """Images per kind of annotation ("mask and label", "mask only", "label only"), for the
+        site check and run reports."""
+        m, lab = self.has_mask.cpu(), self.has_label.cpu()
+        return {"mask and label": int((m & lab).sum()), "mask only": int((m & ~lab).sum()),
+                "label only": int((~m & lab).sum())}
 
     @staticmethod
     def concat(parts: Sequence["TensorData"]) -> "TensorData":
@@ -151,16 +169,28 @@ def to_tensors(cases: Sequence[Case], size: int) -> TensorData:
         images[at] = img.clamp_(0.0, 1.0)
         masks[at] = _resize_masks(msk, size).float()
     spacing = [c.spacing_mm * c.image.shape[1] / size if c.spacing_mm else math.nan for c in cases]
+    has_mask = torch.tensor([c.has_mask for c in cases], dtype=torch.bool)
+    labels = torch.tensor([int(c.label) for c in cases], dtype=torch.long)
+    masks[~has_mask] = 0.0
     return TensorData(
         images=images,
         masks=masks,
         malignant=torch.tensor([c.malignant for c in cases], dtype=torch.float32),
-        labels=torch.tensor([int(c.label) for c in cases], dtype=torch.long),
-        has_lesion=masks.flatten(1).amax(1) > 0,
+        labels=labels,
+        has_lesion=lesion_present(masks, has_mask, labels != int(Label.NORMAL)),
         spacing_mm=torch.tensor(spacing, dtype=torch.float32),
         case_ids=[c.case_id for c in cases],
         centres=[c.centre for c in cases],
+        has_mask=has_mask,
+        has_label=torch.tensor([c.has_label for c in cases], dtype=torch.bool),
     )
+
+
+def lesion_present(masks: torch.Tensor, has_mask: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: the mask is non-empty where it is known, else ``fallback`` (the label's
+    answer: benign or malignant = a lesion, normal = none). masks (B,1,S,S)."""
+    from_mask = masks.flatten(1).amax(1) > 0
+    return torch.where(has_mask.to(from_mask.device), from_mask, fallback.to(from_mask.device))
 
 
 def normalise(images: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -181,8 +211,9 @@ def batches(
     device: torch.device | str | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """One epoch of batch dicts: image (B,1,S,S) normalised model input, raw (B,1,S,S) in [0,1]
-    after augmentation, mask (B,1,S,S), malignant (B,), has_lesion (B,) (from the batch's mask),
-    spacing_mm (B,), index (B,) int64 dataset indices on the CPU. The last partial batch is
+    after augmentation, mask (B,1,S,S), malignant (B,), has_lesion (B,) (from the batch's mask
+    where known, else the dataset's), has_mask (B,), has_label (B,), spacing_mm (B,), index (B,)
+    int64 dataset indices on the CPU. The last partial batch is
     yielded unless ``drop_last``; an empty batch never is. ``generator`` (default: seeded 0) draws
     the order and the augmentation; ``device`` defaults to where ``data`` lives."""
     if batch_size < 1:
@@ -201,12 +232,15 @@ def batches(
         mask = data.masks[at].to(dev, non_blocking=True)
         if geometry is not None:
             raw, mask = augment_batch(raw, mask, gen, geometry)
+        has_mask = data.has_mask[at].to(dev)
         yield {
             "image": normalise(raw),
             "raw": raw,
             "mask": mask,
             "malignant": data.malignant[at].to(dev),
-            "has_lesion": mask.flatten(1).amax(1) > 0,
+            "has_lesion": lesion_present(mask, has_mask, data.has_lesion[at].to(dev)),
+            "has_mask": has_mask,
+            "has_label": data.has_label[at].to(dev),
             "spacing_mm": data.spacing_mm[at].to(dev),
             "index": idx,
         }
@@ -233,7 +267,9 @@ def _drop_stale(path: Path) -> None:
 
 def _read_cache(path: Path, size: int) -> TensorData:
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    data = TensorData(**{f.name: payload[f.name] for f in fields(TensorData)})
+    optional = ("has_mask", "has_label")  # absent from caches written before partial annotations
+    data = TensorData(**{f.name: payload[f.name] for f in fields(TensorData)
+                         if f.name in payload or f.name not in optional})
     if data.images.shape[1:] != (1, size, size):
         raise ValueError(f"holds images of shape {tuple(data.images.shape)}, expected (N, 1, {size}, {size})")
     return data

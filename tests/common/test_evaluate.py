@@ -93,3 +93,23 @@ def test_score_hd95_mm_uses_spacing(data):
     assert known.any() and (~known).any()
     assert np.isnan(df.hd95_mm.to_numpy()[~known]).all() and np.isfinite(df.hd95_px).all()
     assert (df.hd95_px <= 2.0 + 1e-9).all() and (df.dice < 1).any()
+
+
+def test_unknown_masks_and_labels_are_not_scored_as_empty_or_benign(data):
+    """Partial annotations: an image without a known mask has no Dice (not a Dice against an
+    empty mask), an image without a known label is left out of AUC and accuracy."""
+    oracle = Oracle(data)
+    full = evaluate(oracle, data, batch_size=6).summary
+    lesion = data.has_lesion.numpy().nonzero()[0]
+    has_mask = torch.ones(len(data), dtype=torch.bool)
+    has_mask[lesion[:2]] = False
+    has_label = torch.ones(len(data), dtype=torch.bool)
+    has_label[0] = False
+    masks = data.masks.clone()
+    masks[lesion[:2]] = 0.0  # what a reader stores for an unknown mask
+    partial = dataclasses.replace(data, masks=masks, has_mask=has_mask, has_label=has_label)
+    res = evaluate(Oracle(data), partial, batch_size=6)  # the oracle still knows the true masks
+    s = res.summary
+    assert s["dice"] == 1.0 and s["n_lesion"] == full["n_lesion"] - 2
+    assert res.per_image["dice"].iloc[lesion[:2]].isna().all()
+    assert s["auc"] == 1.0 and s["accuracy"] == 1.0

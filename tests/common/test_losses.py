@@ -150,9 +150,9 @@ def _grads(mode: str, lam: float) -> tuple:
 
 def test_consistency_grad_modes_route_gradients() -> None:
     _, cl_ref, _ = _grads("both", 0.0)
-    # classifier: φ detached ⇒ nothing reaches the mask or the prior
+    # classifier: features detached ⇒ nothing reaches the mask, but the prior's weights learn
     ml, cl, pw = _grads("classifier", 0.5)
-    assert ml is None and pw is None
+    assert ml is None and pw is not None and pw.abs().sum() > 0
     assert not torch.allclose(cl, cl_ref)
     # mask: p̂ detached ⇒ classifier gradient is the classification loss alone
     ml, cl, pw = _grads("mask", 0.5)
@@ -177,7 +177,8 @@ def test_prior_supervision_trains_only_the_prior() -> None:
     assert ml.grad is None and cl.grad is None
     assert prior.head.raw_weight.grad.abs().sum() > 0 and parts["prior_sup"] > 0
     assert not MultiTaskLoss(cfg(consistency=0.0)).trains_prior()
-    assert not MultiTaskLoss(cfg(consistency_grad="classifier")).trains_prior()
+    assert MultiTaskLoss(cfg(consistency_grad="classifier")).trains_prior()
+    assert not MultiTaskLoss(cfg(cls_weight=0.0)).trains_prior()  # single-task: no λ, no prior
 
 
 @pytest.mark.parametrize("mode", ["both", "mask", "classifier"])
@@ -306,3 +307,64 @@ def test_consistency_warmup_then_ramp_in_run_epochs() -> None:
     assert MultiTaskLoss(cfg(consistency=0.5)).scheduled_consistency(0.1) == 0.5  # no schedule
     with pytest.raises(ValueError, match="consistency_ramp_epochs"):
         cfg(consistency_ramp_epochs=-1.0)
+
+
+def _partial(has_mask: list[bool], has_label: list[bool]) -> dict:
+    """toy_batch (3 benign, 3 malignant, 2 normal) with some masks / labels unknown: an unknown
+    mask is all 0 and the lesion flag then comes from the label."""
+    batch = toy_batch()
+    known_mask, known_label = torch.tensor(has_mask), torch.tensor(has_label)
+    lesion = torch.tensor([True] * 6 + [False] * 2)
+    batch["mask"] = batch["mask"] * known_mask[:, None, None, None]
+    return {**batch, "has_mask": known_mask, "has_label": known_label, "has_lesion": lesion}
+
+
+def test_label_only_image_gets_no_segmentation_loss_but_a_consistency_gradient() -> None:
+    full = [True] * 8
+    only_first_unmasked = [False] + [True] * 7
+    ml, cl = outputs(toy_batch())
+    ref = _partial(full, full)
+    part = _partial(only_first_unmasked, full)
+    loss = MultiTaskLoss(cfg(consistency_grad="both"))
+    prior = BiradsPrior(PAPER_FEATURES)
+    _, p_ref = loss(ml, cl, ref, prior)
+    total, p_part = loss(ml, cl, part, prior)
+    total.backward()
+    # its mask logits reach the loss only through the consistency term
+    assert ml.grad[0].abs().sum() > 0
+    # segmentation terms: exactly the other images' (BCE per-image mean over 7, Dice over 5)
+    bce_img = torch.nn.functional.binary_cross_entropy_with_logits(
+        ml.detach(), ref["mask"], reduction="none").flatten(1).mean(1)
+    assert p_part["bce"] == pytest.approx(float(bce_img[1:].mean()), rel=1e-5)
+    assert p_part["dice"] == pytest.approx(float(soft_dice_loss(ml.detach(), ref["mask"])[1:6].mean()),
+                                           rel=1e-5)
+    assert p_part["cls"] == pytest.approx(p_ref["cls"], rel=1e-6)
+    # with only segmentation on, the label-only image gets no gradient at all
+    ml2 = ml.detach().clone().requires_grad_(True)
+    seg_only = MultiTaskLoss(cfg(cls_weight=0.0))
+    seg_only(ml2, cl, part, prior)[0].backward()
+    assert ml2.grad[0].abs().sum() == 0 and ml2.grad[1].abs().sum() > 0
+
+
+def test_mask_only_image_gets_no_classification_loss() -> None:
+    full = [True] * 8
+    ml, cl = outputs(toy_batch())
+    part = _partial(full, [False] + [True] * 7)
+    loss = MultiTaskLoss(cfg(consistency=0.0, seg_weight=0.0))
+    total, parts = loss(ml, cl, part, BiradsPrior(PAPER_FEATURES))
+    total.backward()
+    assert cl.grad[0] == 0 and cl.grad[1:].abs().sum() > 0
+    expect = torch.nn.functional.binary_cross_entropy_with_logits(cl.detach()[1:], part["malignant"][1:])
+    assert parts["cls"] == pytest.approx(float(expect), rel=1e-5)
+
+
+def test_classifier_mode_gives_the_mask_no_consistency_gradient() -> None:
+    batch = toy_batch()
+    ml, cl = outputs(batch)
+    prior = BiradsPrior(PAPER_FEATURES)
+    total, parts = MultiTaskLoss(cfg(seg_weight=0.0, consistency_grad="classifier"))(
+        ml, cl, batch, prior)
+    total.backward()
+    assert parts["consistency"] > 0
+    assert ml.grad is None or ml.grad.abs().sum() == 0
+    assert prior.head.bias.grad.abs().sum() > 0

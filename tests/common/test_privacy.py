@@ -257,3 +257,14 @@ def test_state_files_are_atomic_validated_and_the_larger_spend_wins(tmp_path) ->
     assert most_spent(a, None, b) == b and most_spent(None) is None
     with pytest.raises(ValueError, match="history"):
         state_from_text(json.dumps({"format": 1, "history": [[1.0, 0.5]]}))
+
+
+def test_dp_trains_the_prior_in_classifier_mode(data) -> None:
+    # the consistency term reaches the prior's weights in every mode, so under DP they need
+    # (and get) per-sample gradients instead of being frozen
+    model, sess = fresh(), session(pcfg())
+    before = model.prior.head.raw_weight.detach().clone()
+    train_local(model, data, tcfg(), LossConfig(pos_weight=1.0, consistency_grad="classifier"),
+                privacy=sess, augment=False)
+    sess.close()
+    assert not torch.equal(model.prior.head.raw_weight.detach(), before)

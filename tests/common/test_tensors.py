@@ -120,7 +120,8 @@ def test_batches_cover_each_index_once() -> None:
     assert [len(b["index"]) for b in batches(d, 32, False)] == [11]
     assert list(batches(d, 32, False, drop_last=True)) == []  # never an empty batch
     b = next(batches(d, 4, shuffle=False))
-    assert set(b) == {"image", "raw", "mask", "malignant", "has_lesion", "spacing_mm", "index"}
+    assert set(b) == {"image", "raw", "mask", "malignant", "has_lesion", "has_mask", "has_label",
+                      "spacing_mm", "index"}
     assert torch.equal(b["raw"], d.images[:4]) and torch.equal(b["image"], normalise(d.images[:4]))
     assert b["index"].dtype == torch.int64 and torch.equal(b["has_lesion"], d.has_lesion[:4])
 

@@ -245,3 +245,37 @@ def test_a_call_that_overruns_its_run_is_refused(data):
         train_local(fresh(), data, cfg(epochs=2), LossConfig(), position=RunPosition(3, 4))
     with pytest.raises(ValueError, match="train.schedule"):
         train_local(fresh(), data, cfg(schedule="step"), LossConfig())
+
+
+def test_prior_learns_in_classifier_mode_and_is_logged(data):
+    model = fresh()
+    before = {k: v.clone() for k, v in model.prior.state_dict().items()}
+    loss = LossConfig(consistency_grad="classifier", consistency=1.0)
+    res = train_local(model, data, cfg(epochs=2), loss, augment=False)
+    after = model.prior.state_dict()
+    assert not torch.allclose(before["head.raw_weight"], after["head.raw_weight"])
+    assert not torch.allclose(before["head.bias"], after["head.bias"])
+    assert all(p.requires_grad for p in model.prior.parameters())  # nothing left frozen
+    described = model.prior.describe()
+    for name in PAPER_FEATURES:
+        f = described["features"][name]
+        assert res.history[-1][f"prior_w_{name}"] == pytest.approx(f["per_unit"])
+        assert f["per_unit"] == pytest.approx(f["weight"] / f["std"])
+        assert f"prior_w_{name}" not in res.parts
+    assert res.history[0]["prior_bias"] != res.history[1]["prior_bias"]
+
+
+def test_partial_annotations_train(data):
+    # a label-only image: its mask is unknown (zeros), the lesion flag comes from its label
+    part = replace_annotations(data, mask=[i % 2 == 0 for i in range(len(data))])
+    res = train_local(fresh(), part, cfg(epochs=1), LossConfig(), augment=True)
+    assert math.isfinite(res.loss)
+    assert part.annotation_counts() == {"mask and label": 8, "mask only": 0, "label only": 8}
+
+
+def replace_annotations(data, mask):
+    from dataclasses import replace as dc_replace
+
+    has_mask = torch.tensor(mask)
+    masks = data.masks * has_mask[:, None, None, None]
+    return dc_replace(data, masks=masks, has_mask=has_mask)
