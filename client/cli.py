@@ -11,7 +11,13 @@ launcher runs the SuperNode with shortened polls next to one long-lived ClientAp
 supervised here: SIGINT/SIGTERM stop both cleanly; if the SuperNode exits, so do we (systemd
 restarts us); a crashed worker is restarted a bounded number of times.
 
-Exit status: 0 stopped on request, 1 the SuperNode or worker failed, 2 invalid data or config.
+``--skip-invalid`` (or ``data.skip_invalid`` in the site YAML) trains on the valid cases and lists
+the invalid files it left out, in the site check and in the site log; ``data.exclude`` leaves
+named cases out with a reason. The default stays strict: any invalid file stops the site.
+
+Exit status (deploy/README.md, "Exit codes"): 0 stopped on request or the check passed, 1 the
+data check failed or the SuperNode/worker failed, 2 usage or config error (also an unreadable
+data path or layout).
 """
 from __future__ import annotations
 
@@ -47,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="only check the site's data and exit")
     p.add_argument("--data", help="data folder or manifest (overrides data.path)")
     p.add_argument("--format", help="data format (overrides data.format)")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="train on the valid cases, listing the invalid files left out (default: strict)")
     p.add_argument("--superlink", help="coordinator Fleet API host:port")
     p.add_argument("--ca-cert", help="federation CA certificate")
     p.add_argument("--key", help="this site's private key (OpenSSH EC)")
@@ -67,6 +75,7 @@ def resolve_config(args: argparse.Namespace) -> SiteConfig:
         "superlink": args.superlink, "ca_cert": args.ca_cert, "private_key": args.key,
         "state_dir": args.state_dir, "runtime_port": args.runtime_port,
         "insecure": True if args.insecure else None, "tuning.fast": False if args.stock else None,
+        "data.skip_invalid": True if args.skip_invalid else None,
     }
     if args.config is not None:
         cfg = load_site_config(args.config, overrides)
@@ -87,27 +96,32 @@ def resolve_config(args: argparse.Namespace) -> SiteConfig:
     return cfg
 
 
-def check_data(cfg: SiteConfig) -> tuple[bool, dict[str, Any]]:
-    """Run the site check and print its report; returns (ok, summary for the audit log)."""
+def check_data(cfg: SiteConfig) -> tuple[int, dict[str, Any]]:
+    """Run the site check and print its report; returns (exit status: 0 ok, 1 data errors, 2 a
+    missing or unrecognisable data path; summary for the audit log)."""
     if cfg.data.synthetic_centre is not None:
         print(f"site {cfg.site}: synthetic data ({cfg.data.synthetic_n} cases like "
               f"{cfg.data.synthetic_centre}); data check skipped")
-        return True, {"synthetic": cfg.data.synthetic_centre, "n": cfg.data.synthetic_n}
+        return 0, {"synthetic": cfg.data.synthetic_centre, "n": cfg.data.synthetic_n}
     from common.data.check import check_site
     from common.records import DataError
 
     assert cfg.data.path is not None
     if not Path(cfg.data.path).exists():
         print(f"site {cfg.site}: data path {cfg.data.path} does not exist", file=sys.stderr)
-        return False, {"error": "data path missing"}
+        return 2, {"error": "data path missing"}
     try:
-        report = check_site(cfg.data.path, cfg.data.format)
+        report = check_site(cfg.data.path, cfg.data.format, exclude=cfg.data.exclude,
+                            skip_invalid=cfg.data.skip_invalid)
     except (DataError, ValueError) as exc:
         print(f"site {cfg.site}: cannot read the data: {exc}", file=sys.stderr)
-        return False, {"error": type(exc).__name__}
+        return 2, {"error": type(exc).__name__}
     print(report.format())
-    return report.ok, {"format": report.fmt, "cases": report.per_class,
-                       "errors": len(report.errors), "warnings": len(report.warnings)}
+    summary = {"format": report.fmt, "cases": report.per_class, "errors": len(report.errors),
+               "warnings": len(report.warnings), "excluded": len(report.excluded)}
+    if cfg.data.skip_invalid:
+        summary["skipped_invalid"] = len(report.errors)
+    return (0 if report.ok else 1), summary
 
 
 def _key_permissions_ok(path: str) -> bool:
@@ -250,11 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"flower-client: {exc}", file=sys.stderr)
         return 2
-    ok, summary = check_data(cfg)
-    if args.check or not ok:
-        if not ok:
+    status, summary = check_data(cfg)
+    if args.check or status:
+        if status:
             print(f"site {cfg.site}: data check failed; not starting", file=sys.stderr)
-        return 0 if ok else 2
+        return status
     if cfg.insecure:
         print("WARNING: --insecure: plaintext and no node authentication; loopback trials only",
               file=sys.stderr)

@@ -28,6 +28,7 @@ from common.config import (
     replace,
 )
 from common.device import resolve_device, set_threads
+from common.data import exclusions_from_node
 from common.federation import (
     RunSpec,
     SiteSpec,
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 #: node_config keys understood in deployment (values are TOML literals on the command line).
 NODE_KEYS = (
     "site", "data-path", "data-format", "synthetic-centre", "synthetic-n", "cache-dir",
-    "state-dir", "device", "num-threads", *SITE_PRIVACY_KEYS,
+    "state-dir", "device", "num-threads", "data-exclude", "skip-invalid", *SITE_PRIVACY_KEYS,
 )
 _FEDBN_KEEP = 2  # norm-state files kept per run: the current and the previous round
 
@@ -138,6 +139,8 @@ def resolve_site(
             data_format=str(node_config.get("data-format", "auto")),
             synthetic_centre=_opt_str(node_config.get("synthetic-centre")),
             synthetic_n=int(node_config.get("synthetic-n", 64)),
+            strict=not bool(node_config.get("skip-invalid", False)),  # --skip-invalid: skip and log bad files
+            exclude=exclusions_from_node(str(node_config.get("data-exclude", ""))),
         )
         cache_dir = _opt_str(node_config.get("cache-dir")) or (spec.cache_dir if spec else None)
         state_dir = Path(

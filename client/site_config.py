@@ -6,7 +6,13 @@ Example (deploy/site.example.yaml)::
     superlink: fl.example.org:9093      # coordinator's Fleet API, host:port
     ca_cert: /etc/fedbus/ca.crt         # the federation CA (public)
     private_key: /etc/fedbus/udiat      # this site's OpenSSH EC key (SECRET, mode 0600)
-    data: {path: /data/udiat, format: auto}
+    data:
+      path: /data/udiat
+      format: auto
+      exclude:                          # optional: cases left out, each with its reason
+        - {file: masks/HESN_0001.png, reason: "mask outlines a different lesion"}
+        - {file: case_017, reason: "duplicate of case_016"}   # a case id / file name stem
+      skip_invalid: false               # true: train on the valid cases, log what was left out
     cache_dir: /var/cache/fedbus/udiat
     state_dir: /var/lib/fedbus/udiat
     runtime_port: 9094
@@ -27,6 +33,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from common.config import ConfigError, from_dict, load_yaml
+from common.exclusion import Exclusion, exclusions_to_node
 from common.federation import SiteSpec
 from common.site_privacy import SitePrivacy
 
@@ -34,12 +41,16 @@ from common.site_privacy import SitePrivacy
 @dataclass(frozen=True)
 class SiteData:
     """Where the site's images are: ``path`` read as ``format`` (a centre name, "manifest" or
-    "auto"), or a synthetic centre (trials and tests only)."""
+    "auto"), or a synthetic centre (trials and tests only). ``exclude``: cases left out (a path
+    relative to ``path``, or a case id, with the reason); ``skip_invalid``: invalid files are left
+    out and listed instead of stopping the site (the default stays strict)."""
 
     path: str | None = None
     format: str = "auto"
     synthetic_centre: str | None = None
     synthetic_n: int = 64
+    exclude: tuple[Exclusion, ...] = ()
+    skip_invalid: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,7 +102,8 @@ class SiteConfig:
 
     def site_spec(self) -> SiteSpec:
         return SiteSpec(name=self.site, data_path=self.data.path, data_format=self.data.format,
-                        synthetic_centre=self.data.synthetic_centre, synthetic_n=self.data.synthetic_n)
+                        synthetic_centre=self.data.synthetic_centre, synthetic_n=self.data.synthetic_n,
+                        strict=not self.data.skip_invalid, exclude=self.data.exclude)
 
     def node_config(self) -> dict[str, Any]:
         """The SuperNode's node_config (client/runtime.py NODE_KEYS); None values are left out."""
@@ -101,6 +113,8 @@ class SiteConfig:
             "data-format": self.data.format,
             "synthetic-centre": self.data.synthetic_centre,
             "synthetic-n": self.data.synthetic_n if self.data.synthetic_centre else None,
+            "data-exclude": exclusions_to_node(self.data.exclude) if self.data.exclude else None,
+            "skip-invalid": True if self.data.skip_invalid else None,
             "cache-dir": self.cache_dir,
             "state-dir": str(self.state_path),
             "device": self.device,

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from common.config import (  # noqa: F401  (FederationConfig, STRATEGIES: part of a RunSpec)
     AUTO_PRETRAINED, STRATEGIES, ConfigError, ExperimentConfig, FederationConfig, from_dict, load_yaml, to_dict,
 )
+from common.exclusion import Exclusion
 
 if TYPE_CHECKING:  # torch (and MONAI behind common.model) load only where a network is built:
     import torch  # the launchers parse RunSpec/SiteSpec without them (benchmarks/launcher_startup.py)
@@ -61,6 +62,8 @@ class SiteSpec:
     #: strict: any malformed file stops the site (deployment, after its data check); lenient:
     #: malformed files are skipped and each is logged by name (experiments on public data).
     strict: bool = True
+    #: cases the site leaves out (site YAML ``data.exclude``), before strictness applies
+    exclude: tuple[Exclusion, ...] = ()
 
     def __post_init__(self) -> None:
         check_site_name(self.name, "site")

@@ -135,3 +135,47 @@ def paired_wilcoxon(a: ArrayLike, b: ArrayLike, min_pairs: int = 6) -> float:
     if a.size < min_pairs or np.all(a == b):
         return float("nan")
     return float(stats.wilcoxon(a, b).pvalue)
+
+
+def _probabilities(y: ArrayLike, p: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """(labels as 0/1, probabilities) over the pairs where both are finite."""
+    y, p = np.asarray(y, dtype=float).ravel(), np.asarray(p, dtype=float).ravel()
+    if y.shape != p.shape:
+        raise ValueError(f"y {y.shape} and p {p.shape} differ in shape")
+    keep = np.isfinite(y) & np.isfinite(p)
+    if np.any((p[keep] < 0) | (p[keep] > 1)):
+        raise ValueError("probabilities must lie in [0, 1]")
+    return (y[keep] > 0.5).astype(float), p[keep]
+
+
+def brier_score(y: ArrayLike, p: ArrayLike) -> float:
+    """Mean squared difference between probability ``p`` and outcome ``y`` (0/1); NaN when empty."""
+    y, p = _probabilities(y, p)
+    return float(np.mean((p - y) ** 2)) if y.size else float("nan")
+
+
+def reliability_bins(y: ArrayLike, p: ArrayLike, n_bins: int = 10) -> list[dict[str, float]]:
+    """Equal-width bins of ``p`` over [0, 1] (the last closed): per bin its edges, ``count``,
+    ``mean_p`` (mean predicted probability) and ``observed`` (fraction of positives); the
+    means are NaN in an empty bin. Pairs with a NaN are dropped."""
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    y, p = _probabilities(y, p)
+    idx = np.minimum((p * n_bins).astype(int), n_bins - 1)  # p = 1 falls in the last bin
+    bins = []
+    for b in range(n_bins):
+        inside = idx == b
+        n = int(inside.sum())
+        bins.append({"low": b / n_bins, "high": (b + 1) / n_bins, "count": n,
+                     "mean_p": float(p[inside].mean()) if n else float("nan"),
+                     "observed": float(y[inside].mean()) if n else float("nan")})
+    return bins
+
+
+def expected_calibration_error(y: ArrayLike, p: ArrayLike, n_bins: int = 10) -> float:
+    """ECE = Σ_b (n_b / N)·|observed_b − mean_p_b| over ``reliability_bins``; NaN when empty."""
+    bins = reliability_bins(y, p, n_bins)
+    total = sum(b["count"] for b in bins)
+    if total == 0:
+        return float("nan")
+    return float(sum(b["count"] / total * abs(b["observed"] - b["mean_p"]) for b in bins if b["count"]))

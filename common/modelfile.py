@@ -129,12 +129,19 @@ def build_metadata(model: nn.Module, cfg: ExperimentConfig, *, name: str, descri
 
 
 def save_model(path: str | Path, model: nn.Module, cfg: ExperimentConfig, **meta: Any) -> Path:
-    """Write ``model`` (its state_dict) and ``build_metadata(model, cfg, **meta)`` atomically."""
+    """Write ``model`` (its state_dict) and ``build_metadata(model, cfg, **meta)`` atomically,
+    then its model card beside it (``common.modelcard``; without evaluation until the caller
+    scores the model and rewrites the card)."""
+    from common.modelcard import write_card
+
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    text = json.dumps(build_metadata(model, cfg, **meta), indent=1, sort_keys=True)
+    metadata = build_metadata(model, cfg, **meta)
+    text = json.dumps(metadata, indent=1, sort_keys=True)
     payload = {"format": FORMAT, "metadata": text, "state_dict": state,
                "weights_sha256": weights_sha256(state), "metadata_sha256": _sha(text)}
-    return atomic_write(path, lambda fh: torch.save(payload, fh), binary=True, mode=None)
+    out = atomic_write(path, lambda fh: torch.save(payload, fh), binary=True, mode=None)
+    write_card(out, json.loads(text))
+    return out
 
 
 def read_model(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -247,4 +254,30 @@ def write_ensemble(path: str | Path, members: Sequence[str | Path], inference: I
     rel = [Path(os.path.relpath(Path(m).resolve(), path.parent.resolve())).as_posix() for m in members]
     doc = {"format": ENSEMBLE_FORMAT, "name": name or path.stem, "members": rel,
            "inference": to_dict(inference)}
-    return atomic_write(path, lambda fh: fh.write(yaml.safe_dump(doc, sort_keys=False)), mode=None)
+    out = atomic_write(path, lambda fh: fh.write(yaml.safe_dump(doc, sort_keys=False)), mode=None)
+    from common.modelcard import write_card
+
+    write_card(out, ensemble_metadata([read_model(m)[1] for m in members], doc))
+    return out
+
+
+def ensemble_metadata(metas: Sequence[Mapping[str, Any]], doc: Mapping[str, Any]) -> dict[str, Any]:
+    """Metadata standing for an ensemble in its model card: the first member's, with the
+    manifest's name and inference, the members' mean prior weights and their largest ε."""
+    first = metas[0]
+    weights = {k: float(np.mean([m["prior"]["weights"][k] for m in metas])) for k in first["prior"]["weights"]}
+    spent = [m["privacy"]["epsilon"] for m in metas if m["privacy"].get("epsilon") is not None]
+    return {**first, "name": doc["name"], "inference": doc["inference"],
+            "description": (f"ensemble of {len(metas)} models ({', '.join(doc['members'])}), their outputs "
+                            f"averaged; prior weights are the members' mean. {first.get('description', '')}").strip(),
+            "prior": {**first["prior"], "weights": weights},
+            "privacy": {**first["privacy"], "epsilon": max(spent) if spent else first["privacy"].get("epsilon")}}
+
+
+def write_card_for(model_path: str | Path, evaluation: Sequence[Mapping[str, Any]] | None = None,
+                   evaluation_note: str = "") -> dict[str, Path]:
+    """Read (and verify) the model file, then ``common.modelcard.write_card`` with its metadata."""
+    from common.modelcard import write_card
+
+    _, meta = read_model(model_path)
+    return write_card(model_path, meta, evaluation, evaluation_note)

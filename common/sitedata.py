@@ -21,6 +21,7 @@ from typing import Callable
 from common.config import DataConfig
 from common.data import load_site
 from common.data.fingerprint import files_fingerprint
+from common.data.partial import hide_annotations
 from common.data.splits import split_cases
 from common.data.synthetic import make_centre
 from common.data.tensors import TensorData, cached_tensors, to_tensors
@@ -38,7 +39,7 @@ def site_cases(site: SiteSpec, data_cfg: DataConfig) -> list[Case]:
     (seeded with ``data_cfg.seed``; the centre's name varies the draw)."""
     if site.synthetic_centre is not None:
         return make_centre(site.synthetic_centre, site.synthetic_n, size=data_cfg.image_size, seed=data_cfg.seed)
-    return load_site(site.data_path, fmt=site.data_format, strict=site.strict)
+    return load_site(site.data_path, fmt=site.data_format, strict=site.strict, exclude=site.exclude)
 
 
 class _EmptyPart(Exception):
@@ -90,7 +91,8 @@ def _tensors(site: SiteSpec, data_cfg: DataConfig, cache_dir: str | None, part: 
         else:
             settings, _, files = stamp.partition("-")  # settings in the key: two data roots coexist
             tag = (f"{site.name}-{part}-s{data_cfg.image_size}-v{data_cfg.val_fraction}"
-                   f"-t{data_cfg.test_fraction}-seed{data_cfg.seed}-{settings}")
+                   f"-t{data_cfg.test_fraction}-seed{data_cfg.seed}-{settings}"
+                   + (_partial_tag(data_cfg) if part == "train" else ""))
             data = cached_tensors(load, data_cfg.image_size, cache_dir, tag, fingerprint=files)
     except _EmptyPart:
         data = None
@@ -98,6 +100,13 @@ def _tensors(site: SiteSpec, data_cfg: DataConfig, cache_dir: str | None, part: 
     while len(_memo) > _MEMO_SIZE:
         _memo.popitem(last=False)
     return data
+
+
+def _partial_tag(data_cfg: DataConfig) -> str:
+    """Cache-key suffix of hidden annotations ("" when all are kept: older keys stay valid)."""
+    if data_cfg.mask_fraction == 1.0 and data_cfg.label_fraction == 1.0:
+        return ""
+    return f"-m{data_cfg.mask_fraction}-l{data_cfg.label_fraction}"
 
 
 def load_site_tensors(site: SiteSpec, data_cfg: DataConfig, cache_dir: str | None = None) -> tuple[TensorData, TensorData]:
@@ -113,7 +122,8 @@ def load_site_tensors(site: SiteSpec, data_cfg: DataConfig, cache_dir: str | Non
         return split_memo[0]
 
     stamp = data_stamp(site, cache_dir)
-    train = _tensors(site, data_cfg, cache_dir, "train", lambda: split().train, stamp)
+    train = _tensors(site, data_cfg, cache_dir, "train", lambda: hide_annotations(
+        split().train, data_cfg.mask_fraction, data_cfg.label_fraction, data_cfg.seed), stamp)
     if train is None:
         raise ValueError(f"site {site.name}: no training cases after the split")
     val = _tensors(site, data_cfg, cache_dir, "val", lambda: split().val, stamp)

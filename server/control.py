@@ -152,17 +152,11 @@ def _json_tail(text: str) -> dict[str, Any]:
 
 
 def key_fingerprint(key_bytes: bytes) -> str:
-    """sha256 of a public key's DER SubjectPublicKeyInfo, from OpenSSH or PEM text (the
-    SuperLink stores PEM, sites hold OpenSSH ``.pub`` files: both give the same value)."""
-    from cryptography.hazmat.primitives import serialization
+    """``launch.pki.key_fingerprint``, imported when first needed (cryptography stays out of the
+    coordinator's start-up)."""
+    from launch.pki import key_fingerprint as fingerprint
 
-    if key_bytes.lstrip().startswith(b"-----BEGIN"):
-        key = serialization.load_pem_public_key(key_bytes)
-    else:
-        key = serialization.load_ssh_public_key(key_bytes)
-    der = key.public_bytes(serialization.Encoding.DER,
-                           serialization.PublicFormat.SubjectPublicKeyInfo)
-    return hashlib.sha256(der).hexdigest()
+    return fingerprint(key_bytes)
 
 
 def register_site(name: str, pub_path: str | Path, flwr_home: str | Path,

@@ -142,12 +142,34 @@ class ServerRunFolder(RunFolder):
                 spent.append(r.value)
         counts.pop(AGGREGATE_SITE, None)
         fed = spec.federation
-        return save_model(self.path / MODEL, model, spec.experiment, name=f"federation-{run_key}-round{server_round}",
+        path = save_model(self.path / MODEL, model, spec.experiment, name=f"federation-{run_key}-round{server_round}",
                           data={"centres": counts}, epsilon=max(spent) if spent else None,
                           source={"kind": "deployment", "round": server_round, "rounds": fed.rounds,
                                   "strategy": fed.strategy, "run_key": run_key,
                                   "note": ("FedBN: the normalisation layers are the initial ones; "
                                            "each site keeps its own") if fed.strategy == "fedbn" else ""})
+        self._write_card(path, server_round)
+        return path
+
+    def _write_card(self, path: Path, server_round: int) -> None:
+        """The model card again with the round's per-site scores (sites' validation splits and
+        held-out centres; no per-image data reaches the server, hence no CIs or calibration)."""
+        from common.modelcard import centre_evaluation
+        from common.modelfile import write_card_for
+
+        values: dict[tuple[str, str], dict[str, float]] = {}
+        for r in self.read_metrics():
+            if r.round == server_round and r.phase in ("evaluate", "central") and r.site != AGGREGATE_SITE:
+                values.setdefault((r.phase, r.site), {})[r.metric] = r.value
+        evaluation = []
+        for (phase, site), m in sorted(values.items()):
+            rows = [{"metric": k, "value": m[k], "n": int(max(m.get(n, 0), 0))}  # UNDEFINED (-1): left out
+                    for k, n in (("dice", "n_lesion"), ("auc", "n_images")) if m.get(k, -1.0) >= 0]
+            if rows:
+                evaluation.append(centre_evaluation(f"{site} ({'held-out' if phase == 'central' else 'validation'})", rows))
+        if evaluation:
+            write_card_for(path, evaluation, f"Federated evaluation after round {server_round}: each site's "
+                                             "validation split, and held-out centres scored by the server.")
 
     # ----------------------------------------------------------------- metrics
     def append_metrics(self, rows: Iterable[MetricRow]) -> None:

@@ -29,7 +29,8 @@ from common.evaluate import EvalResult, predict, score
 from common.federation import build_experiment_model
 from common.inference import build_predictor
 from common.inference import predict as predict_with
-from common.modelfile import feature_stats, save_model
+from common.modelcard import centre_evaluation
+from common.modelfile import feature_stats, save_model, write_card_for
 from common.privacy import PrivacySession
 from common.settings import Settings, SimConfig
 from common.sitedata import load_site_tensors, load_test_tensors, site_cases
@@ -104,6 +105,22 @@ def save_unit_model(path: Path, pu: PlannedUnit, cfg: ExperimentConfig, settings
                       source={"kind": "simulation", "federated": pu.federated, **pu.unit.columns()})
 
 
+def unit_evaluation(s: Scored, classify: bool) -> dict[str, Any]:
+    """One scored centre for the model card; calibration only when the classification head was
+    trained (``classify``)."""
+    pi = s.result.per_image
+    y, p = (pi["malignant"].to_numpy(float), pi["p_malignant"].to_numpy(float)) if classify else (None, None)
+    return centre_evaluation(s.centre, s.rows, y, p)
+
+
+def evaluation_note(pu: PlannedUnit, internal: bool) -> str:
+    """What the card's test centres are: external, or the training centre's own test split."""
+    kinds = [f"{c} ({'internal held-out test split' if internal and c in pu.train_sites else 'external'})"
+             for c in pu.test_sites]
+    return ("Scored in the simulation on: " + ", ".join(kinds) + ". CIs: percentile bootstrap over images; "
+            "Dice over lesion images, AUC over all images.")
+
+
 def unit_config(pu: PlannedUnit, settings: Settings) -> ExperimentConfig:
     """The unit's experiment: its arm (DP arms planned over the unit's epochs) and seed."""
     arm_cfg = arm_config(settings.experiment, pu.unit.arm, pu.planned_epochs(settings))
@@ -162,20 +179,25 @@ def run_unit(pu: PlannedUnit, settings: Settings, rt: Runtime, run_dir: str | Pa
         train, val, internal = training_data(pu, cfg, opts, rt)
         trained, data = train_centralised(pu, cfg, train, val, rt, opts.selection), (train, val)
     model = trained.model
-    if run_dir is not None:
-        save_unit_model(model_file(run_dir, pu.unit), pu, cfg, settings, rt, trained, data)
+    path = None if run_dir is None else model_file(run_dir, pu.unit)
+    if path is not None:
+        save_unit_model(path, pu, cfg, settings, rt, trained, data)
     predictor = build_predictor([model], cfg.inference)  # model selection stayed on the raw model
     rows: list[dict[str, Any]] = []
     images: list[pd.DataFrame] = []
     examples: list[dict[str, np.ndarray]] = []
+    evaluation: list[dict[str, Any]] = []
     for s in score_centres(predictor, pu, cfg, opts, rt, internal, pu.unit.seed):
         rows += s.rows
+        evaluation.append(unit_evaluation(s, cfg.loss.cls_weight > 0))
         if cfg.privacy.enabled:
             rows.append({"test_centre": s.centre, "metric": "epsilon", "value": trained.epsilon,
                          "ci_low": math.nan, "ci_high": math.nan, "n": trained.num_train})
         images.append(s.result.per_image.assign(test_centre=s.centre))
         examples.append(pick_examples(model, s.data, s.probs, s.p_mal, s.result.per_image,
                                       opts.examples_per_centre, s.centre))
+    if path is not None:  # the card again, now with the scores
+        write_card_for(path, evaluation, evaluation_note(pu, internal is not None))
     results = pd.DataFrame(rows).assign(**pu.unit.columns())
     return UnitOutput(results, pd.concat(images, ignore_index=True), trained.curves,
                       merge_examples(examples), time.perf_counter() - t0)

@@ -17,6 +17,7 @@ from typing import Literal
 
 from common.data.io import FileError, MaskFile, Note, assemble_case, read_case
 from common.data.splits import duplicate_groups
+from common.exclusion import Exclusion, exclusions_from_node, exclusions_to_node
 from common.records import Case, DataError, Label
 
 log = logging.getLogger(__name__)
@@ -232,13 +233,62 @@ def detect_format(path: Path | str) -> str:
                     f"{', '.join(FORMATS)}); name the format explicitly")
 
 
-def load_site(path: Path | str, fmt: str = "auto", *, strict: bool = True) -> list[Case]:
-    """A site's cases from any supported layout; fmt "auto" detects it (see ``detect_format``)."""
+def apply_exclusions(result: CentreLoad, root: Path, exclude: tuple[Exclusion, ...]) -> CentreLoad:
+    """``result`` without the excluded cases and without the issues of excluded files; each
+    exclusion is listed as a warning (kind "excluded", with its reason), and an entry that
+    matched nothing is a warning too (a typo must not pass silently)."""
+    if not exclude:
+        return result
+    root = Path(root)
+    used: set[Exclusion] = set()
+
+    def hit(path: str, case_id: str | None = None) -> Exclusion | None:
+        for e in exclude:
+            if e.matches(path, root, case_id):
+                used.add(e)
+                return e
+        return None
+
+    cases, notes = [], []
+    for c in result.cases:
+        e = hit(c.source, c.case_id)
+        if e is None:
+            cases.append(c)
+        else:
+            notes.append(Issue("warning", c.source or c.case_id, f"left out by data.exclude: {e.reason or 'no reason given'}",
+                               "excluded"))
+    issues = []
+    for i in result.issues:
+        e = hit(i.path)
+        if e is None:
+            issues.append(i)
+        elif i.level == "error":
+            notes.append(Issue("warning", i.path, f"left out by data.exclude ({e.reason or 'no reason given'}); "
+                                                  f"it had: {i.message}", "excluded"))
+    unused = [Issue("warning", str(root), f"data.exclude entry {e.file!r} matches no file or case", "exclude-unused")
+              for e in exclude if e not in used]
+    if not cases and not any(i.level == "error" for i in issues):
+        issues.append(Issue("error", str(root), "no usable images left after data.exclude", "layout"))
+    return CentreLoad(cases, issues + notes + unused)
+
+
+def load_site(path: Path | str, fmt: str = "auto", *, strict: bool = True,
+              exclude: tuple[Exclusion, ...] = ()) -> list[Case]:
+    """A site's cases from any supported layout; fmt "auto" detects it (see ``detect_format``).
+    ``exclude``: cases left out before strictness applies (``apply_exclusions``)."""
     name = detect_format(path) if fmt.strip().lower() == "auto" else canonical_format(fmt)
-    return load_centre(name, path, strict=strict)
+    if not exclude:
+        return load_centre(name, path, strict=strict)
+    result = apply_exclusions(load_format(name, Path(path), strict=False), Path(path), tuple(exclude))
+    if strict and result.errors:
+        raise DataError(format_errors(name, Path(path), result.errors))
+    _log_issues(result)
+    return result.cases
 
 
-__all__ = ["CENTRES", "FORMATS", "IMAGE_SUFFIXES", "Issue", "CentreLoad", "IssueLog",
+
+__all__ = ["CENTRES", "FORMATS", "IMAGE_SUFFIXES", "Issue", "CentreLoad", "IssueLog", "Exclusion",
+           "apply_exclusions", "exclusions_to_node", "exclusions_from_node",
            "load_centre", "load_format", "discover_centres", "detect_format", "load_site",
            "canonical_format", "resolve_duplicates", "format_errors", "assemble_case",
            "MaskFile", "natural_key", "scan_folder"]

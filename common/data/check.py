@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.data import Issue, canonical_format, detect_format, load_format
+from common.data import Exclusion, Issue, apply_exclusions, canonical_format, detect_format, load_format
 from common.data.splits import duplicate_groups
 from common.records import Label
 
@@ -20,7 +20,8 @@ MASK_KINDS = {"missing": "mask-missing", "mismatched": "mask-size", "non-binary"
 
 @dataclass
 class SiteReport:
-    """Summary of one site's data. ``ok``: at least one usable case and no errors."""
+    """Summary of one site's data. ``ok``: at least one usable case and no errors (with
+    ``skip_invalid``: errors are files left out, listed, and do not fail the check)."""
 
     path: str
     fmt: str
@@ -33,6 +34,7 @@ class SiteReport:
     duplicate_images: int
     cross_label_groups: int  # identical images under different labels (loaders drop them)
     issues: list[Issue] = field(default_factory=list)
+    skip_invalid: bool = False
 
     @property
     def n_cases(self) -> int:
@@ -47,8 +49,13 @@ class SiteReport:
         return [i for i in self.issues if i.level == "warning"]
 
     @property
+    def excluded(self) -> list[Issue]:
+        """Files left out by the site YAML's ``data.exclude`` (warnings of kind "excluded")."""
+        return [i for i in self.issues if i.kind == "excluded"]
+
+    @property
     def ok(self) -> bool:
-        return self.n_cases > 0 and not self.errors
+        return self.n_cases > 0 and (self.skip_invalid or not self.errors)
 
     def format(self) -> str:
         """Human-readable report: summary lines, then every issue with its file."""
@@ -67,20 +74,28 @@ class SiteReport:
             f"issues: {len(self.errors)} error(s), {len(self.warnings)} warning(s)",
         ]
         lines += [f"  {issue}" for issue in self.issues]
+        if self.excluded:
+            lines.append(f"left out by data.exclude: {len(self.excluded)} file(s) (listed above)")
+        if self.skip_invalid and self.errors:
+            lines.append(f"--skip-invalid: {len(self.errors)} invalid file(s) left out; training uses "
+                         f"the {self.n_cases} valid case(s):")
+            lines += [f"  skipped: {e.path}: {e.message}" for e in self.errors]
         verdict = "OK" if self.ok else (f"FAILED: {len(self.errors)} error(s)" if self.errors
                                         else "FAILED: no usable images")
         lines.append(f"result: {verdict}")
         return "\n".join(lines)
 
 
-def check_site(path: Path | str, fmt: str = "auto") -> SiteReport:
+def check_site(path: Path | str, fmt: str = "auto", exclude: tuple[Exclusion, ...] = (),
+               skip_invalid: bool = False) -> SiteReport:
     """Load ``path`` (format detected when "auto") without raising on bad files, and report.
+    ``exclude``: the site YAML's ``data.exclude``; ``skip_invalid``: errors do not fail the check.
 
     Raises ``DataError``/``ValueError`` only when the layout cannot be recognised or the format
     name is unknown (usage errors, not data errors).
     """
     name = detect_format(path) if fmt.strip().lower() == "auto" else canonical_format(fmt)
-    result = load_format(name, Path(path), strict=False)
+    result = apply_exclusions(load_format(name, Path(path), strict=False), Path(path), tuple(exclude))
     cases, issues = result.cases, result.issues
     per_class = {label.name.lower(): sum(c.label == label for c in cases) for label in Label}
     kinds = Counter(i.kind for i in issues)
@@ -97,4 +112,4 @@ def check_site(path: Path | str, fmt: str = "auto") -> SiteReport:
         widths=(min(widths), max(widths)) if cases else None,
         spacing_known=sum(c.spacing_mm is not None for c in cases), masks=masks,
         duplicate_groups=len(multi), duplicate_images=sum(groups[g] for g in multi),
-        cross_label_groups=kinds["duplicate-conflict"], issues=issues)
+        cross_label_groups=kinds["duplicate-conflict"], issues=issues, skip_invalid=skip_invalid)

@@ -378,6 +378,29 @@ def test_manifest_row_errors_name_file_and_row(tmp_path):
                    ("manifest.csv", "row 6")]
 
 
+def test_manifest_partial_annotations(tmp_path):
+    make_manifest(tmp_path, "image,mask,label\n"
+                            "imgs/a.png,masks/a1.png,\n"  # mask only
+                            "imgs/b.png,,benign\n")  # label only
+    png(tmp_path / "imgs" / "c.png", img(3))
+    png(tmp_path / "masks" / "empty.png", np.zeros((H, W), bool))
+    with open(tmp_path / "manifest.csv", "a") as fh:
+        fh.write("imgs/c.png,masks/empty.png,\n")  # mask only, empty: a lesion-free image
+    res = manifest.load(tmp_path)
+    a, b, c = res.cases
+    assert (a.has_mask, a.has_label, a.has_lesion) == (True, False, True)
+    np.testing.assert_array_equal(a.mask, blob(0, 0))
+    assert (b.has_mask, b.has_label, b.label, b.has_lesion) == (False, True, Label.BENIGN, True)
+    assert not b.mask.any()
+    assert (c.has_mask, c.has_label, c.has_lesion) == (True, False, False)
+
+
+def test_manifest_row_with_neither_mask_nor_label_is_refused_naming_it(tmp_path):
+    make_manifest(tmp_path, "image,mask,label\nimgs/a.png,masks/a1.png,malignant\nimgs/b.png,,\n")
+    with pytest.raises(DataError, match=r"manifest\.csv row 3: neither a mask nor a label"):
+        manifest.load(tmp_path)
+
+
 def test_manifest_missing_column(tmp_path):
     make_manifest(tmp_path, "image,mask\nimgs/a.png,\n")
     with pytest.raises(DataError, match=r"manifest\.csv.*label missing"):

@@ -85,3 +85,38 @@ def test_paired_wilcoxon():
     b = a + 0.2
     b[:26] = np.nan  # only 4 valid pairs left
     assert math.isnan(metrics.paired_wilcoxon(b, a))
+
+
+def test_brier_score_by_hand():
+    # (0.9-1)^2 + (0.2-0)^2 + (0.5-1)^2 + (0-0)^2 = 0.01 + 0.04 + 0.25 + 0 → /4
+    assert metrics.brier_score([1, 0, 1, 0], [0.9, 0.2, 0.5, 0.0]) == pytest.approx(0.075)
+    assert metrics.brier_score([1, 0, float("nan")], [1.0, 0.0, 0.3]) == 0.0  # NaN pair dropped
+    assert math.isnan(metrics.brier_score([], []))
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        metrics.brier_score([1], [1.5])
+
+
+def test_reliability_bins_and_ece_by_hand():
+    y = [0, 1, 1, 1, 0, 1]
+    p = [0.05, 0.15, 0.95, 1.0, 0.92, 0.99]
+    bins = metrics.reliability_bins(y, p, n_bins=10)
+    assert [b["count"] for b in bins] == [1, 1, 0, 0, 0, 0, 0, 0, 0, 4]  # p = 1.0 in the last bin
+    assert bins[0]["low"] == 0.0 and bins[9]["high"] == 1.0
+    assert bins[9]["mean_p"] == pytest.approx((0.95 + 1.0 + 0.92 + 0.99) / 4)
+    assert bins[9]["observed"] == pytest.approx(0.75)
+    assert math.isnan(bins[5]["mean_p"])
+    # |0 − 0.05|·1/6 + |1 − 0.15|·1/6 + |0.75 − 0.965|·4/6
+    want = 0.05 / 6 + 0.85 / 6 + abs(0.75 - 0.965) * 4 / 6
+    assert metrics.expected_calibration_error(y, p, n_bins=10) == pytest.approx(want)
+
+
+def test_a_perfectly_calibrated_predictor_has_zero_ece():
+    # a bin at 0.25 holding one positive in four, a bin at 0.75 holding three in four
+    y = [1, 0, 0, 0, 1, 1, 1, 0]
+    p = [0.25] * 4 + [0.75] * 4
+    assert metrics.expected_calibration_error(y, p) == pytest.approx(0.0)
+    assert metrics.expected_calibration_error(y, p, n_bins=1) == pytest.approx(0.0)  # mean 0.5 vs 0.5
+    assert metrics.expected_calibration_error([1, 0], [1.0, 0.0]) == 0.0
+    assert math.isnan(metrics.expected_calibration_error([], []))
+    with pytest.raises(ValueError):
+        metrics.reliability_bins([1], [0.5], n_bins=0)

@@ -1,7 +1,6 @@
-"""Revocations are audit entries: deploy/pki.py revoke and server/control.py unregister_node."""
+"""Revocations are audit entries: fedbus-pki revoke (launch/pki.py) and server/control.py unregister_node."""
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -11,15 +10,11 @@ import pytest
 import server.control as control
 from launch.audit import read, verify
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def _pki() -> Any:
-    spec = importlib.util.spec_from_file_location("fedbus_pki_revoke", REPO / "deploy" / "pki.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import launch.pki
+
+    return launch.pki
 
 
 def test_pki_revoke_logs_each_node_in_the_coordinators_audit_log(
