@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +25,7 @@ from common.federation import (
     norm_keys,
 )
 from common.site_privacy import SitePrivacy
-from common.sitedata import clear_memo
-from tests.server.local_grid import LocalGrid, task_identity, tiny_spec
-
-
-@pytest.fixture(autouse=True)
-def _identity() -> Iterator[None]:
-    clear_memo()
-    with task_identity():
-        yield
-
-
-@pytest.fixture()
-def spec(tmp_path) -> RunSpec:
-    return tiny_spec(tmp_path / "run")
+from tests.server.local_grid import LocalGrid, tiny_spec
 
 
 def _context(node_config: dict[str, Any], node_id: int = 7) -> Context:

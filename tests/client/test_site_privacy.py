@@ -4,7 +4,6 @@ refuses (clearly, audited, no paths) what they forbid."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,22 +15,9 @@ from client.site_config import load_site_config
 from common.config import ConfigError, PrivacyConfig
 from common.privacy import epsilon_of, poisson_rate
 from common.site_privacy import SitePrivacy, SitePrivacyRefused, effective_privacy
-from common.sitedata import clear_memo
 from launch.audit import AuditLog, read, verify
 from tests.client.test_app import _context, _dp_node, _dp_spec, _expected_epsilon, _init, _msg
-from tests.server.local_grid import LocalGrid, task_identity, tiny_spec
-
-
-@pytest.fixture(autouse=True)
-def _identity() -> Iterator[None]:
-    clear_memo()
-    with task_identity():
-        yield
-
-
-@pytest.fixture()
-def spec(tmp_path):
-    return tiny_spec(tmp_path / "run")
+from tests.server.local_grid import LocalGrid
 
 
 # ------------------------------------------------------------------ the rule, by hand
