@@ -3,7 +3,6 @@ synthetic sites): run folder contents, failures, bounded quorum wait, resume."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,17 +21,9 @@ from common.federation import (
     build_experiment_model,
     norm_keys,
 )
-from common.sitedata import clear_memo
 from server.app import FederationStopped, resolve_server_spec, run_federation
 from server.state import ServerRunFolder
-from tests.server.local_grid import SITES, LocalGrid, killed_after, task_identity, tiny_spec
-
-
-@pytest.fixture(autouse=True)
-def _identity() -> Iterator[None]:
-    clear_memo()
-    with task_identity():
-        yield
+from tests.server.local_grid import SITES, LocalGrid, killed_after, tiny_spec
 
 
 def sim_grid(spec: RunSpec) -> LocalGrid:

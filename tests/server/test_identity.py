@@ -4,7 +4,6 @@ sites run; without a registry (simulation) nothing is checked."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,6 @@ from flwr.app import Context, MessageType, RecordDict
 
 from client.app import make_client_app
 from common.federation import AGGREGATE_SITE, RunSpec
-from common.sitedata import clear_memo
 from launch import audit
 from server.app import make_server_app, run_federation
 from server.control import NodeRow
@@ -20,16 +18,9 @@ from server.coordinator import Coordinator
 from server.coordinator_config import CoordinatorConfig, TLSFiles
 from server.identity import REGISTRY_FILE, IdentityCheck, write_site_registry
 from server.state import ServerRunFolder
-from tests.server.local_grid import LocalGrid, task_identity, tiny_spec
+from tests.server.local_grid import LocalGrid, tiny_spec
 
 IMPOSTOR = 999  # registered as "C", its site configuration says "B"
-
-
-@pytest.fixture(autouse=True)
-def _identity() -> Iterator[None]:
-    clear_memo()
-    with task_identity():
-        yield
 
 
 def impostor_grid(spec: RunSpec) -> LocalGrid:

@@ -4,28 +4,20 @@ consistency terms only."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from client.app import make_client_app
 from common.data.synthetic import make_centre
 from common.federation import SiteSpec
 from common.records import Label
-from common.sitedata import clear_memo, load_site_tensors
+from common.sitedata import load_site_tensors
 from server.app import run_federation
-from tests.server.local_grid import SITES, LocalGrid, task_identity, tiny_spec
+from tests.server.local_grid import SITES, LocalGrid, tiny_spec
 
 
-@pytest.fixture(autouse=True)
-def _identity() -> Iterator[None]:
-    clear_memo()
-    with task_identity():
-        yield
-    clear_memo()
 
 
 def labels_only_site(root: Path, n: int = 16) -> Path:

@@ -3,7 +3,6 @@ three tiny synthetic sites on the in-process grid, one of them (or all) running 
 ClientApp that replaces its train reply."""
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +23,6 @@ from tests.server.local_grid import LocalGrid, task_identity, tiny_spec
 from tests.server.test_strategy import NODES, _configure, _reply, _train_metrics
 
 HOSTILE_NODE = 1002  # partition 2: site C
-
-
-@pytest.fixture(autouse=True)
-def _identity() -> Iterator[None]:
-    clear_memo()
-    with task_identity():
-        yield
 
 
 def poisoned_reply(msg: Message, kind: str) -> Message:
