@@ -11,7 +11,6 @@ folder exists, and every error names the key and the file it came from.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,8 +272,3 @@ def settings_to_dict(settings: Settings) -> dict[str, Any]:
     out["federation"] = to_dict(settings.federation)
     out["sim"] = to_dict(settings.sim)
     return out
-
-
-def replace_sim(settings: Settings, **changes: Any) -> Settings:
-    """``settings`` with some ``sim`` fields changed (validated again)."""
-    return dataclasses.replace(settings, sim=dataclasses.replace(settings.sim, **changes))
