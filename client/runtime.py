@@ -29,6 +29,7 @@ from common.config import (
 )
 from common.device import resolve_device, set_threads
 from common.data import exclusions_from_node
+from common.demo import demo_spec
 from common.federation import (
     RunSpec,
     SiteSpec,
@@ -122,8 +123,8 @@ def resolve_site(
     client/app.py, so a coordinator can neither raise a hospital's budget nor switch its DP off.
     """
     if "partition-id" in node_config and "site" not in node_config:
-        if spec is None:
-            raise ConfigError("simulation node without a RunSpec: pass spec to make_client_app")
+        if spec is None:  # `flwr run .`: the demo federation the ServerApp runs too
+            spec = demo_spec(int(node_config.get("num-partitions", 1)))
         pid, parts = int(node_config["partition-id"]), int(node_config.get("num-partitions", -1))
         if parts != len(spec.sites) or not 0 <= pid < len(spec.sites):
             raise ConfigError(

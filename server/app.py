@@ -26,6 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import ConfigError, to_dict
 from common.device import resolve_device, seed_everything
+from common.demo import DEMO_PRESET, demo_spec
 from common.federation import (
     AGGREGATE_SITE,
     FederationConfig,
@@ -68,12 +69,27 @@ def make_server_app(spec: RunSpec | None = None, *, resume: bool = False, quiet:
     def main(grid: Grid, context: Context) -> None:
         if quiet:
             logging.getLogger("flwr").setLevel(logging.WARNING)
-        run_spec, do_resume = resolve_server_spec(spec, resume, context.run_config)
-        # deployment only: flower-server writes the key registry into the run folder
-        identity = IdentityCheck.from_run_dir(run_spec.run_dir) if spec is None else None
+        identity = None
+        if spec is None and not context.run_config.get("run-spec"):
+            run_spec, do_resume = _demo_spec(grid, context.run_id), False  # `flwr run .`
+        else:
+            run_spec, do_resume = resolve_server_spec(spec, resume, context.run_config)
+            if spec is None:  # deployment: flower-server writes the key registry into the run folder
+                identity = IdentityCheck.from_run_dir(run_spec.run_dir)
         run_federation(grid, run_spec, resume=do_resume, identity=identity)
 
     return app
+
+
+def _demo_spec(grid: Grid, run_id: int, wait_s: float = 60.0) -> RunSpec:
+    """`flwr run .` (no run spec): the smoke preset on one synthetic site per SuperNode."""
+    deadline = time.monotonic() + wait_s
+    while not (nodes := list(grid.get_node_ids())) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    spec = demo_spec(max(len(nodes), 1), f"flwr-run-{run_id}")
+    log.info("no run spec (flwr run .): the %s demo on %d synthetic site(s); run folder %s "
+             "(real federations start with flower-server)", DEMO_PRESET, len(spec.sites), spec.run_dir)
+    return spec
 
 
 def resolve_server_spec(spec: RunSpec | None, resume: bool, run_config: Mapping[str, Any]) -> tuple[RunSpec, bool]:
