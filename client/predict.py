@@ -107,12 +107,19 @@ def describe_row(item: Item, grey: np.ndarray, outs: tuple[np.ndarray, ...], inf
              f"lesion {'none seen' if empty else f'{int(mask.sum())} px'}"]
     for n, value, pull, sign in top:
         pct = percentile(value, n, info)
-        where = f", P{pct:.0f} of training lesions" if pct is not None else ""
-        lines.append(f"{n} {value:.3g}{where}: pulls phi {'up' if pull > 0 else 'down'} "
-                     f"({'higher' if sign > 0 else 'lower'} = more suspicious)")
+        where = f"P{pct:.0f} of training lesions, " if pct is not None else ""
+        # φ compares with the prior's own reference (its standardisation), not the percentiles
+        lines.append(f"{n} {value:.3g} ({where}model's reference {reference(n, info):.3g}): "
+                     f"pulls phi {'up' if pull > 0 else 'down'} ({'higher' if sign > 0 else 'lower'} = more suspicious)")
     write_png(out / mask_file, mask.astype(np.uint8) * 255)
     write_png(out / overlay_file, draw_overlay(grey, mask, lines))
     return row
+
+
+def reference(name: str, info: ModelInfo) -> float:
+    """The value of feature ``name`` at which the prior's pull is zero (mean over members)."""
+    means = [float(p["mean"][name]) for p in info.description.get("priors", []) if name in p["mean"]]
+    return float(np.mean(means)) if means else math.nan
 
 
 def predict_items(backend: Backend, items: Sequence[Item], out: Path, batch_size: int,
