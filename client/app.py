@@ -4,7 +4,9 @@ The same app runs in deployment (``app`` below, the FAB's clientapp component: i
 ``--node-config``) and in simulation (``make_client_app(spec)``: identity from the partition id).
 
 What leaves the site: weights (ArrayRecord) and the fixed metric schemas of
-common/federation.py (numbers only), plus the site name and split sizes in the query reply.
+common/federation.py (numbers only), plus the site name and split sizes in the query reply, and
+once after the last round the calibration query's 61 log-loss sums and image count
+(common/calibration.py).
 Any exception is logged here in full and replaced by ``SiteError`` whose text names only the
 site and the error class — Flower ships an exception's text to the server.
 
@@ -26,6 +28,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.client_dp import client_dp_mod
+from client.run_status import END_STATES, RUN_END_KEY, RUNNING, note_run_state
 from client.runtime import (
     RoundConfig,
     SiteContext,
@@ -38,7 +42,10 @@ from client.runtime import (
     site_info,
     train_round,
 )
-from common.federation import RunSpec, is_site_name
+from client.secagg_app import secagg_router
+from common.calibration import CALIBRATE, site_stats, to_record
+from common.device import resolve_device, set_threads
+from common.federation import RunSpec, build_experiment_model, is_site_name
 from common.packing import PACKED_KEY, layout_from_json, pack, unpack
 from common.privacy import (
     PrivacyBudgetExceeded,
@@ -75,11 +82,15 @@ Handler = Callable[[Message, Context, SiteContext, RoundConfig], Message]
 
 
 def make_client_app(spec: RunSpec | None = None) -> ClientApp:
-    """A ClientApp for the sites of ``spec`` (simulation) or for node_config-defined sites."""
-    app = ClientApp()
+    """A ClientApp for the sites of ``spec`` (simulation) or for node_config-defined sites.
+    Its mods follow the run: SecAgg+ runs' messages go to client/secagg_app.py (with this
+    app's DP-SGD session hooks), client-level DP rounds clip the update (client/client_dp.py)."""
+    app = ClientApp(mods=[secagg_router(spec, _privacy_session, _store_privacy_state), client_dp_mod])
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
+        if RUN_END_KEY in (msg.content.config_records.get("config") or {}):
+            return _run_end(msg, context)
         return _guarded("query", _query, msg, context, spec)
 
     @app.train()
@@ -90,12 +101,17 @@ def make_client_app(spec: RunSpec | None = None) -> ClientApp:
     def evaluate(msg: Message, context: Context) -> Message:
         return _guarded("evaluate", _evaluate, msg, context, spec)
 
+    @app.query(CALIBRATE)
+    def calibrate(msg: Message, context: Context) -> Message:
+        return _guarded("calibrate", _calibrate, msg, context, spec)
+
     return app
 
 
 def _guarded(kind: str, handler: Handler, msg: Message, context: Context, spec: RunSpec | None) -> Message:
     """Run a handler; on failure log the details locally and raise a sanitised SiteError."""
     site = _site_label(context, spec)
+    note_run_state(context.node_config, context.run_id, RUNNING)  # for the site's launcher
     try:
         config = msg.content.config_records.get("config") or ConfigRecord()
         experiment = config.get("experiment")
@@ -123,6 +139,17 @@ def _site_label(context: Context, spec: RunSpec | None) -> str:
         if isinstance(pid, int) and 0 <= pid < len(spec.sites):
             name = spec.sites[pid].name
     return str(name) if is_site_name(name) else "unnamed"
+
+
+def _run_end(msg: Message, context: Context) -> Message:
+    """The server's last message of a run (server/run_end.py): noted in the site's state folder
+    for its launcher (client/run_status.py); the answer says only whether it was noted."""
+    state = str(msg.content["config"][RUN_END_KEY])
+    if state not in END_STATES:
+        state = "finished"  # a newer server's state name: the run is over all the same
+    noted = note_run_state(context.node_config, context.run_id, state)
+    log.info("site %s: run %d %s", _site_label(context, None), context.run_id, state)
+    return Message(RecordDict({"info": ConfigRecord({"run-end-noted": noted})}), reply_to=msg)
 
 
 def _query(msg: Message, context: Context, ctx: SiteContext, rc: RoundConfig) -> Message:
@@ -175,6 +202,25 @@ def _evaluate(msg: Message, context: Context, ctx: SiteContext, rc: RoundConfig)
     norms = _recall_norms(context, ctx, rc, rc.server_round) if rc.strategy == "fedbn" else None
     metrics = evaluate_round(ctx, global_state, rc, norms)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def _calibrate(msg: Message, context: Context, ctx: SiteContext, rc: RoundConfig) -> Message:
+    """The final model's summed log-loss on a grid of temperatures and the image count, on the
+    site's validation (or, without one, training) split (``common.calibration``): 61 sums and a
+    count leave the site, nothing per image. A site whose terms require DP refuses: the sums are
+    not noised."""
+    terms = SitePrivacy.from_node_config(context.node_config)
+    if terms is not None and terms.required:
+        raise SitePrivacyRefused("calibration statistics are not differentially private",
+                                 f"site {ctx.site.name}: calibration refused (the site requires DP)")
+    exp = ctx.experiment
+    set_threads(exp.train.num_threads)
+    train, val = load_site_tensors(ctx.site, exp.data, ctx.cache_dir)
+    model = build_experiment_model(exp)  # the final global weights as sent (the saved model)
+    model.load_state_dict(_global_state(msg))
+    stats, split = site_stats(model, exp, train, val, resolve_device(exp.train.device))
+    log.info("site %s: calibration statistics of %d %s images sent", ctx.site.name, stats.count, split)
+    return Message(RecordDict({"calibration": MetricRecord(to_record(stats))}), reply_to=msg)
 
 
 def _privacy_session(context: Context, ctx: SiteContext, rc: RoundConfig) -> PrivacySession | None:

@@ -4,7 +4,9 @@
     python -m client.check --config site.yaml [--skip-invalid]   # data.path, format, exclude
 
 Prints the site report (classes, sizes, masks, duplicates, every issue with its file, the files
-the site YAML's ``data.exclude`` leaves out). ``--skip-invalid``: invalid files are listed as
+the site YAML's ``data.exclude`` leaves out) and the images per kind of annotation: mask and
+label, label only, mask only, normal (``SiteReport.annotations``; a site with labels only still
+takes part in training). ``--skip-invalid``: invalid files are listed as
 skipped and do not fail the check (the site would train on the valid cases).
 Exit status (deploy/README.md, "Exit codes"): 0 ok, 1 data errors (or no usable image),
 2 usage or config errors — as ``flower-client --check``. No Flower import.

@@ -15,13 +15,14 @@ restarts us); a crashed worker is restarted a bounded number of times.
 the invalid files it left out, in the site check and in the site log; ``data.exclude`` leaves
 named cases out with a reason. The default stays strict: any invalid file stops the site.
 
-Exit status (deploy/README.md, "Exit codes"): 0 stopped on request or the check passed, 1 the
-data check failed or the SuperNode/worker failed, 2 usage or config error (also an unreadable
-data path or layout).
+Exit status (deploy/README.md, "Exit codes"): 0 stopped on request, the run ended (``after_run:
+exit``) or the check passed, 1 the data check failed or the SuperNode/worker failed, 2 usage or
+config error (also an unreadable data path or layout).
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -30,11 +31,18 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from client.run_status import EXIT, PAUSE, RESUME, AfterRun
 from client.site_config import SiteConfig, load_site_config, site_config_from_dict
 from common.config import ConfigError
 from launch.audit import AuditLog, process_identity
 from launch.flwr_env import flwr_env, kv_config
-from launch.process import LogFollower, ManagedProcess, bin_path, ensure_secret
+from launch.process import (
+    LogFollower,
+    ManagedProcess,
+    bin_path,
+    coordinator_reachable,
+    ensure_secret,
+)
 
 MAX_WORKER_RESTARTS = 5
 #: A SuperNode that had joined (logged its node id) and then exited — e.g. the coordinator came
@@ -118,7 +126,8 @@ def check_data(cfg: SiteConfig) -> tuple[int, dict[str, Any]]:
         return 2, {"error": type(exc).__name__}
     print(report.format())
     summary = {"format": report.fmt, "cases": report.per_class, "errors": len(report.errors),
-               "warnings": len(report.warnings), "excluded": len(report.excluded)}
+               "warnings": len(report.warnings), "excluded": len(report.excluded),
+               "annotations": report.annotations}
     if cfg.data.skip_invalid:
         summary["skipped_invalid"] = len(report.errors)
     return (0 if report.ok else 1), summary
@@ -166,6 +175,10 @@ class Site:
         self.supernode_started = 0.0
         self.supernode_log_offset = 0
         self.supernode_cmd: list[str] = []
+        tuning = cfg.tuning  # what to do once a run has ended (client/run_status.py)
+        self.after_run = AfterRun(self.state, cfg.site, cfg.after_run,
+                                  lambda: coordinator_reachable(cfg.superlink, None if cfg.insecure else cfg.ca_cert),
+                                  gone_s=tuning.coordinator_gone_s, probe_s=tuning.coordinator_probe_s)
 
     def start(self) -> None:
         cfg, py = self.cfg, sys.executable
@@ -212,9 +225,20 @@ class Site:
             self.follower.add(self.logs / "worker.log", f"{cfg.site}:worker")
 
     def supervise(self, stop: list[str]) -> int:
-        """Block until a stop signal (returns 0) or the SuperNode exits (returns 1)."""
+        """Block until a stop signal or, with ``after_run: exit``, the run's end (returns 0),
+        or until the SuperNode exits (returns 1)."""
         assert self.supernode is not None
         while not stop:
+            action = self.after_run.poll()
+            if action == EXIT:
+                return 0
+            if action == PAUSE:  # the coordinator went away after the run: no retry warnings
+                self._pause()
+            elif action == RESUME:  # it answers again: rejoin for the next run
+                self._resume()
+            if self.after_run.paused:
+                time.sleep(0.5)
+                continue
             code = self.supernode.poll()
             if code is not None:
                 uptime = time.monotonic() - self.supernode_started
@@ -239,6 +263,18 @@ class Site:
                 self.start_worker()
             time.sleep(0.5)
         return 0
+
+    def _pause(self) -> None:
+        for proc in (self.worker, self.supernode):
+            if proc is not None:
+                proc.stop(10.0)
+        self.audit.append("site_paused", site=self.cfg.site, reason="coordinator gone after the run")
+
+    def _resume(self) -> None:
+        self.start_supernode()
+        if self.cfg.tuning.fast:
+            self.start_worker()
+        self.audit.append("site_resumed", site=self.cfg.site)
 
     def _supernode_joined(self) -> bool:
         """Did the SuperNode that just exited get a node id from the SuperLink?"""
@@ -274,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     elif cfg.private_key is not None:
         _key_permissions_ok(cfg.private_key)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     site = Site(cfg, echo=not args.quiet)
     stop: list[str] = []
 
@@ -294,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         code = site.supervise(stop)
     finally:
         site.stop()
-        site.audit.append("site_stop", site=cfg.site, reason=stop[0] if stop else "supernode exit",
+        site.audit.append("site_stop", site=cfg.site, reason=stop[0] if stop else
+                          ("run ended" if code == 0 else "supernode exit"),
                           code=code)
     return code
 

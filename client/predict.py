@@ -13,6 +13,11 @@ Imports common/ only (never flwr); torch only for ``.pt``/``.yaml`` models.
 """
 from __future__ import annotations
 
+import os
+
+# before torch: busy-waiting OpenMP threads collapse throughput on a shared workstation
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import math
 import sys

@@ -15,9 +15,10 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from common.atomic import atomic_write
-from common.data.io import FileError, find_column, fit_mask, load_mask, read_table
+from common.data import IssueLog
+from common.data.io import FileError, fit_mask, load_mask
+from common.data.manifest import read_manifest
 from common.prediction import InputError, read_input
-from common.records import Label
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"})
 CONTOUR_RGB = (255, 200, 0)
@@ -65,35 +66,17 @@ def _key(text: str, seen: set[str]) -> str:
 
 
 def _manifest(path: Path, spacing: float | None, seen: set[str], errors: list[str]) -> list[Item]:
-    """Items of a manifest CSV (columns as ``common.data.manifest``: image, label, mask, spacing_mm)."""
-    try:
-        rows = next(iter(read_table(path).values()))
-    except FileError as exc:
-        errors.append(str(exc))
+    """Items of a manifest CSV, read by the site's reader (``common.data.manifest``: the same
+    columns, the same errors naming the file and the row); only the image column is required and
+    a row may give neither label nor mask. ``spacing``: the default where a row gives none."""
+    log = IssueLog(path.parent.name or "manifest", path)
+    manifest = read_manifest(path, log, required=("image",), label_or_mask=False)
+    errors += [f"{issue.path}: {issue.message}" for issue in log.issues]
+    if manifest is None:
         return []
-    cols = list(rows[0]) if rows else []
-    col = {n: find_column(cols, n) for n in ("image", "label", "mask", "spacing_mm")}
-    if col["image"] is None:
-        errors.append(f"{path}: no image column (found: {', '.join(cols) or 'no columns'})")
-        return []
-    items = []
-    for n, row in enumerate(rows, start=2):
-        cell = {k: (row.get(c) if c else None) for k, c in col.items()}
-        if not cell["image"]:
-            errors.append(f"{path}: row {n}: empty image path")
-            continue
-        try:
-            label = Label.parse(cell["label"]).name.lower() if cell["label"] else None
-            sp = float(cell["spacing_mm"]) if cell["spacing_mm"] else spacing
-            if sp is not None and not (math.isfinite(sp) and sp > 0):
-                raise ValueError(f"spacing_mm {cell['spacing_mm']!r} is not a positive number")
-        except ValueError as exc:
-            errors.append(f"{path.parent / cell['image']}: {path.name} row {n}: {exc}")
-            continue
-        masks = tuple(path.parent / m.strip() for m in (cell["mask"] or "").split("|") if m.strip())
-        items.append(Item(path.parent / cell["image"], _key(Path(cell["image"]).with_suffix("").as_posix(), seen),
-                          label, masks, col["mask"] is not None, sp))
-    return items
+    return [Item(r.image, _key(r.case_id, seen), r.label.name.lower() if r.label is not None else None,
+                 r.masks, manifest.has_mask_column, r.spacing_mm if r.spacing_mm is not None else spacing)
+            for r in manifest.rows]
 
 
 def gather(inputs: Sequence[Path], spacing: float | None, errors: list[str], skip: Path | None = None,

@@ -117,7 +117,7 @@ def resolve_site(
     The experiment is the one the server sent (``server_experiment``, JSON of
     ``to_dict(ExperimentConfig)``) so every site builds the same model, else the spec's
     (simulation): a site has no experiment of its own. Site-local settings always win: device and
-    threads from node_config; ``pretrained_path`` is dropped (weights arrive in the message,
+    threads from node_config; ``pretrained_path`` and ``init_from`` are dropped (weights arrive in the message,
     and a server must not make a site open files of its choosing). The site's own privacy terms
     (node_config "privacy-*", common/site_privacy.py) are applied per train message by
     client/app.py, so a coordinator can neither raise a hospital's budget nor switch its DP off.
@@ -157,7 +157,7 @@ def resolve_site(
         experiment = spec.experiment
     else:
         raise ConfigError("the server's message carries no experiment (is the coordinator fedbus's ServerApp?)")
-    overrides: dict[str, Any] = {"model.pretrained_path": None, "train.progress": False}
+    overrides: dict[str, Any] = {"model.pretrained_path": None, "model.init_from": None, "train.progress": False}
     if node_config.get("device"):
         overrides["train.device"] = str(node_config["device"])
     if node_config.get("num-threads"):

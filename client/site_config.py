@@ -16,6 +16,7 @@ Example (deploy/site.example.yaml)::
     cache_dir: /var/cache/fedbus/udiat
     state_dir: /var/lib/fedbus/udiat
     runtime_port: 9094
+    after_run: wait                     # when a run ends: wait for the next one, or exit (status 0)
     privacy:                            # optional: the hospital's own DP terms (docs/privacy.md)
       required: true                    # no DP-SGD, no training
       max_epsilon: 4.0                  # lifetime epsilon on this site's data, across runs
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from client.run_status import AFTER_RUN
 from common.config import ConfigError, from_dict, load_yaml
 from common.exclusion import Exclusion, exclusions_to_node
 from common.federation import SiteSpec
@@ -63,6 +65,8 @@ class Tuning:
     worker_poll_s: float = 0.25
     heartbeat_s: float | None = None  # None: Flower's 30 s; the SuperLink accepts 10..1800
     reconnect_timeout_s: float | None = 3600.0  # give up reconnecting after this (None: never)
+    coordinator_gone_s: float = 60.0  # after a run ended: unreachable this long, stop the SuperNode
+    coordinator_probe_s: float = 15.0  # after a run ended: how often the coordinator is checked
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ class SiteConfig:
     allowed_fab_hashes: tuple[str, ...] = ()
     tuning: Tuning = field(default_factory=Tuning)
     privacy: SitePrivacy | None = None  # the site's own DP terms (common/site_privacy.py)
+    after_run: str = "wait"  # when a run ends: "wait" for the next one, or "exit" 0 (client/run_status.py)
 
     def __post_init__(self) -> None:
         SiteSpec(name=self.site, data_path=self.data.path or None,
@@ -95,6 +100,11 @@ class SiteConfig:
             raise ConfigError(f"site {self.site}: tuning.heartbeat_s must be in [10, 1800], got {hb}")
         if ":" not in self.superlink:
             raise ConfigError(f"site {self.site}: superlink must be host:port, got {self.superlink!r}")
+        if self.after_run not in AFTER_RUN:
+            raise ConfigError(f"site {self.site}: after_run must be one of {AFTER_RUN}, got {self.after_run!r}")
+        if not (self.tuning.coordinator_gone_s > 0 and self.tuning.coordinator_probe_s > 0):
+            raise ConfigError(f"site {self.site}: tuning.coordinator_gone_s and coordinator_probe_s "
+                              "must be > 0")
 
     @property
     def state_path(self) -> Path:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import threading
 import time
@@ -39,6 +40,7 @@ from launch.flwr_tuning import (
 )
 
 logger = logging.getLogger(__name__)
+EXIT_GAVE_UP = 1  # the SuperNode lost the coordinator for longer than --max-wait-time
 
 def patch_supernode(idle_pull_s: float, reply_poll_s: float = 0.05) -> None:
     """Shorten the SuperNode loop's idle pull sleep (3 s), reply poll (0.5 s) and first
@@ -73,6 +75,11 @@ def run_supernode(argv: Sequence[str]) -> None:
 
     sys.argv = ["flower-supernode", *rest]
     flower_supernode()
+    # It returns only after giving up reconnecting (``--max-wait-time``), and its Runtime API
+    # thread would then keep this process alive for ever: exit, so the launcher sees it.
+    logger.error("SuperNode gave up reconnecting to the coordinator; exiting")
+    logging.shutdown()
+    os._exit(EXIT_GAVE_UP)
 
 
 class FabRejected(RuntimeError):

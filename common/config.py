@@ -44,6 +44,8 @@ CLS_LOSSES: tuple[str, ...] = ("bce", "focal")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "gdp", "prv")
+#: ``privacy.trainable``: what DP-SGD trains ("decoder": every parameter but ``backbone.encoder.*``).
+DP_TRAINABLE: tuple[str, ...] = ("all", "decoder")
 STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedbn", "fedadam", "fedmedian")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -148,9 +150,14 @@ class ModelConfig:
     # effb1/lite0/lite1: "full" decoder back to the input size; "half": logits at stride 2,
     # upsampled bilinearly (no last full-resolution block: 160-px lite0 trains 1.2–1.35× faster)
     mask_head: str = "full"
+    # a fedbus model file or training checkpoint of this exact network: every weight starts from
+    # it (strict: a missing file, another format, architecture or feature set is refused)
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         _one_of("model.arch", self.arch, ARCHES)
+        _need(self.init_from is None or bool(str(self.init_from).strip()), "model.init_from",
+              "must be a file path (or null)", self.init_from)
         _one_of("model.cls_head", self.cls_head, CLS_HEADS)
         _one_of("model.encoder_norm", self.encoder_norm, ENCODER_NORMS)
         _one_of("model.mask_head", self.mask_head, MASK_HEADS)
@@ -252,8 +259,17 @@ class PrivacyConfig:
     planned_epochs: int = 10  # local epochs the budget covers, all rounds together
     accountant: str = "rdp"  # Opacus accountant ("rdp" | "prv" | "gdp")
     secure_mode: bool = False  # Opacus' cryptographically secure noise (needs torchcsprng)
+    trainable: str = "all"  # "all" | "decoder": encoder frozen, decoder + heads + prior DP-trained
+    augmult: int = 1  # augmentations per image whose gradients are averaged before clipping (De et al. 2022)
+    max_physical_batch: int | None = None  # most rows (images × augmult) per forward pass; None: no bound
 
     def __post_init__(self) -> None:
+        _one_of("privacy.trainable", self.trainable, DP_TRAINABLE)
+        _need(self.augmult >= 1, "privacy.augmult", "must be >= 1", self.augmult)
+        if self.max_physical_batch is not None:
+            _need(self.max_physical_batch >= self.augmult, "privacy.max_physical_batch",
+                  f"must be >= privacy.augmult ({self.augmult}): one image's copies share a pass",
+                  self.max_physical_batch)
         for name in ("target_epsilon", "noise_multiplier"):
             v = getattr(self, name)
             _need(v is None or v > 0, f"privacy.{name}", "must be > 0 (or null)", v)
@@ -298,6 +314,115 @@ class ExperimentConfig:
         size, multiple = self.data.image_size, self.model.size_multiple
         _need(size % multiple == 0, "data.image_size",
               f"must be a multiple of {multiple} for arch {self.model.arch!r}", size)
+        if self.privacy.enabled:
+            refusal = dp_refusal(self.model.mixstyle, self.train.channels_last, self.data.train_augmentation)
+            if refusal:
+                raise ConfigError(f"privacy.enabled: {refusal}")
+            _need(self.privacy.augmult == 1 or self.data.augment, "privacy.augmult",
+                  "needs data.augment: true (without it the copies are identical)", self.privacy.augmult)
+
+
+def dp_refusal(mixstyle: float, channels_last: bool, augment: AugmentConfig | None) -> str | None:
+    """Why DP-SGD cannot train with these options (None: it can). Each refused option makes one
+    image's gradient depend on other images of the batch, or corrupts Opacus' per-sample
+    gradients, so the per-image guarantee would not hold."""
+    if mixstyle > 0:
+        return (f"model.mixstyle={mixstyle:g} mixes feature statistics across the images of a batch, "
+                "so one image's gradient depends on the others: set model.mixstyle: 0 under DP")
+    if channels_last:
+        return ("train.channels_last: Opacus' per-sample conv gradients are wrong for channels-last "
+                "tensors: set train.channels_last: false under DP")
+    if augment is not None and augment.depth_splice > 0:
+        return (f"data.augmentation.depth_splice={augment.depth_splice:g} splices another image of the "
+                "batch into each image, so one image's gradient depends on another: set it to 0 under DP")
+    return None
+
+
+#: Strategies whose aggregate is a weighted mean of complete updates: all a masked sum (SecAgg+)
+#: yields, and what client-level DP's noise σ·C/n is calibrated for.
+MEAN_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
+#: Client-level DP modes of server/dp.py; the experiment file offers the fixed-clipping ones.
+CLIENT_DP_MODES: tuple[str, ...] = ("off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
+CLIENT_DP_YAML_MODES: tuple[str, ...] = ("off", "server-fixed", "client-fixed")
+
+
+@dataclass(frozen=True)
+class ClientDPConfig:
+    """Client-level (central) DP with Flower's wrappers (server/dp.py): each site's update
+    clipped to ``clipping_norm``, Gaussian noise σ·C/n added to the mean of n sites. The
+    adaptive fields are for the library's adaptive modes; ``delta`` only for reporting ε."""
+
+    mode: str = "off"  # one of CLIENT_DP_YAML_MODES ("server-fixed": the server clips each update)
+    noise_multiplier: float = 1.0  # σ
+    clipping_norm: float = 1.0  # C: bound on ||w_site − w_global||
+    initial_clipping_norm: float = 0.1  # adaptive modes
+    target_clipped_quantile: float = 0.5  # adaptive modes
+    clip_norm_lr: float = 0.2  # adaptive modes
+    clipped_count_stddev: float | None = None  # adaptive modes (Flower's default n/20)
+    delta: float = 1e-3  # δ of the reported client-level ε
+
+    def __post_init__(self) -> None:
+        _one_of("client_dp.mode", self.mode, CLIENT_DP_MODES)
+        _nonneg("client_dp", self, "noise_multiplier")
+        for name in ("clipping_norm", "initial_clipping_norm", "clip_norm_lr"):
+            v = getattr(self, name)
+            _need(math.isfinite(v) and v > 0, f"client_dp.{name}", "must be a finite number > 0", v)
+        _need(0.0 <= self.target_clipped_quantile <= 1.0, "client_dp.target_clipped_quantile",
+              "must lie in [0, 1]", self.target_clipped_quantile)
+        _need(0.0 < self.delta < 1.0, "client_dp.delta", "must lie in (0, 1)", self.delta)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+    @property
+    def client_side(self) -> bool:
+        """Whether the sites clip (client/client_dp.py applies Flower's mod when asked)."""
+        return self.mode.startswith("client-")
+
+    @property
+    def client_mod_name(self) -> str | None:
+        """The ``flwr.clientapp.mod`` the sites need, or None."""
+        return {"client-fixed": "fixedclipping_mod", "client-adaptive": "adaptiveclipping_mod"}.get(self.mode)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any] | None, where: str = "client_dp") -> "ClientDPConfig":
+        """From a mapping with dashed (run-config) or underscored keys."""
+        return from_dict(cls, {str(k).replace("-", "_"): v for k, v in (data or {}).items()}, where)
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """SecAgg+ (server/secagg_app.py, ``flwr.server.workflow.SecAggPlusWorkflow``): the server
+    learns only the weighted mean of the site updates. Floats for ``num_shares`` /
+    ``reconstruction_threshold`` are fractions of the sampled sites / of the shares; any
+    ``reconstruction_threshold`` sites colluding with the server can unmask one site's update."""
+
+    enabled: bool = False  # run the federation's rounds under SecAgg+
+    num_shares: int | float = 1.0  # shares of each site's mask secrets (1.0: all sampled sites)
+    reconstruction_threshold: int | float = 0.67  # shares needed to unmask a dropped site
+    clipping_range: float = 1.0  # scaled update values are clipped to ± this before quantisation
+    quantization_range: int = 2**22  # quantisation levels over [−clipping_range, clipping_range]
+    modulus_range: int = 2**32  # the masked sum's modulus
+    max_weight: float = 1000.0  # most training images a site may have (its weight's scale)
+    timeout_s: float = 600.0  # deadline of each SecAgg+ stage
+
+    def __post_init__(self) -> None:
+        for name in ("clipping_range", "max_weight", "timeout_s"):
+            v = getattr(self, name)
+            _need(math.isfinite(v) and v > 0, f"secagg.{name}", "must be a finite number > 0", v)
+        _need(0 < self.quantization_range < self.modulus_range, "secagg.quantization_range",
+              "must lie in (0, modulus_range)", self.quantization_range)
+        _need(self.modulus_range & (self.modulus_range - 1) == 0, "secagg.modulus_range",
+              "must be a power of 2", self.modulus_range)
+        shares, threshold = self.num_shares, self.reconstruction_threshold
+        _need((shares == 1 or shares > 2) if isinstance(shares, int) else (0 < shares <= 1),
+              "secagg.num_shares", "must be an integer > 2 (or 1), or a fraction in (0, 1]", shares)
+        _need((threshold >= 1) if isinstance(threshold, int) else (0 < threshold <= 1),
+              "secagg.reconstruction_threshold", "must be an integer >= 1 or a fraction in (0, 1]", threshold)
+        if isinstance(shares, int) and isinstance(threshold, int) and shares > 2:
+            _need(threshold < shares, "secagg.reconstruction_threshold",
+                  f"must be less than num_shares ({shares})", threshold)
 
 
 @dataclass(frozen=True)
@@ -321,6 +446,8 @@ class FederationConfig:
     screen_norm_factor: float = 10.0  # reject an update whose ||w_site − w_global|| exceeds this × the round's median
     screen_norm_cap: float | None = None  # absolute bound on that norm (None: only the relative bound)
     drop_after_rejections: int = 3  # a site rejected this many rounds running is no longer sampled
+    client_dp: ClientDPConfig = field(default_factory=ClientDPConfig)  # client-level DP (server/dp.py)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)  # secure aggregation (server/secagg_app.py)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -342,6 +469,34 @@ class FederationConfig:
             raise ConfigError(f"federation.screen_norm_cap: must be > 0 or null, got {self.screen_norm_cap}")
         if self.drop_after_rejections < 1:
             raise ConfigError(f"federation.drop_after_rejections: must be >= 1, got {self.drop_after_rejections}")
+        _check_private_aggregation(self)
+
+
+def _check_private_aggregation(fed: FederationConfig) -> None:
+    """Refuse the combinations client-level DP and SecAgg+ cannot run with, naming the reason."""
+    dp, secagg = fed.client_dp, fed.secagg
+    if dp.enabled and secagg.enabled:
+        raise ConfigError("federation.client_dp and federation.secagg: not both at once (Flower 1.41's DP "
+                          "wrappers are Message-API strategies, SecAgg+ a legacy workflow; and server-side "
+                          "clipping needs the individual updates SecAgg+ hides)")
+    if secagg.enabled and fed.strategy not in MEAN_STRATEGIES:
+        raise ConfigError(f"federation.secagg: strategy {fed.strategy!r} cannot run under SecAgg+, which "
+                          "yields only the weighted mean of complete updates (fedbn withholds layers, "
+                          f"fedadam/fedmedian need more than a mean); use one of {list(MEAN_STRATEGIES)}")
+    if not dp.enabled:
+        return
+    if dp.mode not in CLIENT_DP_YAML_MODES:
+        raise ConfigError(f"federation.client_dp.mode: {dp.mode!r} is not offered for runs (adaptive clipping "
+                          "would clip replies before the server's update screening, and client-adaptive adds a "
+                          f"reply metric outside the fixed schema); use one of {list(CLIENT_DP_YAML_MODES)}")
+    if fed.strategy not in MEAN_STRATEGIES:
+        raise ConfigError(f"federation.client_dp: strategy {fed.strategy!r} cannot run with client-level DP: "
+                          "the noise σ·C/n is calibrated for a mean of clipped updates of all sent arrays "
+                          f"(fedbn withholds layers, fedadam/fedmedian are not a mean); use one of "
+                          f"{list(MEAN_STRATEGIES)}")
+    if fed.packed_weights:
+        raise ConfigError("federation.client_dp: needs federation.packed_weights: false (the DP wrappers "
+                          "and clipping mods compare the update with the global weights tensor by tensor)")
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:

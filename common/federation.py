@@ -134,7 +134,7 @@ def spec_from_dict(data: Mapping[str, Any], where: str = "run spec", base: Path 
 
 def load_run_spec(yaml_path: str | Path) -> RunSpec:
     """Read a RunSpec YAML. Relative paths (sites' ``data_path``, ``run_dir``, ``cache_dir``,
-    ``experiment.model.pretrained_path``, a preset file) are resolved against the YAML's folder,
+    ``experiment.model.pretrained_path`` and ``init_from``, a preset file) are resolved against the YAML's folder,
     so a spec file works from any working directory."""
     path = Path(yaml_path)
     base = path.resolve().parent
@@ -146,7 +146,8 @@ def load_run_spec(yaml_path: str | Path) -> RunSpec:
     def fix(site: SiteSpec) -> SiteSpec:
         return dataclasses.replace(site, data_path=absolute(site.data_path))
 
-    model = dataclasses.replace(spec.experiment.model, pretrained_path=absolute(spec.experiment.model.pretrained_path))
+    model = dataclasses.replace(spec.experiment.model, pretrained_path=absolute(spec.experiment.model.pretrained_path),
+                                init_from=absolute(spec.experiment.model.init_from))
     return dataclasses.replace(
         spec,
         experiment=dataclasses.replace(spec.experiment, model=model),
@@ -172,10 +173,16 @@ def site_seed(seed: int, server_round: int, site: str) -> int:
 
 
 def build_experiment_model(exp: ExperimentConfig) -> nn.Module:
-    """The experiment's network, built identically by the server (initial weights) and sites."""
+    """The experiment's network, built identically by the server (initial weights) and sites;
+    ``model.init_from`` (strict, ``common.init_from``) sets every initial weight. Sites drop
+    ``init_from`` (client/runtime.py): their weights arrive in the message."""
+    from common.init_from import initialise_from
     from common.model import build_model
 
-    return build_model(exp.model, exp.loss.features, sign_constrained=exp.loss.sign_constrained)
+    model = build_model(exp.model, exp.loss.features, sign_constrained=exp.loss.sign_constrained)
+    if exp.model.init_from:  # every weight comes from the file
+        initialise_from(model, exp.model.init_from, tuple(exp.loss.features))
+    return model
 
 
 def norm_keys(model: nn.Module) -> frozenset[str]:

@@ -97,6 +97,8 @@ def build_model(
     ImageNet weights of that variant initialises the encoder; otherwise (any arch) the file must
     hold a MultiTaskNet state_dict or a checkpoint of ``common.checkpoint``, loaded non-strictly.
     ``"auto"`` means the ImageNet file of the installed pip package (lite0 / lite1 only).
+    ``model_cfg.init_from`` replaces ``pretrained_path``; ``common.federation.build_experiment_model``
+    loads it (strictly, ``common.init_from``) after building.
     """
     if model_cfg.cls_head not in HEADS:
         raise ValueError(f"model.cls_head: unknown {model_cfg.cls_head!r}; known: {sorted(HEADS)}")
@@ -113,7 +115,7 @@ def build_model(
     head = HEADS[model_cfg.cls_head](backbone.feature_channels, model_cfg.dropout)
     prior = BiradsPrior(tuple(features), sign_constrained=sign_constrained)
     model = MultiTaskNet(backbone, head, prior, model_cfg.in_channels, model_cfg.refine_passes)
-    if model_cfg.pretrained_path:
+    if model_cfg.pretrained_path and not model_cfg.init_from:  # init_from overwrites every weight
         path = resolve_pretrained(model_cfg)
         state = _read_state(path)
         if model_cfg.arch in LITE_VARIANTS and "_conv_stem.weight" in state:

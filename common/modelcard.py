@@ -5,7 +5,9 @@ plus ``<model>.reliability.png`` when an evaluation with calibration is known.
 Everything comes from the model file's metadata (``common.modelfile.build_metadata``) and, when
 the caller has scored the model, an evaluation: per-centre metric rows (Dice, AUC with CIs) and the
 per-image malignancy probabilities with their labels, from which Brier score, ECE and the
-reliability bins are computed here (``common.metrics``).
+reliability bins are computed here (``common.metrics``). A temperature-calibrated model
+(``common.calibration``) also gets the uncalibrated probabilities' Brier score and ECE ("before"),
+and the card says how its temperature was fitted.
 """
 from __future__ import annotations
 
@@ -73,10 +75,12 @@ def _finite(x: Any) -> float | None:
 
 
 def centre_evaluation(centre: str, rows: Iterable[Mapping[str, Any]], malignant: Sequence[float] | None = None,
-                      p_malignant: Sequence[float] | None = None, n_bins: int = N_BINS) -> dict[str, Any]:
+                      p_malignant: Sequence[float] | None = None, n_bins: int = N_BINS,
+                      p_uncalibrated: Sequence[float] | None = None) -> dict[str, Any]:
     """One test centre's evaluation. ``rows``: tidy metric rows (metric, value, ci_low, ci_high,
     n) as the simulation's ``metric_rows`` writes; ``malignant``/``p_malignant`` (N,): labels and
-    probabilities for calibration (left out when None, e.g. an untrained classification head)."""
+    probabilities for calibration (left out when None, e.g. an untrained classification head);
+    ``p_uncalibrated`` (N,): the same model's probabilities at temperature 1 (Brier/ECE before)."""
     out: dict[str, Any] = {"centre": centre, "metrics": {}}
     for r in rows:
         if r.get("metric") in ("dice", "auc"):
@@ -89,6 +93,9 @@ def centre_evaluation(centre: str, rows: Iterable[Mapping[str, Any]], malignant:
             "ece": _finite(metrics.expected_calibration_error(malignant, p_malignant, n_bins)),
             "n_bins": n_bins, "n": sum(b["count"] for b in bins),
             "bins": [{k: (_finite(v) if k in ("mean_p", "observed") else v) for k, v in b.items()} for b in bins]}
+        if p_uncalibrated is not None:
+            out["calibration"]["brier_raw"] = _finite(metrics.brier_score(malignant, p_uncalibrated))
+            out["calibration"]["ece_raw"] = _finite(metrics.expected_calibration_error(malignant, p_uncalibrated, n_bins))
     return out
 
 
@@ -132,6 +139,35 @@ def privacy_statement(meta: Mapping[str, Any]) -> dict[str, Any]:
             "text": f"No formal privacy guarantee: {where} the weights may reveal information about training images."}
 
 
+def calibration_statement(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The malignancy temperature, how it was fitted and what that means, in one sentence."""
+    cal = dict(meta.get("calibration") or {})
+    if "temperatures" in cal:  # an ensemble
+        temps = ", ".join(f"{t:.3g}" for t in cal["temperatures"])
+        return {**cal, "text": f"Each member's malignancy logit is divided by its own temperature ({temps}) "
+                               "before the members' probabilities are averaged."}
+    t = _finite(meta.get("temperature")) or 1.0
+    if not cal:
+        return {"temperature": t, "text": ("Not calibrated: the malignancy probability is the network's own "
+                                           "(temperature 1)." if t == 1.0 else f"Temperature {t:.3g}.")}
+    split = str(cal.get("split", ""))
+    where = ", ".join(f"{c} ({n})" for c, n in (cal.get("centres") or {}).items()) or "—"
+    if not cal.get("fitted", True):
+        return {**cal, "temperature": t, "text": (f"Not calibrated: only {cal.get('n', 0)} images in the {split} "
+                                                  f"split of the training centres ({where}); temperature 1.")}
+    text = (f"Temperature scaling: the malignancy logit is divided by T = {t:.3g}, fitted by minimising the "
+            f"log-loss on the {split} split of the training centres ({where}; {cal.get('n', 0)} images"
+            f"{', statistics summed across sites, no image left its site' if cal.get('federated') else ''}); "
+            f"mean log-loss there {_num(cal.get('nll_before'))} at T = 1, {_num(cal.get('nll_after'))} at T. "
+            "AUC and decisions at threshold 0.5 are unchanged.")
+    if split == "training":
+        text += (" Fitted on images the model trained on (the run keeps no validation split), where it is "
+                 "more confident than on new images: T tends to under-correct.")
+    if (meta.get("privacy") or {}).get("dp_sgd"):
+        text += " The temperature is not covered by the DP-SGD guarantee."
+    return {**cal, "temperature": t, "text": text}
+
+
 def build_card(meta: Mapping[str, Any], evaluation: Sequence[Mapping[str, Any]] | None = None,
                evaluation_note: str = "") -> dict[str, Any]:
     """The card (JSON-ready) of a model file's metadata ``meta`` and, optionally, ``evaluation``:
@@ -150,6 +186,7 @@ def build_card(meta: Mapping[str, Any], evaluation: Sequence[Mapping[str, Any]] 
         "inference": dict(meta.get("inference") or {}),
         "learned_prior": learned_prior(meta.get("prior") or {}),
         "privacy": privacy_statement(meta),
+        "calibration": calibration_statement(meta),
         "evaluation": {"note": evaluation_note, "centres": [dict(e) for e in evaluation]} if evaluation else None,
         "failure_modes": [dict(f) for f in LITE0_FAILURES] if arch == "lite0" else [],
         "versions": dict(prov.get("versions") or {}), "commit": prov.get("git_commit"),
@@ -180,6 +217,12 @@ def _metric_cell(m: Mapping[str, Any] | None) -> str:
     return f"{_num(m.get('value'))}{ci}, n={m.get('n', 0)}"
 
 
+def _before_after(cal: Mapping[str, Any], key: str) -> str:
+    if f"{key}_raw" not in cal:
+        return _num(cal.get(key))
+    return f"{_num(cal.get(f'{key}_raw'))} → {_num(cal.get(key))}"
+
+
 def render_markdown(card: Mapping[str, Any], png_name: str | None = None) -> str:
     """The card as Markdown; ``png_name``: the reliability diagram beside it, when written."""
     lines = [f"# Model card: {card.get('model')}", ""]
@@ -206,6 +249,7 @@ def render_markdown(card: Mapping[str, Any], png_name: str | None = None) -> str
               for p in card.get("learned_prior") or []] or ["| — | | | |"]
     priv = card.get("privacy") or {}
     lines += ["", "## Privacy", "", str(priv.get("text", "")), ""]
+    lines += ["## Calibration", "", str((card.get("calibration") or {}).get("text", "")), ""]
     ev = card.get("evaluation")
     lines += ["## Evaluation", ""]
     if not ev:
@@ -214,11 +258,14 @@ def render_markdown(card: Mapping[str, Any], png_name: str | None = None) -> str
     else:
         if ev.get("note"):
             lines += [str(ev["note"]), ""]
-        lines += ["| centre | Dice (95 % CI) | AUC (95 % CI) | Brier | ECE (10 bins) |", "|---|---|---|---|---|"]
+        both = any("ece_raw" in (c.get("calibration") or {}) for c in ev["centres"])
+        brier, ece = ("Brier (T = 1 → T)", "ECE, 10 bins (T = 1 → T)") if both else ("Brier", "ECE (10 bins)")
+        lines += [f"| centre | Dice (95 % CI) | AUC (95 % CI) | {brier} | {ece} |", "|---|---|---|---|---|"]
         for c in ev["centres"]:
             cal = c.get("calibration") or {}
+            cells = [_before_after(cal, k) if both else _num(cal.get(k)) for k in ("brier", "ece")]
             lines.append(f"| {c['centre']} | {_metric_cell(c['metrics'].get('dice'))} | "
-                         f"{_metric_cell(c['metrics'].get('auc'))} | {_num(cal.get('brier'))} | {_num(cal.get('ece'))} |")
+                         f"{_metric_cell(c['metrics'].get('auc'))} | {cells[0]} | {cells[1]} |")
         lines.append("")
         if png_name:
             lines += [f"![reliability diagram]({png_name})", ""]

@@ -8,8 +8,10 @@ read with ``weights_only=True`` (no arbitrary unpickling). The metadata (JSON, r
 tool) holds the resolved experiment (preprocessing size, feature set, inference choice), the
 prior's effective weights and standardisation, the training lesions' feature percentiles where
 the trainer held the data, the data's centres and counts (never file names), the privacy
-budget spent, versions and commit. The two SHA-256 digests detect a corrupted or edited file
-(integrity, not authorship: whoever rewrites the file can recompute them).
+budget spent, the malignancy ``temperature`` (``common.calibration``; a file written before it
+existed loads as 1.0, uncalibrated) with how it was fitted, versions and commit. The two SHA-256
+digests detect a corrupted or edited file (integrity, not authorship: whoever rewrites the file
+can recompute them).
 
 An ensemble is a YAML manifest ``{format: fedbus-ensemble/1, name, members: [relative paths],
 inference: {...}}``: its members are model files, averaged by ``common.inference``.
@@ -21,7 +23,7 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ import yaml
 from torch import nn
 
 from common.atomic import atomic_write
+from common.calibration import CalibrationError, check_temperature
 from common.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from common.checkpoint import provenance
 from common.config import ALL_FEATURES, ConfigError, ExperimentConfig, InferenceConfig, from_dict, to_dict
@@ -106,9 +109,11 @@ def feature_stats(images: torch.Tensor, masks: torch.Tensor, chunk: int = 32) ->
 def build_metadata(model: nn.Module, cfg: ExperimentConfig, *, name: str, description: str = "",
                    data: Mapping[str, Any] | None = None, stats: Mapping[str, Any] | None = None,
                    epsilon: float | None = None, source: Mapping[str, Any] | None = None,
+                   temperature: float = 1.0, calibration: Mapping[str, Any] | None = None,
                    ) -> dict[str, Any]:
     """The metadata of a model file. ``data``: e.g. {"centres": {name: {"train": n, "val": n}}};
-    ``stats``: ``feature_stats``; ``epsilon``: DP-SGD ε spent (None: no DP)."""
+    ``stats``: ``feature_stats``; ``epsilon``: DP-SGD ε spent (None: no DP); ``temperature``: of
+    the malignancy logit, ``calibration``: how it was fitted (``common.calibration.summary``)."""
     exp = to_dict(cfg)
     spent = None if epsilon is None or not math.isfinite(epsilon) else float(epsilon)
     return {
@@ -123,6 +128,8 @@ def build_metadata(model: nn.Module, cfg: ExperimentConfig, *, name: str, descri
         "privacy": {"dp_sgd": cfg.privacy.enabled, "epsilon": spent,
                     "delta": cfg.privacy.target_delta if cfg.privacy.enabled else None},
         "data": dict(data or {}),
+        "temperature": check_temperature(temperature),
+        "calibration": dict(calibration) if calibration else None,
         "provenance": provenance(),
         "source": dict(source or {}),
     }
@@ -135,12 +142,34 @@ def save_model(path: str | Path, model: nn.Module, cfg: ExperimentConfig, **meta
     from common.modelcard import write_card
 
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    metadata = build_metadata(model, cfg, **meta)
+    metadata = json.loads(json.dumps(build_metadata(model, cfg, **meta)))  # as read back: plain JSON
+    out = _write(path, state, metadata)
+    write_card(out, metadata)
+    return out
+
+
+def _write(path: str | Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> Path:
     text = json.dumps(metadata, indent=1, sort_keys=True)
-    payload = {"format": FORMAT, "metadata": text, "state_dict": state,
+    payload = {"format": FORMAT, "metadata": text, "state_dict": dict(state),
                "weights_sha256": weights_sha256(state), "metadata_sha256": _sha(text)}
-    out = atomic_write(path, lambda fh: torch.save(payload, fh), binary=True, mode=None)
-    write_card(out, json.loads(text))
+    return atomic_write(path, lambda fh: torch.save(payload, fh), binary=True, mode=None)
+
+
+def set_temperature(path: str | Path, temperature: float, calibration: Mapping[str, Any] | None = None) -> Path:
+    """Rewrite the (verified) model file at ``path`` with ``temperature`` and ``calibration``
+    in its metadata, weights unchanged, then its card, keeping the card's evaluation."""
+    from common.modelcard import card_paths, write_card
+
+    state, meta = read_model(path)
+    meta = {**meta, "temperature": check_temperature(temperature),
+            "calibration": dict(calibration) if calibration else None}
+    out = _write(path, state, meta)
+    evaluation, note = None, ""
+    card = card_paths(out)["json"]
+    if card.is_file():
+        ev = (json.loads(card.read_text(encoding="utf-8")) or {}).get("evaluation") or {}
+        evaluation, note = ev.get("centres") or None, str(ev.get("note") or "")
+    write_card(out, meta, evaluation, note)
     return out
 
 
@@ -179,11 +208,19 @@ class Member:
     config: ExperimentConfig
     metadata: dict[str, Any]
 
+    @property
+    def temperature(self) -> float:
+        """The malignancy temperature (1.0 for a file written before calibration existed)."""
+        value = self.metadata.get("temperature")
+        return 1.0 if value is None else float(value)
+
     def network(self, channels_last: bool = False) -> nn.Module:
         """The network with its weights, in eval mode."""
-        from common.federation import build_experiment_model
+        from common.model import build_model
 
-        model = build_experiment_model(self.config)
+        # the file holds every weight: neither ImageNet files nor init_from are read again
+        cfg = replace(self.config.model, pretrained_path=None, init_from=None)
+        model = build_model(cfg, self.config.loss.features, sign_constrained=self.config.loss.sign_constrained)
         model.load_state_dict(self.state_dict)
         if channels_last:  # as it was trained: the faster format on CPU
             model.to(memory_format=torch.channels_last)
@@ -204,6 +241,11 @@ class LoadedModel:
         """The side images are resized to (the largest member's)."""
         return max(m.config.data.image_size for m in self.members)
 
+    @property
+    def temperatures(self) -> list[float]:
+        """Each member's malignancy temperature (``common.inference.build_predictor``)."""
+        return [m.temperature for m in self.members]
+
     def describe(self) -> dict[str, Any]:
         """Plain description for predict and the ONNX file: size, inference, priors, the
         training lesions' percentiles and each member's metadata (torch-free to read)."""
@@ -211,6 +253,7 @@ class LoadedModel:
                       if m.metadata.get("feature_stats")), None)
         return {"name": self.name, "image_size": self.image_size, "inference": to_dict(self.inference),
                 "priors": [m.metadata["prior"] for m in self.members], "feature_stats": stats,
+                "temperatures": self.temperatures,
                 "members": [m.metadata for m in self.members]}
 
 
@@ -220,6 +263,11 @@ def _member(path: Path) -> Member:
         cfg = from_dict(ExperimentConfig, meta.get("experiment"), f"{path}: experiment")
     except ConfigError as exc:
         raise ModelFileError(str(exc)) from None
+    if meta.get("temperature") is not None:
+        try:
+            check_temperature(meta["temperature"], f"{path}: temperature")
+        except CalibrationError as exc:
+            raise ModelFileError(str(exc)) from None
     return Member(state, cfg, meta)
 
 
@@ -267,7 +315,10 @@ def ensemble_metadata(metas: Sequence[Mapping[str, Any]], doc: Mapping[str, Any]
     first = metas[0]
     weights = {k: float(np.mean([m["prior"]["weights"][k] for m in metas])) for k in first["prior"]["weights"]}
     spent = [m["privacy"]["epsilon"] for m in metas if m["privacy"].get("epsilon") is not None]
-    return {**first, "name": doc["name"], "inference": doc["inference"],
+    temps = [float(m.get("temperature") or 1.0) for m in metas]
+    return {**first, "name": doc["name"], "inference": doc["inference"], "temperature": None,
+            "calibration": {"method": "each member calibrated by its own temperature, then averaged",
+                            "temperatures": temps},
             "description": (f"ensemble of {len(metas)} models ({', '.join(doc['members'])}), their outputs "
                             f"averaged; prior weights are the members' mean. {first.get('description', '')}").strip(),
             "prior": {**first["prior"], "weights": weights},

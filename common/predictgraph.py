@@ -3,7 +3,8 @@ out; run by the predict command under torch (``TorchBackend``) and exported to O
 (``export_onnx``) so the same graph runs under ONNX Runtime (``common.prediction.OnnxBackend``).
 
 The network part is ``common.inference.build_predictor`` (members averaged, views of the
-model's ``inference``); the features are ``common.birads.birads_features`` of the predicted soft
+model's ``inference``, each member's malignancy divided by its file's ``temperature``, so the
+exported graph holds the calibration as constants and predicts as torch does); the features are ``common.birads.birads_features`` of the predicted soft
 mask and the raw image, and φ is each member's prior on them (averaged), as the consistency
 loss sees them in training: before post-processing, which ``predict`` applies afterwards.
 """
@@ -57,10 +58,11 @@ class PredictGraph(nn.Module):
 
 
 def build_graph(model: LoadedModel, channels_last: bool = False) -> PredictGraph:
-    """The graph of ``model``'s members with its inference views, in eval mode."""
+    """The graph of ``model``'s members with its inference views and their temperatures, in
+    eval mode."""
     nets = [m.network(channels_last) for m in model.members]
     sizes = [m.config.data.image_size for m in model.members]
-    predictor = build_predictor(nets, model.inference, sizes)
+    predictor = build_predictor(nets, model.inference, sizes, temperatures=model.temperatures)
     return PredictGraph(predictor, [n.prior for n in nets]).eval()  # type: ignore[attr-defined]
 
 

@@ -23,6 +23,10 @@ How the budget is spent across rounds:
 Sampling is Poisson (each image joins a step's batch with probability q = 1/⌈N/B⌉, Opacus'
 ``DPDataLoader``), which the RDP analysis assumes. A step whose draw is empty is still taken as a
 noise-only step (and accounted): skipping it would reveal that the draw was empty.
+``max_physical_batch`` cuts a large draw into chunks of one logical step (virtual steps) and
+``augmult`` averages each image's gradient over K augmented copies (``common.dp_batches``);
+``trainable: decoder`` trains all but the encoder (``common.train`` freezes it before wrapping).
+Refused before training: δ ≥ 1/N, and modules Opacus cannot privatise (BatchNorm).
 """
 from __future__ import annotations
 
@@ -44,6 +48,11 @@ from common.accounting import (  # noqa: F401  (re-exported: ``from common.priva
     validate,
 )
 from common.config import PrivacyConfig
+from common.dp_batches import (
+    average_copies_before_clipping,
+    refuse_unsupported_modules,
+    split_indices,
+)
 from common.privacy_state import (  # noqa: F401  (re-exported: ``from common.privacy import ...``)
     STATE_FORMAT,
     _check_state,
@@ -115,9 +124,11 @@ class PrivacySession:
         self.cfg, self.site = cfg, site
         self.num_examples, self.batch_size, self.epochs = int(num_examples), int(batch_size), int(epochs)
         self.sample_rate, self.steps_per_epoch = poisson_rate(self.num_examples, self.batch_size)
-        if cfg.target_delta >= 1.0 / self.num_examples:
-            log.warning("site %s: delta %.3g >= 1/N = %.3g: a delta this large allows releasing "
-                        "a record outright; use delta << 1/N", site, cfg.target_delta, 1 / self.num_examples)
+        if cfg.target_delta >= 1.0 / self.num_examples:  # (ε, δ ≥ 1/N) allows releasing a record outright
+            raise ValueError(f"site {site}: privacy.target_delta={cfg.target_delta:g} is >= 1/N = "
+                             f"{1 / self.num_examples:.3g} (N = {self.num_examples} training images): such a "
+                             f"guarantee allows publishing one image outright; DP-SGD refused before "
+                             f"training: use a delta well below 1/N")
         if state is not None:
             _check_state(state, f"site {site} privacy state")
             if state.get("accountant", cfg.accountant) != cfg.accountant:
@@ -139,6 +150,17 @@ class PrivacySession:
         self._module: Any = None
         self._prior_tracking: tuple[Any, bool] | None = None
         self._steps = 0  # optimizer steps of this round (noise-only ones included)
+
+    # ---- what train_local reads (common.train's PrivacySession protocol)
+    @property
+    def trainable(self) -> str:
+        """"all", or "decoder": train_local freezes ``backbone.encoder.*`` before wrapping."""
+        return self.cfg.trainable
+
+    @property
+    def augmult(self) -> int:
+        """K: train_local repeats each image K times (augmented independently) per step."""
+        return self.cfg.augmult
 
     # ---- plan / budget
     def _warn_if_plan_changed(self) -> None:
@@ -208,6 +230,7 @@ class PrivacySession:
             raise ValueError(f"site {self.site}: session planned for N={self.num_examples}, "
                              f"B={self.batch_size} but training got N={len(data)}, B={batch_size}")
         self.check_budget()
+        refuse_unsupported_modules(model, self.site)
         from opacus import PrivacyEngine
 
         try:
@@ -245,16 +268,30 @@ class PrivacySession:
                 extra_grad()
 
             dp_opt.step_hook = hook
+        if self.cfg.augmult > 1:
+            average_copies_before_clipping(dp_opt, self.cfg.augmult)
         self._engine, self._optimizer, self._module = engine, dp_opt, module
+        bound = self.cfg.max_physical_batch
+        per_pass = None if bound is None else bound // self.cfg.augmult  # images per forward pass
 
-        def epoch() -> Iterator[dict[str, Tensor]]:
+        def epoch() -> Iterator[dict[str, Tensor] | list[dict[str, Tensor]]]:
             for (idx,) in dp_loader:
                 if idx.numel() == 0:
                     self._noise_only_step()
                     continue
-                yield _batch_of(data, idx)
+                chunks = [_batch_of(data, part) for part in split_indices(idx, per_pass)]
+                yield chunks[0] if len(chunks) == 1 else chunks
 
         return module, dp_opt, epoch
+
+    def accumulate(self) -> None:
+        """After a chunk of a split Poisson batch (not its last): clip and sum its per-sample
+        gradients into Opacus' ``summed_grad`` and clear them, with no noise and no update;
+        the last chunk's ``optimizer.step()`` then noises and applies the whole batch."""
+        opt = self._optimizer
+        opt.signal_skip_step(do_skip=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)  # keeps summed_grad after a skipped step
 
     def close(self) -> None:
         """Detach Opacus from the model (hooks, per-sample gradients) once training is over, so

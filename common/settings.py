@@ -70,6 +70,10 @@ class SimConfig:
     dp_arms: tuple[str, ...] = ("consistency",)  # arms that get the DP variants
     selection: str = "best_val"  # centralised model selection: best_val | last
     workers: int = 1  # processes that train centralised units side by side (sim/workers.py)
+    # paper protocol, public → private: a model trained without DP on these centres (sim/public.py)
+    # is every arm's model.init_from; they are no longer test centres
+    public_centres: tuple[str, ...] = ()
+    public_epochs: int | None = None  # epochs of that pretraining; None: train.epochs
 
     def __post_init__(self) -> None:
         bad = [p for p in self.protocols if p not in PROTOCOL_GROUPS]
@@ -101,6 +105,8 @@ class SimConfig:
             raise ConfigError(f"sim.lambda_sweep: every λ must be finite and >= 0, got {list(self.lambda_sweep)}")
         if self.workers < 1:
             raise ConfigError(f"sim.workers: must be >= 1, got {self.workers}")
+        if self.public_epochs is not None and self.public_epochs < 1:
+            raise ConfigError(f"sim.public_epochs: must be >= 1 (or null), got {self.public_epochs}")
         if self.selection not in SELECTIONS:
             raise ConfigError(f"sim.selection: {self.selection!r} not one of {list(SELECTIONS)}")
 

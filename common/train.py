@@ -11,10 +11,17 @@ Privacy seam (``privacy=``): an object with
 batch_iter_factory)`` and ``after_step()``. ``module`` is what the forward pass calls (e.g. an
 Opacus GradSampleModule around ``model``, sharing its parameters, so ``model.state_dict()`` keeps
 plain keys); ``batch_iter_factory()`` yields one epoch of batch dicts like
-``common.data.tensors.batches`` (e.g. Poisson-sampled); ``extra_grad`` (a no-argument callable
+``common.data.tensors.batches`` (e.g. Poisson-sampled), or for one step a list of batch dicts
+(the chunks of a batch too large for one pass: after each but the last, ``accumulate()`` is
+called instead of ``optimizer.step()``); ``extra_grad`` (a no-argument callable
 or None) must be called once per step after the noise is added and before the parameter update.
 Without a session, gradient-norm clipping uses ``train_cfg.grad_clip``; with one, the session
-clips per sample and ``grad_clip`` is not applied.
+clips per sample and ``grad_clip`` is not applied. Optional session attributes: ``trainable``
+("decoder": the ``backbone.encoder.*`` parameters are frozen before ``wrap``, so neither the
+optimiser nor Opacus sees them) and ``augmult`` (K: each image enters the step K times, each
+copy augmented on its own; the session averages their per-sample gradients before clipping).
+Under a session, options that couple the images of a batch or break per-sample gradients
+(``common.config.dp_refusal``: MixStyle, channels-last, depth splicing) are refused before training.
 
 Schedules (``position=``, a ``common.schedule.RunPosition``): the learning rate and λ are
 functions of the run's global epoch progress, so R calls of E epochs placed with
@@ -35,10 +42,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from common.config import AugmentConfig, LossConfig, TrainConfig
+from common.config import AugmentConfig, LossConfig, TrainConfig, dp_refusal
 from common.data.augment import augment_batch, augmentation
 from common.data.tensors import TensorData, batches, lesion_present, normalise
 from common.device import resolve_device, seed_everything, set_threads
+from common.dp_batches import repeat_rows
 from common.losses import MultiTaskLoss
 from common.nets.mixstyle import MixStyle
 from common.schedule import SCHEDULES, RunPosition, lr_factor
@@ -64,6 +72,8 @@ class PrivacySession(Protocol):
     ) -> tuple[nn.Module, torch.optim.Optimizer, BatchFactory]: ...
 
     def after_step(self) -> None: ...
+
+    def accumulate(self) -> None: ...
 
 
 @dataclass
@@ -168,6 +178,22 @@ def _prior_record(prior: nn.Module | None) -> dict[str, float]:
             "prior_bias": d["bias_per_unit"]}
 
 
+def _prepare(
+    batch: dict[str, Tensor], dev: torch.device, geometry: AugmentConfig | None,
+    generator: torch.Generator, augmult: int,
+) -> dict[str, Tensor]:
+    """A batch dict on ``dev``, each image ``augmult`` times in a row, then augmented (here, not
+    in the batch factory: DP batches too; each copy draws its own transform)."""
+    batch = {k: v.to(dev, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    batch = repeat_rows(batch, augmult)
+    if geometry is None:
+        return batch
+    raw, mask = augment_batch(batch["raw"], batch["mask"], generator, geometry)
+    has_mask = batch.get("has_mask", torch.ones_like(batch["has_lesion"]))
+    return {**batch, "raw": raw, "mask": mask, "image": normalise(raw),
+            "has_lesion": lesion_present(mask, has_mask, batch["has_lesion"])}
+
+
 def train_local(
     model: nn.Module,
     data: TensorData,
@@ -204,16 +230,18 @@ def train_local(
     dev = resolve_device(device if device is not None else train_cfg.device)
     generator = seed_everything(train_cfg.seed)
     model.to(dev)
-    if train_cfg.channels_last and privacy is not None:
+    geometry = augmentation(augment)
+    if privacy is not None:
         # Opacus 1.6's conv per-sample gradients are wrong for channels-last tensors (their mean is
-        # not the gradient; tests/common/test_privacy.py): a speed option must not corrupt DP-SGD.
-        log.warning("%s: train.channels_last is ignored under privacy (Opacus per-sample "
-                    "gradients need contiguous tensors)", desc or "train_local")
-        train_cfg = replace(train_cfg, channels_last=False)
+        # not the gradient; tests/common/test_privacy.py); the others couple images of a batch.
+        mixstyle = max((float(m.p) for m in model.modules() if isinstance(m, MixStyle)), default=0.0)
+        refusal = dp_refusal(mixstyle, train_cfg.channels_last, geometry)
+        if refusal:
+            raise ValueError(f"{desc or 'train_local'}: DP-SGD refused before training: {refusal}")
+        if getattr(privacy, "augmult", 1) > 1 and geometry is None:
+            log.warning("%s: privacy.augmult=%d without augmentation: the copies are identical",
+                        desc or "train_local", privacy.augmult)  # type: ignore[attr-defined]
     model.to(memory_format=torch.channels_last if train_cfg.channels_last else torch.contiguous_format)
-    if privacy is not None and any(isinstance(m, MixStyle) and m.p > 0 for m in model.modules()):
-        raise ValueError("model.mixstyle mixes feature statistics across the images of a batch, "
-                         "so per-sample gradients (DP-SGD) would be wrong: set it to 0 under privacy")
     if privacy is not None:
         # Under DP a label-derived weight would be an un-noised statistic of the site's data, and a
         # lesion-count denominator would couple images: use the configured weight (or none) and
@@ -230,10 +258,19 @@ def train_local(
         frozen = [p for p in prior.parameters() if p.requires_grad]
         for p in frozen:
             p.requires_grad_(False)
+    if privacy is not None and getattr(privacy, "trainable", "all") == "decoder":
+        encoder = [p for n, p in model.named_parameters() if n.startswith(ENCODER_PREFIX) and p.requires_grad]
+        if not encoder:
+            raise ValueError(f"privacy.trainable 'decoder': the model has no '{ENCODER_PREFIX}*' parameters")
+        for p in encoder:  # before wrap: Opacus computes per-sample gradients only where they train
+            p.requires_grad_(False)
+        frozen += encoder
+        train_cfg = replace(train_cfg, encoder_lr_scale=1.0)  # no encoder group to scale
+        log.info("%s: encoder frozen under DP-SGD (%d tensors); decoder, heads and prior train",
+                 desc or "train_local", len(encoder))
     try:
         return _run(model, data, train_cfg, loss_fn, global_state, proximal_mu, privacy, dev,
-                    augmentation(augment), desc, generator, on_epoch_end, position.epoch_offset,
-                    total_epochs)
+                    geometry, desc, generator, on_epoch_end, position.epoch_offset, total_epochs)
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -278,6 +315,7 @@ def _run(
             return batches(data, cfg.batch_size, shuffle=True, generator=generator)
 
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)  # also Poisson's (DP) steps per epoch
+    augmult = int(getattr(privacy, "augmult", 1)) if privacy is not None else 1
     prior = getattr(model, "prior")
     model.train()
     history: list[dict[str, float]] = []
@@ -288,33 +326,35 @@ def _run(
         for epoch in range(cfg.epochs):
             t0, sums, n_epoch = time.perf_counter(), {}, 0
             done = epoch_offset + epoch  # whole epochs of the run before this one
-            for i, batch in enumerate(epoch_batches()):
+            for i, step in enumerate(epoch_batches()):
                 # run progress this step covers, in global epochs (the same float whichever way
                 # the run is cut into calls: the schedules must not see the cut)
                 at = done + min(i, steps_per_epoch - 1) / steps_per_epoch
                 until = done + min(i + 1, steps_per_epoch) / steps_per_epoch
-                b = int(batch["mask"].shape[0])
+                chunks = step if isinstance(step, list) else [step]  # one step's forward passes
+                b = sum(int(c["mask"].shape[0]) for c in chunks)
                 if b == 0:  # Poisson sampling can draw an empty batch
                     continue
-                batch = {k: v.to(dev, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
-                if geometry is not None:  # here, not in the batch factory: DP batches too
-                    raw, mask = augment_batch(batch["raw"], batch["mask"], generator, geometry)
-                    has_mask = batch.get("has_mask", torch.ones_like(batch["has_lesion"]))
-                    batch = {**batch, "raw": raw, "mask": mask, "image": normalise(raw),
-                             "has_lesion": lesion_present(mask, has_mask, batch["has_lesion"])}
                 factor = lr_factor(cfg, at, until, total_epochs)
                 for group, base in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = base * factor
-                x = batch["image"]
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
                 optimizer.zero_grad(set_to_none=True)
-                mask_logits, cls_logit = module(x)
-                total, parts = loss_fn(mask_logits, cls_logit, batch, prior, progress=until)
-                if not torch.isfinite(total):
-                    raise FloatingPointError(f"{desc or 'train_local'}: non-finite loss at epoch "
-                                             f"{epoch + 1} step {steps + 1}: {parts}")
-                total.backward()
+                for j, chunk in enumerate(chunks):
+                    batch = _prepare(chunk, dev, geometry, generator, augmult)
+                    x = batch["image"]
+                    if cfg.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    mask_logits, cls_logit = module(x)
+                    total, parts = loss_fn(mask_logits, cls_logit, batch, prior, progress=until)
+                    if not torch.isfinite(total):
+                        raise FloatingPointError(f"{desc or 'train_local'}: non-finite loss at epoch "
+                                                 f"{epoch + 1} step {steps + 1}: {parts}")
+                    total.backward()
+                    if j < len(chunks) - 1:  # clip and sum this chunk; the step comes with the last
+                        privacy.accumulate()  # type: ignore[union-attr]
+                    share = int(chunk["mask"].shape[0])
+                    for k, v in parts.items():
+                        sums[k] = sums.get(k, 0.0) + v * share
                 if privacy is None:
                     if add_prox is not None:
                         add_prox()
@@ -323,9 +363,7 @@ def _run(
                 optimizer.step()
                 if privacy is not None:
                     privacy.after_step()
-                parts["proximal"] = prox_value() if add_prox is not None else 0.0
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v * b
+                sums["proximal"] = sums.get("proximal", 0.0) + (prox_value() if add_prox is not None else 0.0) * b
                 n_epoch += b
                 steps += 1
                 bar.update(1)

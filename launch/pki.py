@@ -164,12 +164,15 @@ runtime_port: {runtime_port}                   # local Runtime API (127.0.0.1); 
 device: auto                         # auto | cpu | cuda | cuda:N
 num_threads: null
 allowed_fab_hashes: []               # optional allow-list of coordinator app bundles (sha256)
+after_run: wait                      # when a run ends: wait quietly for the next one, or exit (status 0)
 tuning:
   fast: true                         # warm ClientApp worker + short polls; false: stock Flower
   idle_pull_s: 0.5
   worker_poll_s: 0.25
   heartbeat_s: null                  # null: Flower's 30 s (a dead site is noticed after 2x)
   reconnect_timeout_s: 3600          # then exit (systemd restarts the service)
+  coordinator_gone_s: 60             # after a run ended: coordinator unreachable this long, stop retrying
+  coordinator_probe_s: 15            # ... and check for it this often
 # privacy:                           # optional: this hospital's own DP terms (docs/privacy.md)
 #   required: true
 #   max_epsilon: 4.0
@@ -251,10 +254,10 @@ def register(site: str, pub: Path, flwr_home: Path, connection: str = CONNECTION
 
 
 def revoke(site: str, flwr_home: Path, connection: str = CONNECTION,
-           audit_log: Path | None = None) -> list[int]:
+           audit_log: Path | None = None, reason: str = "operator request") -> list[int]:
     """Unregister every node registered under ``site``; returns their node ids. Each revocation
-    is an entry ``site_revoked`` in the coordinator's audit log (default: the one beside
-    ``flwr_home``, STATE_DIR/audit.jsonl)."""
+    is an entry ``site_revoked`` (site, node id, ``reason``) in the coordinator's audit log
+    (default: the one beside ``flwr_home``, STATE_DIR/audit.jsonl)."""
     ids = [n["node-id"] for n in list_sites(flwr_home, connection)
            if n["name"] == site and n["status"] != "unregistered"]
     if not ids:
@@ -264,7 +267,7 @@ def revoke(site: str, flwr_home: Path, connection: str = CONNECTION,
         res = _flwr(["supernode", "unregister", str(node_id), connection], flwr_home)
         if res.returncode != 0:
             raise RuntimeError(f"unregistering {site} ({node_id}) failed: {res.stdout}{res.stderr}")
-        audit.append("site_revoked", site=site, node_id=node_id, by="fedbus-pki")
+        audit.append("site_revoked", site=site, node_id=node_id, reason=reason, by="fedbus-pki")
     return ids
 
 
@@ -311,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "revoke":
             r.add_argument("--audit-log", type=Path, default=None,
                            help="coordinator audit log (default: audit.jsonl beside --flwr-home)")
+            r.add_argument("--reason", default="operator request",
+                           help="why, for the audit log (e.g. \"key lost\", \"left the consortium\")")
     args = p.parse_args(argv)
     try:
         return _run(args)
@@ -339,7 +344,8 @@ def _run(args: argparse.Namespace) -> int:
     elif args.cmd == "register":
         print(register(args.site, args.public_key, args.flwr_home, args.connection))
     elif args.cmd == "revoke":
-        print("unregistered node ids:", revoke(args.site, args.flwr_home, args.connection, args.audit_log))
+        print("unregistered node ids:", revoke(args.site, args.flwr_home, args.connection,
+                                                     args.audit_log, args.reason))
     else:
         print(json.dumps(list_sites(args.flwr_home, args.connection), indent=2))
     return 0

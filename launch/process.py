@@ -204,6 +204,21 @@ def wait_for_health(address: str, ca_cert: str | Path | None, timeout: float,
         time.sleep(0.25)
 
 
+def coordinator_reachable(address: str, ca_cert: str | Path | None, timeout: float = 5.0) -> bool:
+    """Does the SuperLink at ``address`` (host:port; https unless ``ca_cert`` is None) answer?
+    Any HTTP answer below 500 counts: the SuperLink says 200 to ``/health``, a proxy in front of
+    it 404, and a proxy whose SuperLink is down 502/503/504. Refused, timed out or a TLS
+    failure (not our federation's server) count as unreachable."""
+    import httpx  # flwr dependency
+
+    url = f"{'http' if ca_cert is None else 'https'}://{address}/health"
+    verify: str | bool = str(ca_cert) if ca_cert is not None else False
+    try:
+        return httpx.get(url, verify=verify, timeout=timeout).status_code < 500
+    except httpx.HTTPError:
+        return False
+
+
 def ensure_secret(path: str | Path, nbytes: int = 32) -> Path:
     """A random shared secret file (mode 0600) for SuperExec-to-Runtime-API authentication."""
     path = Path(path)

@@ -21,12 +21,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    RecordDict,
+)
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import ConfigError, to_dict
-from common.device import resolve_device, seed_everything
 from common.demo import DEMO_PRESET, demo_spec
+from common.device import resolve_device, seed_everything
 from common.federation import (
     AGGREGATE_SITE,
     FederationConfig,
@@ -40,8 +47,13 @@ from common.federation import (
 )
 from common.inference import evaluate
 from common.sitedata import load_test_tensors
+from server.calibration import calibrate_model
+from server.dp import planned_sampled_sites, wrap_client_dp
 from server.identity import IdentityCheck
-from server.screening import aggregate_problem
+from server.outcome import FederationFailed, FederationStopped  # noqa: F401  (re-exported)
+from server.prior_rows import PriorLog
+from server.run_end import run_end_announced
+from server.screening import aggregate_problem, audit_screening
 from server.state import MetricRow, ServerRunFolder, check_resumable
 from server.strategy import SiteRegistry, build_strategy
 
@@ -51,15 +63,6 @@ Clock = Callable[[], float]
 Sleep = Callable[[float], None]
 
 
-class FederationStopped(RuntimeError):
-    """The run ended early (no quorum); the last checkpoint is intact and resumable."""
-
-
-class FederationFailed(RuntimeError):
-    """A round produced no finite model (every update rejected or failed, or a non-finite
-    aggregate): status "failed", the last good checkpoint is kept, never overwritten."""
-
-
 def make_server_app(spec: RunSpec | None = None, *, resume: bool = False, quiet: bool = False) -> ServerApp:
     """ServerApp running ``spec`` (simulation) or the spec named by run_config (deployment).
     ``quiet``: Flower's own per-round INFO lines are not printed (our server.log keeps ours)."""
@@ -67,6 +70,11 @@ def make_server_app(spec: RunSpec | None = None, *, resume: bool = False, quiet:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        # deployment (flower-server): the sites' launchers learn that the run is over
+        with run_end_announced(grid, enabled=spec is None and bool(context.run_config.get("run-spec"))):
+            run_main(grid, context)
+
+    def run_main(grid: Grid, context: Context) -> None:
         if quiet:
             logging.getLogger("flwr").setLevel(logging.WARNING)
         identity = None
@@ -76,6 +84,12 @@ def make_server_app(spec: RunSpec | None = None, *, resume: bool = False, quiet:
             run_spec, do_resume = resolve_server_spec(spec, resume, context.run_config)
             if spec is None:  # deployment: flower-server writes the key registry into the run folder
                 identity = IdentityCheck.from_run_dir(run_spec.run_dir)
+        if run_spec.federation.secagg.enabled:  # federation.secagg: the legacy SecAgg+ workflow
+            from server.secagg_app import run_secagg_spec
+
+            central = CentralTest(run_spec) if run_spec.federation.central_eval and run_spec.central_test else None
+            run_secagg_spec(grid, context, run_spec, resume=do_resume, central=central)
+            return
         run_federation(grid, run_spec, resume=do_resume, identity=identity)
 
     return app
@@ -132,11 +146,14 @@ def run_federation(
         registry = SiteRegistry(s.name for s in spec.sites)
         strategy = build_strategy(fed, registry=registry, recorder=record, seed=exp.train.seed,
                                   norm_keys=norm_keys(build_experiment_model(exp)))
+        strategy = wrap_client_dp(strategy, fed.client_dp, planned_sampled_sites(fed, len(spec.sites)),
+                                  num_sites=len(spec.sites))  # federation.client_dp (unchanged when off)
         strategy.load_state_dict(strategy_state)  # type: ignore[attr-defined]
         arrays = ArrayRecord(state)
         base = {"experiment": json.dumps(to_dict(exp)), "run-key": run_key, "strategy": fed.strategy,
                 "num-rounds": fed.rounds}
         central = CentralTest(spec) if fed.central_eval and spec.central_test else None
+        prior_log = PriorLog(exp)  # the learned BI-RADS prior per round, for the report
         saved = start
         folder.write_status("running", saved)
         for rnd in range(start + 1, fed.rounds + 1):
@@ -158,7 +175,11 @@ def run_federation(
             train_cfg = ConfigRecord({**base, "local-epochs": fed.local_epochs})
             replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, train_cfg, grid),
                                             timeout=fed.round_timeout_s)
+            dropped_before = set(registry.dropped)
             new_arrays, _ = strategy.aggregate_train(rnd, replies)
+            audit_screening(identity.audit_log if identity is not None else None, rnd,  # deployment only
+                            getattr(strategy, "last_rejections", {}), registry.dropped - dropped_before,
+                            fed.drop_after_rejections, spec.run_dir)
             problem = aggregate_problem(new_arrays, strategy.last_failures["train"])  # type: ignore[attr-defined]
             if problem:  # never go on (or finish) with a poisoned or unchanged model
                 text = (f"round {rnd}: {problem}; stopping. The checkpoint of round {saved} is kept; "
@@ -168,6 +189,7 @@ def run_federation(
                 folder.write_status("failed", saved, text)
                 raise FederationFailed(text)
             arrays = new_arrays
+            prior_log.record_round(rnd, arrays, replies, strategy, record)
             record(rnd, "train", AGGREGATE_SITE, "wall_seconds", clock() - t0)
             t0 = clock()
             replies = grid.send_and_receive(
@@ -183,7 +205,9 @@ def run_federation(
                 folder.save(rnd, arrays.to_torch_state_dict(), spec, run_key, strategy.state_dict())  # type: ignore[attr-defined]
                 saved = rnd
             folder.write_status("running", saved)
-        folder.write_model(fed.rounds, arrays.to_torch_state_dict(), spec, run_key)  # what fedbus-predict takes
+        final = arrays.to_torch_state_dict()
+        model_path = folder.write_model(fed.rounds, final, spec, run_key)  # what fedbus-predict takes
+        calibrate_model(grid, registry, base, final, model_path, exp, fed.round_timeout_s)  # sites' sums only
         folder.write_status("finished", saved, f"{fed.rounds} rounds done")
         log.info("federation finished: %d rounds, run folder %s", fed.rounds, folder.path)
         return folder

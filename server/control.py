@@ -114,13 +114,14 @@ class Control:
             raise ControlError(f"the SuperLink did not register {name}")
         return int(res.node_id)
 
-    def unregister(self, node_id: int, audit: AuditLog | None = None, site: str = "") -> None:
-        """Revoke a node; with ``audit``, logged as ``site_revoked``."""
+    def unregister(self, node_id: int, audit: AuditLog | None = None, site: str = "",
+                   reason: str = "operator request") -> None:
+        """Revoke a node; with ``audit``, logged as ``site_revoked`` (site, node id, reason)."""
         from flwr.proto.control_pb2 import UnregisterNodeRequest
 
         self._client.UnregisterNode(UnregisterNodeRequest(node_id=node_id))
         if audit is not None:
-            audit.append("site_revoked", site=site, node_id=node_id)
+            audit.append("site_revoked", site=site, node_id=node_id, reason=reason)
 
     def stop_run(self, run_id: int) -> None:
         from flwr.proto.control_pb2 import StopRunRequest
@@ -171,11 +172,11 @@ def register_site(name: str, pub_path: str | Path, flwr_home: str | Path,
 
 
 def unregister_node(node_id: int, flwr_home: str | Path, connection: str = CONNECTION,
-                    audit: AuditLog | None = None, site: str = "") -> None:
-    """`flwr supernode unregister`; with ``audit``, logged as ``site_revoked``."""
+                    audit: AuditLog | None = None, site: str = "", reason: str = "operator request") -> None:
+    """`flwr supernode unregister`; with ``audit``, logged as ``site_revoked`` (site, node id, reason)."""
     flwr_cli(["supernode", "unregister", str(node_id), connection], flwr_home)
     if audit is not None:
-        audit.append("site_revoked", site=site, node_id=node_id)
+        audit.append("site_revoked", site=site, node_id=node_id, reason=reason)
 
 
 def submit_run(app_dir: str | Path, run_config: Mapping[str, object], flwr_home: str | Path,

@@ -66,6 +66,8 @@ class Coordinator:
                 raise ControlError(f"public key of site {site}: {pub} not found")
         self.fab_size, self.fab_sha256 = fab_preflight(self.app_dir)
         _check_run_config_keys(self.app_dir, RUN_CONFIG_KEYS)
+        if resume and self.spec.federation.secagg.enabled:
+            raise ControlError("federation.secagg: SecAgg+ runs do not resume; start a new run (new run_dir)")
         checkpoint = Path(self.spec.run_dir) / "checkpoint.pt"
         if checkpoint.exists() and not resume:
             raise ControlError(f"{checkpoint} exists: pass --resume to continue that run, or "
@@ -221,7 +223,9 @@ class Coordinator:
                               fab_sha256=row.fab_hash if row else self.fab_sha256,
                               fab_id=row.fab_id if row else "", fab_version=row.fab_version if row else "",
                               fab_bytes=self.fab_size, run_dir=self.spec.run_dir,
-                              rounds=self.spec.federation.rounds, strategy=self.spec.federation.strategy)
+                              rounds=self.spec.federation.rounds, strategy=self.spec.federation.strategy,
+                              client_dp=self.spec.federation.client_dp.mode,
+                              secagg=self.spec.federation.secagg.enabled)
             print(f"run {run_id} submitted (FAB sha256 {row.fab_hash if row else self.fab_sha256})")
             if not self.cfg.fast:
                 self.follow_stock_logs(run_id)

@@ -7,15 +7,20 @@ site's declared num-train, update norm). Rejected sites are logged with the reas
 strategy (server/strategy.py) records them in metrics and leaves them out; the round loop
 (server/app.py) stops the run when no finite model comes out (``aggregate_problem``).
 
-The ServerApp holds no audit log (the coordinator writes it, from metrics.csv: server/run_watcher.py),
-so a rejection reaches it only as the metric rows "rejected" / "rejected_<code>".
+Each rejection and each dropped site is also an entry of the coordinator's audit log
+(``audit_screening``: ``update_rejected`` and ``site_dropped`` with site, round and reason), which
+the ServerApp finds in the run folder's key registry (server/identity.py), as it does for identity
+refusals. Without that registry (simulation, a SuperLink without node authentication) the metric
+rows "rejected" / "rejected_<code>" / "dropped" and server.log are the only record.
 SecAgg+ (server/secagg_app.py) sees only the masked sum of the updates: nothing to screen per site.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
@@ -104,3 +109,28 @@ def aggregate_problem(arrays: ArrayRecord | None, left_out: Mapping[str, str]) -
     if bad:
         return f"the aggregate is not finite in {len(bad)} array(s), e.g. {bad[:3]}"
     return ""
+
+
+def audit_screening(path: str | Path | None, server_round: int, rejected: Mapping[str, str],
+                    dropped: Iterable[str], drop_after: int, run_dir: str = "") -> list[dict[str, Any]]:
+    """Append one ``update_rejected`` entry per rejected site ({site: reason}) and one
+    ``site_dropped`` entry per site dropped this round to the audit log at ``path`` (None: no
+    log, nothing written); returns the entries. An unwritable log is logged, never raised: the
+    rejection itself stands, only its audit entry is lost."""
+    if not path or not (rejected or dropped):
+        return []
+    from launch.audit import AuditLog
+
+    entries: list[dict[str, Any]] = []
+    try:
+        audit = AuditLog(path, actor="serverapp")
+        for site, reason in sorted(rejected.items()):
+            entries.append(audit.append("update_rejected", site=site, round=server_round, reason=reason,
+                                        run_dir=run_dir))
+        for site in sorted(dropped):
+            entries.append(audit.append(
+                "site_dropped", site=site, round=server_round, run_dir=run_dir,
+                reason=f"update rejected {drop_after} round(s) running; no longer sampled in this run"))
+    except OSError as exc:
+        log.error("round %d: could not audit the screening outcome: %s", server_round, exc)
+    return entries

@@ -3,12 +3,15 @@
 Secure aggregation (Bell et al. 2020, SecAgg+) lets the server learn only the weighted **sum**
 of the site updates, never one site's update: sites add pairwise masks that cancel in the sum,
 and secret-share their mask seeds so the sum can still be unmasked when some sites drop out.
-Flower 1.41 has it only for the legacy Strategy API (flower-1.41 notes §1.7), so this app is a
-separate mode next to server/app.py: no site-name query, no quorum wait, no resume, no FedBN /
-FedAdam / FedMedian (a masked sum supports the mean only; FedProx works, the sites add the
-term). Compatibility with DP: sample-level DP-SGD at the sites — yes; Flower's client-level DP
-wrappers — no (Message-API strategies; server-side clipping would need the individual updates
-SecAgg hides).
+Flower 1.41 has it only for the legacy Strategy API (flower-1.41 notes §1.7), so this is a
+separate round loop next to server/app.py's, selected by ``federation.secagg.enabled`` in the
+experiment file: server/app.py's ServerApp hands such runs to ``run_secagg_spec`` (deployment and
+simulation alike; the sites' ClientApp routes the legacy messages to client/secagg_app.py). No
+site-name query, quorum wait, per-site screening or resume; no FedBN / FedAdam / FedMedian (a
+masked sum supports the mean only; FedProx works, the sites add the term). Compatibility with
+DP: sample-level DP-SGD at the sites — yes; client-level DP — no (common/config.py refuses it).
+Each round's number of masked updates is recorded (``secagg_updates``) and the run's log lines
+(Flower's "Secure aggregation commencing/completed" included) go to ``<run_dir>/server.log``.
 
 Sites send scaled updates (client/secagg_app.py); this strategy adds the securely averaged
 update back to the global weights: w ← w + mean_i(u_i·s)/s, weighted by num-examples. Error of
@@ -22,23 +25,28 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from flwr.app import Context
-from flwr.common import FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import (
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from common.config import ConfigError, from_dict, to_dict
+from common.config import ConfigError, SecAggConfig, to_dict
 from common.federation import AGGREGATE_SITE, RunSpec, build_experiment_model
 from launch.wire import KEY_MAX_WEIGHT, KEY_RANGE, KEY_SCALES, SECAGG_STRATEGIES
-from server.app import CentralTest, resolve_server_spec
 from server.state import MetricRow, ServerRunFolder
 
 log = logging.getLogger(__name__)
@@ -48,28 +56,14 @@ COUNTER_SUFFIXES = ("num_updates", "num_batches_tracked")
 COUNTER_SCALE = 1.0 / 1024.0
 
 OnRound = Callable[[int, dict[str, np.ndarray]], None]
+Record = Callable[[int, str, str, str, float], None]
+__all__ = ["SecAggConfig", "SecAggFedAvg", "make_secagg_server_app", "run_secagg", "run_secagg_spec"]
 
 
-@dataclass(frozen=True)
-class SecAggConfig:
-    """SecAgg+ parameters (``flwr.server.workflow.SecAggPlusWorkflow``). Floats for
-    ``num_shares``/``reconstruction_threshold`` are fractions of the sampled sites / shares.
-    Any ``reconstruction_threshold`` sites colluding with the server can unmask one site's update;
-    fewer than that many surviving sites stop the round."""
+class CentralEval(Protocol):
+    """Server-side scoring of held-out centres (server/app.py ``CentralTest``)."""
 
-    num_shares: int | float = 1.0
-    reconstruction_threshold: int | float = 0.67
-    clipping_range: float = 1.0
-    quantization_range: int = 2**22
-    modulus_range: int = 2**32
-    max_weight: float = 1000.0
-    timeout_s: float = 600.0
-
-    def __post_init__(self) -> None:
-        if not self.clipping_range > 0 or not self.max_weight > 0:
-            raise ConfigError("secagg: clipping_range and max_weight must be > 0")
-        if self.quantization_range >= self.modulus_range:
-            raise ConfigError("secagg: quantization_range must be < modulus_range")
+    def run(self, rnd: int, state_dict: Mapping[str, torch.Tensor], record: Record) -> Any: ...
 
 
 def update_scales(model_state: Mapping[str, torch.Tensor]) -> list[float]:
@@ -108,6 +102,7 @@ class SecAggFedAvg(FedAvg):
         self.on_round = on_round
         self.current: list[np.ndarray] = [np.array(a, copy=True) for a in initial]
         self.dtypes = [a.dtype for a in initial]
+        self.last_count = 0  # masked updates in the last round's sum
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> Any:
         self.current = parameters_to_ndarrays(parameters)
@@ -115,6 +110,7 @@ class SecAggFedAvg(FedAvg):
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
+        self.last_count = len(results)
         aggregated, metrics = super().aggregate_fit(server_round, results, failures)
         if aggregated is None:
             return None, metrics
@@ -126,16 +122,33 @@ class SecAggFedAvg(FedAvg):
         return ndarrays_to_parameters(new), metrics
 
 
+def run_secagg_spec(grid: Grid, context: Context, spec: RunSpec, *, resume: bool = False,
+                    central: CentralEval | None = None) -> ServerRunFolder:
+    """The ServerApp's entry for ``federation.secagg.enabled`` runs (server/app.py): a new run
+    only (a masked round cannot be resumed half-way, and this loop keeps no strategy state)."""
+    if resume:
+        raise ConfigError("federation.secagg: SecAgg+ runs do not resume; start a new run (new run_dir)")
+    folder = ServerRunFolder(spec.run_dir)
+    if folder.has_checkpoint():
+        raise FileExistsError(f"{folder.checkpoint_path}: the run folder already holds a checkpoint; "
+                              "SecAgg+ runs do not resume: choose a new run_dir")
+    return run_secagg(grid, context, spec, spec.federation.secagg, central=central)
+
+
 def run_secagg(grid: Grid, context: Context, spec: RunSpec, secagg: SecAggConfig,
-               on_round: OnRound | None = None) -> ServerRunFolder:
+               on_round: OnRound | None = None, central: CentralEval | None = None) -> ServerRunFolder:
     """Run ``spec`` with SecAgg+ on ``grid``; metrics and per-round checkpoints go to the run
     folder (aggregates only: the legacy strategy sees no site names). ``on_round(r, weights)``
-    sees the initial weights (r = 0) and the global weights after each round."""
+    sees the initial weights (r = 0) and the global weights after each round; ``central``
+    scores held-out centres after each round."""
     fed, exp = spec.federation, spec.experiment
     if fed.strategy not in SECAGG_STRATEGIES:
         raise ConfigError(f"federation.strategy {fed.strategy!r} cannot run under SecAgg+; "
                           f"use one of {SECAGG_STRATEGIES}")
     n_sites = len(spec.sites) if spec.sites else fed.min_sites
+    if n_sites < 3:
+        log.warning("SecAgg+ with %d sites: each site can derive the other's update from the mean and its "
+                    "own; the masking protects updates from the server only with 3 or more sites", n_sites)
     folder = ServerRunFolder(spec.run_dir)
     folder.write_config(spec)
     state = build_experiment_model(exp).state_dict()
@@ -148,7 +161,6 @@ def run_secagg(grid: Grid, context: Context, spec: RunSpec, secagg: SecAggConfig
         KEY_SCALES: json.dumps(scales), KEY_RANGE: secagg.clipping_range,
         KEY_MAX_WEIGHT: secagg.max_weight,
     }
-    central = CentralTest(spec) if fed.central_eval and spec.central_test else None
     rows: list[MetricRow] = []
 
     def record(rnd: int, phase: str, site: str, metric: str, value: float) -> None:
@@ -158,8 +170,12 @@ def run_secagg(grid: Grid, context: Context, spec: RunSpec, secagg: SecAggConfig
         weights = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
         if central is not None:
             central.run(rnd, weights, record)
+        record(rnd, "train", AGGREGATE_SITE, "secagg_updates", float(strategy.last_count))
+        log.info("round %d/%d: SecAgg+ aggregated the masked updates of %d site(s)", rnd, fed.rounds,
+                 strategy.last_count)
         folder.save(rnd, weights, spec, str(base["run-key"]), {})
         folder.write_status("running", rnd)
+        last[:] = [rnd, weights]
         if on_round is not None:
             on_round(rnd, arrays)
 
@@ -179,10 +195,19 @@ def run_secagg(grid: Grid, context: Context, spec: RunSpec, secagg: SecAggConfig
         quantization_range=secagg.quantization_range, modulus_range=secagg.modulus_range,
         timeout=secagg.timeout_s,
     ))
+    last: list[Any] = []
     folder.write_status("running", 0)
     if on_round is not None:
         on_round(0, dict(zip(keys, initial)))
-    workflow(grid, legacy)
+    handler = _file_log(folder.path)
+    try:
+        log.info("SecAgg+ run: %d rounds, %d sites, strategy %s, clipping range %g, %d quantisation levels",
+                 fed.rounds, n_sites, fed.strategy, secagg.clipping_range, secagg.quantization_range)
+        workflow(grid, legacy)
+    finally:
+        for name in ("server", "flwr"):
+            logging.getLogger(name).removeHandler(handler)
+        handler.close()
     for phase, by_round in (("train", legacy.history.metrics_distributed_fit),
                             ("evaluate", legacy.history.metrics_distributed)):
         for key, series in by_round.items():
@@ -190,32 +215,38 @@ def run_secagg(grid: Grid, context: Context, spec: RunSpec, secagg: SecAggConfig
                 if isinstance(value, (int, float)):
                     record(int(rnd), phase, AGGREGATE_SITE, key, float(value))
     folder.append_metrics(sorted(rows, key=lambda r: (r.round, r.phase, r.site, r.metric)))
+    if not last or last[0] != fed.rounds:
+        text = f"SecAgg+ ended after round {last[0] if last else 0} of {fed.rounds} (see server.log)"
+        folder.write_status("failed", last[0] if last else 0, text)
+        raise RuntimeError(text)
+    folder.write_model(fed.rounds, last[1], spec, str(base["run-key"]))  # what fedbus-predict takes
     folder.write_status("finished", fed.rounds, f"{fed.rounds} SecAgg+ rounds done")
     return folder
 
 
-def make_secagg_server_app(spec: RunSpec | None = None, secagg: SecAggConfig | None = None,
+def _file_log(run_dir: Path) -> logging.Handler:
+    """Our and Flower's INFO+ lines of the run into ``run_dir/server.log`` (the caller removes it)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "server.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    for name in ("server", "flwr"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+    return handler
+
+
+def make_secagg_server_app(spec: RunSpec, secagg: SecAggConfig | None = None,
                            on_round: OnRound | None = None) -> ServerApp:
-    """ServerApp for SecAgg+ runs. Deployment: the spec from run_config like server/app.py, the
-    SecAgg+ settings from run_config keys "secagg-<field>" (dashes), e.g. secagg-max-weight."""
+    """A ServerApp running ``spec`` under SecAgg+ with ``secagg`` (default: the spec's own
+    ``federation.secagg``), for simulations and tests that watch each round (``on_round``).
+    Deployment needs no app of its own: server/app.py's ServerApp runs ``federation.secagg``."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_spec, resume = resolve_server_spec(spec, False, context.run_config)
-        if resume:
-            raise ConfigError("SecAgg+ mode does not resume; start a new run")
-        cfg = secagg or secagg_from_run_config(context.run_config)
-        run_secagg(grid, context, run_spec, cfg, on_round)
+        run_secagg(grid, context, spec, secagg or spec.federation.secagg, on_round)
 
     return app
-
-
-def secagg_from_run_config(run_config: Mapping[str, Any]) -> SecAggConfig:
-    values = {k[len("secagg-"):].replace("-", "_"): v for k, v in run_config.items()
-              if str(k).startswith("secagg-")}
-    return from_dict(SecAggConfig, values, "run_config secagg-*")
-
-
-#: Deployment entry point of a SecAgg+ FAB (``serverapp = "server.secagg_app:app"``).
-app = make_secagg_server_app()

@@ -61,11 +61,11 @@ def ensemble_plan(plan: Sequence[PlannedUnit]) -> list[tuple[PlannedUnit, list[P
     return out
 
 
-def load_member(path: Path) -> tuple[torch.nn.Module, ExperimentConfig]:
-    """(network with the saved weights, in eval mode; its experiment) of a unit's model file
-    (``common.modelfile``, verified)."""
+def load_member(path: Path) -> tuple[torch.nn.Module, ExperimentConfig, float]:
+    """(network with the saved weights, in eval mode; its experiment; its malignancy
+    temperature) of a unit's model file (``common.modelfile``, verified)."""
     (member,) = load_model(path).members
-    return member.network(channels_last=member.config.train.channels_last), member.config
+    return member.network(channels_last=member.config.train.channels_last), member.config, member.temperature
 
 
 def ensemble_predictor(members: Sequence[PlannedUnit], run_dir: Path, settings: Settings,
@@ -73,8 +73,9 @@ def ensemble_predictor(members: Sequence[PlannedUnit], run_dir: Path, settings: 
     """The predictor of ``members``' saved models and the experiment it is scored with."""
     loaded = [load_member(model_file(run_dir, m.unit)) for m in members]
     cfg = unit_config(members[0], settings)
-    sizes = [c.data.image_size for _, c in loaded]
-    return build_predictor([m for m, _ in loaded], cfg.inference, sizes), cfg
+    sizes = [c.data.image_size for _, c, _ in loaded]
+    return build_predictor([m for m, _, _ in loaded], cfg.inference, sizes,
+                           temperatures=[t for _, _, t in loaded]), cfg
 
 
 def score_ensembles(plan: Sequence[PlannedUnit], folder: _Folder, settings: Settings, rt: Runtime,

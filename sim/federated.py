@@ -8,6 +8,12 @@ each node's node_config to its partition id only, so a site's own ``privacy:`` t
 deployed site passes as ``privacy-*`` node_config values, are not set per simulated node; the
 session code is the same.) Each site's accountant lives under the unit's own run dir, so every
 unit starts with a fresh budget.
+
+Client-level DP and SecAgg+ come from the settings like in deployment
+(``--set federation.client_dp.mode=server-fixed --set federation.packed_weights=false``, or
+``--set federation.secagg.enabled=true``): the same ServerApp and ClientApp run them. A SecAgg+
+unit's server sees no site, so its completeness check is the number of masked updates per round;
+a SecAgg+ unit interrupted half-way starts over (the mode does not resume).
 """
 from __future__ import annotations
 
@@ -25,7 +31,6 @@ from common.checkpoint import load_checkpoint
 from common.config import ExperimentConfig, replace
 from common.federation import AGGREGATE_SITE, UNDEFINED, RunSpec, build_experiment_model
 from common.privacy import load_state
-
 from common.settings import Settings
 from sim.protocols import PlannedUnit, Runtime
 
@@ -110,6 +115,11 @@ def run_simulation_spec(spec: RunSpec, num_cpus: float = 1.0) -> Path:
         log.info("%s: federation already finished; reusing its checkpoint", run_dir)
         return run_dir
     resume = (run_dir / "checkpoint.pt").is_file()
+    if resume and spec.federation.secagg.enabled:  # SecAgg+ does not resume: start the unit over
+        log.warning("%s: SecAgg+ run interrupted after round %s; starting it over", run_dir, state.get("round"))
+        for name in ("checkpoint.pt", "metrics.csv", "metrics.jsonl", "status.json"):
+            (run_dir / name).unlink(missing_ok=True)
+        resume = False
     quiet = logging.getLogger().getEffectiveLevel() > logging.INFO  # not -v: no per-round lines
     _say_once(logging.getLogger("flwr"))
     run_simulation(
@@ -136,14 +146,37 @@ def run_federated(pu: PlannedUnit, cfg: ExperimentConfig, settings: Settings, rt
     if done != rounds:
         raise RuntimeError(f"{run_dir}: federation stopped after round {done} of {rounds} "
                            f"({status.read_text().strip() if status.is_file() else 'no status'})")
-    missing = missing_updates(run_dir, [s.name for s in spec.sites], rounds)
+    if spec.federation.secagg.enabled:  # the server saw only masked sums: count their members
+        missing = masked_rounds_short(run_dir, len(spec.sites), rounds)
+    else:
+        missing = missing_updates(run_dir, [s.name for s in spec.sites], rounds)
     if missing:
         raise RuntimeError(f"{run_dir}: (round, site) updates missing from the aggregate: {missing[:10]} "
                            f"(see {run_dir / 'server.log'})")
     model = build_experiment_model(spec.experiment)
     model.load_state_dict(ck["state_dict"])
     spent = sites_epsilon(run_dir, [s.name for s in spec.sites]) if cfg.privacy.enabled else math.nan
+    if spec.federation.client_dp.enabled:  # a site-level guarantee: logged, not mixed with DP-SGD's ε
+        log.info("%s: client-level DP (%s) ε %.3g at δ %g after %d rounds", pu.unit.key,
+                 spec.federation.client_dp.mode, client_level_spent(run_dir), spec.federation.client_dp.delta, rounds)
     return model, federated_curves(run_dir), spent
+
+
+def masked_rounds_short(run_dir: Path, num_sites: int, rounds: int) -> list[tuple[int, str]]:
+    """SecAgg+: (round, "masked updates: k of n") for rounds 1 … ``rounds`` whose masked sum had
+    fewer than ``num_sites`` members (the server's ``secagg_updates`` rows)."""
+    m = server_metrics(run_dir)
+    m = m[(m["phase"] == "train") & (m["metric"] == "secagg_updates")]
+    got = dict(zip(m["round"].astype(int), m["value"].astype(float)))
+    return [(rnd, f"masked updates: {got.get(rnd, 0):.0f} of {num_sites}") for rnd in range(1, rounds + 1)
+            if got.get(rnd, 0) < num_sites]
+
+
+def client_level_spent(run_dir: Path) -> float:
+    """The last round's cumulative client-level ε (``client_dp_epsilon`` rows); NaN without one."""
+    m = server_metrics(run_dir)
+    m = m[(m["phase"] == "train") & (m["metric"] == "client_dp_epsilon")]
+    return float(m.sort_values("round")["value"].iloc[-1]) if len(m) else math.nan
 
 
 def sites_epsilon(run_dir: Path, sites: list[str]) -> float:

@@ -7,12 +7,17 @@ the embedded synthetic centres, ``recommended`` with ``--data-root``) or a setti
 ``--set section.key=value`` overrides, then the few shortcuts below. The resolved settings are
 written to the run folder's config.yaml, which ``--preset`` accepts again; ``--resume RUN_DIR``
 continues a stopped run with its own config.yaml and skips every unit already in results.csv.
+
+SIGTERM or Ctrl-C stops the run (sim/stopping.py): the children and their Ray clusters are ended,
+the finished units stay in the run folder, and the exit status is 128 + the signal (143, 130);
+``--resume`` re-runs the unfinished units (a federated one from its last server checkpoint).
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -38,11 +43,13 @@ from common.settings import (  # noqa: E402
     merge, parse_overrides, settings_from_dict, settings_to_dict,
 )
 from common.sitedata import load_test_tensors, require_cases, user_tensor_cache  # noqa: E402
-from sim.protocols import Runtime, plan_units  # noqa: E402
+from sim.federated import federated_spec  # noqa: E402
+from sim.protocols import PlannedUnit, Runtime, plan_units  # noqa: E402
 from sim.ensemble import score_ensembles  # noqa: E402
 from sim.outputs import write_outputs  # noqa: E402
 from sim.runfolder import SimRunFolder  # noqa: E402
-from sim.units import run_unit  # noqa: E402
+from sim.stopping import StopSignals, Stopped  # noqa: E402
+from sim.units import run_unit, unit_config  # noqa: E402
 from sim.workers import run_units  # noqa: E402
 
 log = logging.getLogger("sim.leave_center_out")
@@ -137,8 +144,26 @@ def describe_centres(sites: Mapping[str, SiteSpec], cfg: ExperimentConfig, cache
     return pd.DataFrame(rows)
 
 
+def restart_unstarted_federations(todo: Sequence[PlannedUnit], settings: Settings, rt: Runtime) -> list[Path]:
+    """Remove the scratch folders of unfinished federated units that have no server checkpoint
+    (stopped in their first round): rerun from nothing rather than appended to. A unit with a
+    checkpoint resumes from it (sim/federated.py). Returns the folders removed."""
+    removed = []
+    for pu in todo:
+        if not pu.federated:
+            continue
+        run_dir = Path(federated_spec(pu, unit_config(pu, settings), settings, rt).run_dir)
+        if run_dir.is_dir() and not (run_dir / "checkpoint.pt").is_file():
+            shutil.rmtree(run_dir)
+            removed.append(run_dir)
+    return removed
+
+
 # ----------------------------------------------------------------------------- main
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, stop: StopSignals | None = None) -> int:
+    """The whole run; ``stop`` (main(): SIGTERM/SIGINT handlers) is consulted so a signal never
+    interrupts the writing of a unit's rows."""
+    stop = stop or StopSignals()  # not entered: no handlers, held() is then a plain block
     started = time.perf_counter()
     if args.resume:
         folder: SimRunFolder | None = SimRunFolder.open(args.resume)
@@ -153,11 +178,22 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_units(settings, centres, default_train_centre(opts, centres))
     cache_dir = str(user_tensor_cache()) if opts.data_root else None  # keyed by the data fingerprint
     require_cases(sites, cfg.data, cache_dir)  # an empty or all-invalid centre: refused, nothing written
-    if folder is None:
-        folder = SimRunFolder.create(args.out)
-        folder.write_config(settings_to_dict(settings))
-    else:
-        folder.drop_incomplete()
+    with stop.held():
+        if folder is None:
+            folder = SimRunFolder.create(args.out)
+            folder.write_config(settings_to_dict(settings))
+        else:
+            folder.drop_incomplete()
+    try:
+        return _run_in(folder, args, settings, sites, plan, cache_dir, stop, started)
+    except Stopped as exc:
+        return _stopped(folder, exc, plan)
+
+
+def _run_in(folder: SimRunFolder, args: argparse.Namespace, settings: Settings, sites: Mapping[str, SiteSpec],
+            plan: Sequence[PlannedUnit], cache_dir: str | None, stop: StopSignals, started: float) -> int:
+    """The units, ensembles and report of ``plan`` in ``folder`` (created, or opened to resume)."""
+    cfg, opts, centres = settings.experiment, settings.sim, list(sites)
     set_threads(args.threads or cfg.train.num_threads)  # resume: this process only, results unchanged
     print(f"run folder: {folder.path}  ({len(plan)} units over centres {', '.join(centres)})", flush=True)
     table = describe_centres(sites, cfg, cache_dir)
@@ -178,22 +214,29 @@ def run(args: argparse.Namespace) -> int:
         print(f"resuming: {len(plan) - len(todo)} of {len(plan)} units already complete", flush=True)
     rt = Runtime(sites=sites, cache_dir=cache_dir, scratch=folder.path / "federated",
                  device=cfg.train.device, progress=not args.no_progress)
+    for gone in restart_unstarted_federations(todo, settings, rt):
+        log.info("%s: stopped before its first checkpoint; it starts again", gone)
     failed: list[str] = []
     bar = tqdm(total=len(todo), desc="units", unit="unit", disable=True if args.no_progress else None)
-    for pu, out in run_units(todo, settings, rt, folder.path, run=run_unit):
-        bar.update()
-        bar.set_postfix_str(pu.unit.key)
-        if isinstance(out, BaseException):
-            log.error("unit %s failed:\n%s", pu.unit.key, "".join(traceback.format_exception(out)))
-            failed.append(pu.unit.key)
-            continue
-        if out.examples:
-            atomic_write(folder.examples_dir / f"{pu.unit.key}.npz",
-                         lambda fh, ex=out.examples: np.savez_compressed(fh, **ex), binary=True, mode=None)
-        folder.write_unit(pu.unit, out.results, out.per_image, out.curves)
-        folder.write_provenance(units=[{"unit": pu.unit.key, "seconds": round(out.seconds, 1),
-                                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}])
-    bar.close()
+    units = run_units(todo, settings, rt, folder.path, run=run_unit)
+    try:
+        for pu, out in units:
+            with stop.held():  # a unit's rows are written whole (or not at all, and re-run)
+                bar.update()
+                bar.set_postfix_str(pu.unit.key)
+                if isinstance(out, BaseException):
+                    log.error("unit %s failed:\n%s", pu.unit.key, "".join(traceback.format_exception(out)))
+                    failed.append(pu.unit.key)
+                    continue
+                if out.examples:
+                    atomic_write(folder.examples_dir / f"{pu.unit.key}.npz",
+                                 lambda fh, ex=out.examples: np.savez_compressed(fh, **ex), binary=True, mode=None)
+                folder.write_unit(pu.unit, out.results, out.per_image, out.curves)
+                folder.write_provenance(units=[{"unit": pu.unit.key, "seconds": round(out.seconds, 1),
+                                                "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}])
+    finally:
+        units.close()  # ends every child process group (at once when stopped)
+        bar.close()
     try:
         for unit, out in score_ensembles(plan, folder, settings, rt):
             folder.write_unit(unit, out.results, out.per_image, out.curves)
@@ -212,6 +255,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stopped(folder: SimRunFolder, exc: Stopped, plan: Sequence[PlannedUnit]) -> int:
+    """Record the stop in provenance.json, say how to resume; returns the exit status."""
+    done = len(folder.completed_units() & {pu.unit.key for pu in plan})
+    folder.write_provenance(events=[{"event": "stopped", "signal": exc.name, "units_done": done,
+                                     "time": time.strftime("%Y-%m-%dT%H:%M:%S")}])
+    print(f"stopped by {exc.name} after {done} of {len(plan)} units; the run folder is resumable:\n"
+          f"  python -m sim.leave_center_out --resume {folder.path}", file=sys.stderr, flush=True)
+    return exc.exit_code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.list_presets:
@@ -226,7 +279,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for handler in logging.getLogger().handlers:
             handler.setLevel(logging.WARNING)
     try:
-        return run(args)
+        with StopSignals() as stop:
+            return run(args, stop)
+    except Stopped as exc:  # before the run folder existed: nothing to resume
+        print(f"{exc}; no run folder was written", file=sys.stderr)
+        return exc.exit_code
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -19,6 +19,10 @@ Flower clients use), so a centralised arm trains on exactly the images a federat
 on. Model selection (``selection``): centralised arms keep the epoch with the best validation
 score (mean of validation Dice and AUC, Dice alone for seg_only) or the last epoch; federated
 arms keep the last round.
+
+Public → private (``public_centres``): every paper-protocol arm starts from a model trained
+without DP on the public centres (sim/public.py, ``model.init_from``); those centres are then
+left out of the paper protocol's test centres.
 """
 from __future__ import annotations
 
@@ -158,10 +162,14 @@ def plan_units(settings: Settings, centres: Sequence[str], train_centre: str) ->
             unit = Unit(protocol, arm, "+".join(train), int(seed))
             plan.append(PlannedUnit(unit, tuple(train), tuple(test), internal))
 
+    public = check_public_centres(settings, centres, train_centre)
     if "paper" in opts.protocols:
         if train_centre not in centres:
             raise ConfigError(f"train centre {train_centre!r} not among the centres {centres}")
-        others = [c for c in centres if c != train_centre]
+        others = [c for c in centres if c != train_centre and c not in public]  # trained on: not external
+        if not others:
+            raise ConfigError(f"sim.public_centres {list(public)}: no centre is left to test the paper "
+                              f"protocol on (centres {centres}, training centre {train_centre!r})")
         for arm in paper_arms(opts, cfg):
             add("paper", arm, [train_centre], others)
     loco = len(centres) >= 3  # a federation needs >= 2 training sites besides the held-out one
@@ -185,7 +193,34 @@ def plan_units(settings: Settings, centres: Sequence[str], train_centre: str) ->
             rest = [c for c in centres if c != held_out]
             for arm in with_dp_arms(opts.fed_arms, opts):
                 add("pooled", arm, rest, [held_out])
+    for pu in plan:  # every unit's experiment is valid (DP refusals included) before anything runs
+        arm_config(cfg, pu.unit.arm, pu.planned_epochs(settings))
     return plan
+
+
+def check_public_centres(settings: Settings, centres: Sequence[str], train_centre: str) -> tuple[str, ...]:
+    """``sim.public_centres`` once checked (ConfigError naming the problem), and that
+    ``model.init_from`` names an existing file: both refused before any unit trains."""
+    opts, init = settings.sim, settings.experiment.model.init_from
+    if init and not Path(init).is_file():
+        raise ConfigError(f"model.init_from: {init}: no such file")
+    public = tuple(opts.public_centres)
+    if not public:
+        return public
+    unknown = [c for c in public if c not in centres]
+    if unknown:
+        raise ConfigError(f"sim.public_centres: {unknown} not among the centres {list(centres)}")
+    if "paper" in opts.protocols and train_centre in public:
+        raise ConfigError(f"sim.public_centres: the training centre {train_centre!r} is the private site, "
+                          "it cannot also be public")
+    if init:
+        raise ConfigError(f"sim.public_centres and model.init_from ({init}) both set the initial "
+                          "weights: give one")
+    others = [p for p in opts.protocols if p != "paper"]
+    if others:
+        log.warning("sim.public_centres applies to the paper protocol only; %s train from the "
+                    "usual initialisation", others)
+    return public
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@ paired Wilcoxon comparisons on the same images, the published numbers beside our
 train-on-row / test-on-column matrix.
 
 Everything here is a pure function of DataFrames (results.csv, per_image.csv) so the tables can be
-checked on hand-made rows.
+checked on hand-made rows. The BI-RADS features on predicted vs ground-truth masks (sim/feature_check.py)
+are written beside report.md as ``feature_auc.csv``.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pandas as pd
 from common.atomic import atomic_write
 from common.metrics import paired_wilcoxon
 from common.settings import PROTOCOL_GROUPS
+from sim.feature_check import CSV_NAME, feature_auc_table, feature_section
 from sim.protocols import DP_SUFFIX, ENSEMBLE_SUFFIX
 from sim.report_dp import dp_section
 from sim.report_format import fmt, fmt_p, markdown_table, seed_cell
@@ -269,6 +271,7 @@ def build_report(results: pd.DataFrame, per_image: pd.DataFrame, ctx: ReportCont
         lines += _section_per_centre(results, shown, published=False)
 
     lines += dp_section(results, "at the δ of the settings above", PROTOCOL_TITLES)
+    lines += feature_section(feature_auc_table(per_image), PROTOCOL_TITLES)
     if ctx.figures:
         lines += ["## Figures", ""]
         for name, caption in ctx.figures:
@@ -277,6 +280,10 @@ def build_report(results: pd.DataFrame, per_image: pd.DataFrame, ctx: ReportCont
 
 
 def write_report(path: Path, results: pd.DataFrame, per_image: pd.DataFrame, ctx: ReportContext) -> Path:
+    """report.md at ``path`` and, when per_image has the feature columns, ``feature_auc.csv`` beside it."""
+    table = feature_auc_table(per_image)
+    if not table.empty:
+        atomic_write(Path(path).parent / CSV_NAME, lambda fh: table.to_csv(fh, index=False), mode=None)
     text = build_report(results, per_image, ctx)
     atomic_write(path, lambda fh: fh.write(text), mode=None)
     return Path(path)

@@ -1,7 +1,16 @@
-"""Running one unit: train it (centralised here, federated in sim/federated.py), save the final
-model to the run folder, then score it on each of its test centres through the one prediction
-path (``common.inference``, as ``inference`` of the experiment says) with the same code for every
-arm and protocol; ``sim/ensemble.py`` scores the saved models of several seeds as one.
+"""Running one unit: train it (centralised here, federated in sim/federated.py), calibrate its
+malignancy output, save the final model to the run folder, then score it on each of its test
+centres through the one prediction path (``common.inference``, as ``inference`` of the
+experiment says) with the same code for every arm and protocol; ``sim/ensemble.py`` scores the
+saved models of several seeds as one.
+
+Calibration (``common.calibration``): every unit with a trained classification head fits its
+temperature on its training centres' validation split (``data.val_fraction`` > 0) or else their
+training split; a federated unit sums its sites' grid statistics as the deployment's server
+does. The temperature is saved in the model file and applied when scoring; each test centre also
+gets ``ece_raw``/``ece`` and ``brier_raw``/``brier`` rows (10 bins, before/after; the "before"
+probabilities are the scored ones with the temperature undone, sigmoid(T·logit(p))) and a
+``temperature`` row.
 
 Centralised DP arms use the federated sites' path: one ``common.privacy.PrivacySession`` over
 the whole training (``planned_epochs`` = the unit's epochs, so σ is planned as
@@ -21,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from common import calibration
 from common.config import ExperimentConfig, replace
 from common.data.splits import split_cases
 from common.data.tensors import TensorData, to_tensors
@@ -38,6 +48,7 @@ from common.train import train_local
 from sim.examples import merge_examples, pick_examples
 from sim.federated import run_federated
 from sim.protocols import PlannedUnit, Runtime, arm_config, metric_rows
+from sim.public import with_public_init
 from sim.runfolder import Unit
 from sim.selection import EpochSelector
 
@@ -64,6 +75,8 @@ class Trained:
     curves: pd.DataFrame
     epsilon: float = math.nan  # DP-SGD ε spent (the largest over sites when federated); NaN: no DP
     num_train: int = 0
+    temperature: float = 1.0  # of the malignancy logit (``calibrate_unit``)
+    calibration: dict[str, Any] | None = None  # how it was fitted (``common.calibration.summary``)
 
 
 @dataclass
@@ -100,17 +113,59 @@ def save_unit_model(path: Path, pu: PlannedUnit, cfg: ExperimentConfig, settings
         fingerprint["train_hash"] = train.fingerprint()  # a digest of the tensors: names nothing
         if not cfg.privacy.enabled:  # percentiles are not covered by the DP guarantee
             stats = feature_stats(train.images, train.masks)
-    return save_model(path, trained.model, cfg, name=pu.unit.key, description=settings.description,
-                      data=fingerprint, stats=stats, epsilon=trained.epsilon,
-                      source={"kind": "simulation", "federated": pu.federated, **pu.unit.columns()})
+    init = {"init_from": cfg.model.init_from} if cfg.model.init_from else {}
+    # the file holds every weight: rebuilding it (predict, ensembles) must not need init_from's file
+    return save_model(path, trained.model, replace(cfg, **{"model.init_from": None}), name=pu.unit.key,
+                      description=settings.description, data=fingerprint, stats=stats, epsilon=trained.epsilon,
+                      source={"kind": "simulation", "federated": pu.federated, **pu.unit.columns(), **init},
+                      temperature=trained.temperature, calibration=trained.calibration)
 
 
-def unit_evaluation(s: Scored, classify: bool) -> dict[str, Any]:
+def calibrate_unit(trained: Trained, pu: PlannedUnit, cfg: ExperimentConfig, rt: Runtime,
+                   data: tuple[TensorData, TensorData] | None = None) -> None:
+    """Fit ``trained``'s malignancy temperature in place (``common.calibration``) on the
+    training centres' validation split, or training split without one. ``data``: a centralised
+    unit's pooled (train, val); None: federated, each site's own statistics summed. An untrained
+    classification head (``loss.cls_weight`` 0) stays at T = 1."""
+    if cfg.loss.cls_weight <= 0:
+        return
+    device, bs = resolve_device(rt.device), cfg.train.batch_size
+    if data is None:
+        parts = {c: calibration.calibration_split(*load_site_tensors(rt.sites[c], cfg.data, rt.cache_dir), cfg.data)[0]
+                 for c in pu.train_sites}
+        stats = calibration.merge(calibration.model_stats(trained.model, d, cfg.inference, bs, device)
+                                  for d in parts.values())
+        counts = {c: len(d) for c, d in parts.items()}
+        split = "validation" if cfg.data.val_fraction > 0 else "training"
+    else:
+        fit_on, split = calibration.calibration_split(*data, cfg.data)
+        stats = calibration.model_stats(trained.model, fit_on, cfg.inference, bs, device)
+        counts = {c: fit_on.centres.count(c) for c in pu.train_sites}
+    trained.temperature = calibration.fit_temperature(stats)
+    trained.calibration = {**calibration.summary(stats, trained.temperature, split, counts),
+                           "federated": pu.federated}
+    log.info("%s: malignancy temperature %.3f (fitted on the %s split, %d images)", pu.unit.key,
+             trained.temperature, split, stats.count)
+
+
+def calibration_rows(s: Scored, temperature: float) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """(rows ece_raw, ece, brier_raw, brier, temperature of one scored centre, the uncalibrated
+    probabilities (N,)): the scored probabilities are the calibrated ones."""
+    pi = s.result.per_image
+    y, p = pi["malignant"].to_numpy(float), pi["p_malignant"].to_numpy(float)
+    p_raw = calibration.apply_temperature(p, 1.0 / temperature) if temperature != 1.0 else p
+    values = {**calibration.before_after(y, p_raw, p), "temperature": temperature}
+    rows = [{"test_centre": s.centre, "metric": k, "value": float(v), "ci_low": math.nan, "ci_high": math.nan,
+             "n": len(y)} for k, v in values.items()]
+    return rows, p_raw
+
+
+def unit_evaluation(s: Scored, classify: bool, p_raw: np.ndarray | None = None) -> dict[str, Any]:
     """One scored centre for the model card; calibration only when the classification head was
-    trained (``classify``)."""
+    trained (``classify``); ``p_raw``: the probabilities before calibration."""
     pi = s.result.per_image
     y, p = (pi["malignant"].to_numpy(float), pi["p_malignant"].to_numpy(float)) if classify else (None, None)
-    return centre_evaluation(s.centre, s.rows, y, p)
+    return centre_evaluation(s.centre, s.rows, y, p, p_uncalibrated=p_raw if classify else None)
 
 
 def evaluation_note(pu: PlannedUnit, internal: bool) -> str:
@@ -161,14 +216,25 @@ def score_centres(predictor: torch.nn.Module, pu: PlannedUnit, cfg: ExperimentCo
         yield Scored(centre, data, probs, p_mal, result, rows)
 
 
+def fit_public(public: PlannedUnit, cfg: ExperimentConfig, settings: Settings, rt: Runtime,
+               ) -> tuple[torch.nn.Module, dict[str, dict[str, int]]]:
+    """A public pretraining unit trained like a pooled centralised one (``sim.public``)."""
+    train, val, _ = training_data(public, cfg, settings.sim, rt)
+    trained = train_centralised(public, cfg, train, val, rt, settings.sim.selection)
+    return trained.model, {c: {"train": train.centres.count(c), "val": val.centres.count(c)}
+                           for c in public.train_sites}
+
+
 def run_unit(pu: PlannedUnit, settings: Settings, rt: Runtime, run_dir: str | Path | None = None,
              ) -> UnitOutput:
-    """Train one unit, save its model to ``model_file(run_dir, unit)`` (when ``run_dir`` is
-    given) and evaluate it on its test centres. DP units add an ``epsilon`` row (ε spent, n =
-    training images) per test centre."""
+    """Train one unit, calibrate it (``calibrate_unit``), save its model to
+    ``model_file(run_dir, unit)`` (when ``run_dir`` is given) and evaluate it on its test
+    centres. DP units add an ``epsilon`` row (ε spent, n = training images) per test centre;
+    units with a trained classification head add the ``calibration_rows``."""
     t0 = time.perf_counter()
     opts = settings.sim
-    cfg = unit_config(pu, settings)
+    cfg = with_public_init(pu, unit_config(pu, settings), settings, rt, run_dir,  # sim.public_centres
+                           lambda public, pcfg: fit_public(public, pcfg, settings, rt))
     internal, data = None, None
     if pu.federated:
         model, curves, spent = run_federated(pu, cfg, settings, rt)
@@ -178,22 +244,32 @@ def run_unit(pu: PlannedUnit, settings: Settings, rt: Runtime, run_dir: str | Pa
     else:
         train, val, internal = training_data(pu, cfg, opts, rt)
         trained, data = train_centralised(pu, cfg, train, val, rt, opts.selection), (train, val)
+    calibrate_unit(trained, pu, cfg, rt, data)
     model = trained.model
     path = None if run_dir is None else model_file(run_dir, pu.unit)
     if path is not None:
         save_unit_model(path, pu, cfg, settings, rt, trained, data)
-    predictor = build_predictor([model], cfg.inference)  # model selection stayed on the raw model
+    # model selection stayed on the raw model; scoring is the model file's: views and temperature
+    predictor = build_predictor([model], cfg.inference, temperatures=[trained.temperature])
+    classify = cfg.loss.cls_weight > 0
     rows: list[dict[str, Any]] = []
     images: list[pd.DataFrame] = []
     examples: list[dict[str, np.ndarray]] = []
     evaluation: list[dict[str, Any]] = []
     for s in score_centres(predictor, pu, cfg, opts, rt, internal, pu.unit.seed):
         rows += s.rows
-        evaluation.append(unit_evaluation(s, cfg.loss.cls_weight > 0))
+        p_raw = None
+        if classify:
+            cal_rows, p_raw = calibration_rows(s, trained.temperature)
+            rows += cal_rows
+        evaluation.append(unit_evaluation(s, classify, p_raw))
         if cfg.privacy.enabled:
             rows.append({"test_centre": s.centre, "metric": "epsilon", "value": trained.epsilon,
                          "ci_low": math.nan, "ci_high": math.nan, "n": trained.num_train})
-        images.append(s.result.per_image.assign(test_centre=s.centre))
+        from sim.feature_check import (
+            with_prior_features,  # BI-RADS features of predicted and true masks
+        )
+        images.append(with_prior_features(s, model).assign(test_centre=s.centre))
         examples.append(pick_examples(model, s.data, s.probs, s.p_mal, s.result.per_image,
                                       opts.examples_per_centre, s.centre))
     if path is not None:  # the card again, now with the scores

@@ -1,21 +1,41 @@
 """Site check: load a site's data leniently and summarise what a data manager must look at.
 
 Runs at the hospital before it joins a federation (``fedbus-site-check``); nothing leaves the
-site. The report counts classes, image sizes, mask problems and duplicates, then lists every
-issue with its file.
+site. The report counts classes, image sizes, mask problems, duplicates and the kind of
+annotation each image has (mask and label, label only, mask only, normal), then lists every issue
+with its file.
 """
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.data import Exclusion, Issue, apply_exclusions, canonical_format, detect_format, load_format
 from common.data.splits import duplicate_groups
-from common.records import Label
+from common.records import Case, Label
 
 MASK_KINDS = {"missing": "mask-missing", "mismatched": "mask-size", "non-binary": "mask-nonbinary",
               "empty for a lesion": "mask-empty"}
+#: Kinds of annotation, in report order: a lesion image with its mask and its label, with the
+#: label only (no drawn mask), with the mask only (no pathology label), and a normal image
+#: (labelled normal: nothing to draw).
+ANNOTATION_KINDS: tuple[str, ...] = ("mask and label", "label only", "mask only", "normal")
+
+
+def annotation_counts(cases: Sequence[Case]) -> dict[str, int]:
+    """Images per kind of annotation (``ANNOTATION_KINDS``); the counts sum to ``len(cases)``."""
+    counts = dict.fromkeys(ANNOTATION_KINDS, 0)
+    for c in cases:
+        if not c.has_label:
+            kind = "mask only"
+        elif c.label == Label.NORMAL:
+            kind = "normal"
+        else:
+            kind = "mask and label" if c.has_mask else "label only"
+        counts[kind] += 1
+    return counts
 
 
 @dataclass
@@ -35,6 +55,7 @@ class SiteReport:
     cross_label_groups: int  # identical images under different labels (loaders drop them)
     issues: list[Issue] = field(default_factory=list)
     skip_invalid: bool = False
+    annotations: dict[str, int] = field(default_factory=dict)  # annotation_counts of the cases
 
     @property
     def n_cases(self) -> int:
@@ -68,6 +89,7 @@ class SiteReport:
             f"cases: {self.n_cases}  ({classes})",
             f"image size: {size}; pixel spacing known for {self.spacing_known}/{self.n_cases}",
             f"masks: {masks}",
+            "annotations: " + " · ".join(f"{k} {v}" for k, v in self.annotations.items()),
             f"duplicates: {self.duplicate_groups} group(s) of identical images "
             f"({self.duplicate_images} images) among loaded cases; "
             f"{self.cross_label_groups} cross-label group(s) dropped (label unknown)",
@@ -97,7 +119,11 @@ def check_site(path: Path | str, fmt: str = "auto", exclude: tuple[Exclusion, ..
     name = detect_format(path) if fmt.strip().lower() == "auto" else canonical_format(fmt)
     result = apply_exclusions(load_format(name, Path(path), strict=False), Path(path), tuple(exclude))
     cases, issues = result.cases, result.issues
-    per_class = {label.name.lower(): sum(c.label == label for c in cases) for label in Label}
+    # a mask-only case's label is a placeholder: counted as unlabelled, not as a class
+    per_class = {label.name.lower(): sum(c.has_label and c.label == label for c in cases)
+                 for label in Label}
+    if any(not c.has_label for c in cases):
+        per_class["unlabelled"] = sum(not c.has_label for c in cases)
     kinds = Counter(i.kind for i in issues)
     masks = {"with lesion": sum(c.has_lesion for c in cases),
              "empty (normal)": sum(not c.has_lesion for c in cases)}
@@ -112,4 +138,5 @@ def check_site(path: Path | str, fmt: str = "auto", exclude: tuple[Exclusion, ..
         widths=(min(widths), max(widths)) if cases else None,
         spacing_known=sum(c.spacing_mm is not None for c in cases), masks=masks,
         duplicate_groups=len(multi), duplicate_images=sum(groups[g] for g in multi),
-        cross_label_groups=kinds["duplicate-conflict"], issues=issues, skip_invalid=skip_invalid)
+        cross_label_groups=kinds["duplicate-conflict"], issues=issues, skip_invalid=skip_invalid,
+        annotations=annotation_counts(cases))

@@ -129,6 +129,35 @@ def test_a_manifest_with_masks_and_labels_is_scored(model_file, images, tmp_path
     assert float(metrics["auc"]["value"]) == pytest.approx(by_hand)
 
 
+def test_malformed_manifest_rows_are_named_like_the_site_reader_names_them(model_file, images, tmp_path,
+                                                                           capsys) -> None:
+    from common.data import IssueLog
+    from common.data.manifest import read_manifest
+
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("Image;Label;Spacing_MM\n"  # the site reader's column aliases and ';'
+                        "images/case0.png;unsure;\n"
+                        "images/case1.png;benign;-2\n"
+                        ";normal;\n"
+                        "../outside.png;;\n"
+                        "images/case2.png;;\n")
+    out = tmp_path / "out"
+    assert run(model_file, manifest, "--out", out) == 1  # four rows skipped, one predicted
+    skipped = [ln.removeprefix("fedbus-predict: skipped ")
+               for ln in capsys.readouterr().err.splitlines() if ln.startswith("fedbus-predict: skipped")]
+    log = IssueLog("site", manifest)
+    read_manifest(manifest, log)  # the site's own reading of the same file
+    site = [f"{i.path}: {i.message}" for i in log.issues]
+    assert skipped == site[:4]  # the same words; the site also wants a label or a mask in row 6
+    assert skipped[0].startswith(f"{tmp_path / 'images' / 'case0.png'}: manifest.csv row 2: ")
+    assert skipped[3].startswith(f"{manifest}: row 5: path(s) ") and "outside" in skipped[3]
+    assert [s.split(": ")[1].split(":")[0] for s in skipped] == [
+        "manifest.csv row 2", "manifest.csv row 3", "row 4", "row 5"]
+    assert site[4].endswith("manifest.csv row 6: neither a mask nor a label; give at least one")
+    rows = read_csv(out / "predictions.csv")
+    assert [r["image"] for r in rows] == [str(images[2])] and "label" not in rows[0]
+
+
 def test_bad_inputs_are_named_on_one_line_and_skipped(model_file, images, tmp_path, capsys, monkeypatch) -> None:
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -76,3 +76,14 @@ def test_heartbeat_must_be_in_the_superlinks_range() -> None:
     with pytest.raises(ConfigError, match=r"heartbeat_s must be in \[10, 1800\]"):
         site_config_from_dict({**base, "tuning": {"heartbeat_s": 5}}, "x")
     assert site_config_from_dict({**base, "tuning": {"heartbeat_s": 10}}, "x").tuning.heartbeat_s == 10
+
+
+def test_after_run_is_wait_by_default_and_validated(tmp_path: Path) -> None:
+    base = {"site": "a", "insecure": True, "data": {"synthetic_centre": "BUSI"}}
+    assert site_config_from_dict(base, "x").after_run == "wait"
+    assert site_config_from_dict({**base, "after_run": "exit"}, "x").after_run == "exit"
+    path = _write(tmp_path, "site: a\ninsecure: true\ndata: {path: /d}\nafter_run: linger\n")
+    with pytest.raises(ConfigError, match=r"site\.yaml.*after_run must be one of \('wait', 'exit'\)"):
+        load_site_config(path)
+    with pytest.raises(ConfigError, match="coordinator_gone_s"):
+        site_config_from_dict({**base, "tuning": {"coordinator_gone_s": 0}}, "x")

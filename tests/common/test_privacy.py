@@ -90,20 +90,20 @@ def test_dp_training_runs_on_the_real_model_and_returns_plain_keys(data) -> None
     assert model.prior.track_running_stats  # restored by close()
 
 
-def test_channels_last_is_ignored_under_dp_so_per_sample_gradients_stay_right(data, caplog) -> None:
+def test_channels_last_is_refused_under_dp_because_opacus_per_sample_gradients_break(data) -> None:
     # Opacus 1.6 computes wrong conv per-sample gradients for channels-last tensors (their batch
-    # mean differs from the true gradient by O(100) on a 2-conv net), so DP must train contiguous.
-    runs = []
-    for channels_last in (False, True):
-        model, sess = fresh(), session(pcfg())
-        with caplog.at_level("WARNING", logger="common.train"):
-            train_local(model, data, tcfg(channels_last=channels_last), LossConfig(pos_weight=1.0),
-                        privacy=sess, augment=False)
-        sess.close()
-        runs.append(model.state_dict())
-    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
-    assert all(v.is_contiguous() for v in runs[1].values())
-    assert sum("channels_last is ignored under privacy" in r.getMessage() for r in caplog.records) == 1
+    # mean is not the true gradient), so DP must not train channels-last: refused, nothing spent.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.GroupNorm(2, 8),
+                              torch.nn.Conv2d(8, 4, 3, padding=1, stride=2)).to(memory_format=torch.channels_last)
+    gsm = GradSampleModule(net, loss_reduction="mean")
+    (gsm(torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)) ** 2).mean().backward()
+    conv = gsm._module[0].weight
+    assert not torch.allclose(conv.grad_sample.mean(0), conv.grad, rtol=1e-3, atol=1e-4)
+    model, sess = fresh(), session(pcfg())
+    with pytest.raises(ValueError, match="refused before training: train.channels_last"):
+        train_local(model, data, tcfg(channels_last=True), LossConfig(pos_weight=1.0), privacy=sess, augment=False)
+    assert sess.steps == 0 and sess.epsilon() == 0.0
 
 
 def test_opacus_per_sample_conv_gradients_average_to_the_gradient_on_contiguous_tensors() -> None:

@@ -59,3 +59,19 @@ def test_control_unregister_node_is_audited(tmp_path: Path, monkeypatch: pytest.
     assert seen == [["supernode", "unregister", "7", control.CONNECTION]]
     assert [(e["event"], e["site"], e["node_id"]) for e in read(tmp_path / "audit.jsonl")] == [
         ("site_revoked", "udiat", 7)]
+
+
+def test_a_revocation_records_its_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pki = _pki()
+    monkeypatch.setattr(pki, "list_sites", lambda home, conn: [{"node-id": 5, "name": "udiat", "status": "online"}])
+    monkeypatch.setattr(pki, "_flwr", lambda args, home: subprocess.CompletedProcess(args, 0, "", ""))
+    log = tmp_path / "audit.jsonl"
+    assert pki.main(["revoke", "udiat", "--flwr-home", str(tmp_path / "home"), "--audit-log", str(log),
+                     "--reason", "key lost"]) == 0
+    monkeypatch.setattr(control, "flwr_cli", lambda args, home: "")
+    from launch.audit import AuditLog
+
+    control.unregister_node(6, tmp_path, audit=AuditLog(log), site="udiat")
+    assert [(e["site"], e["node_id"], e["reason"]) for e in read(log)] == [
+        ("udiat", 5, "key lost"), ("udiat", 6, "operator request")]
+    assert verify(log) == []

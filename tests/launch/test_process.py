@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from launch.process import (
-    LogFollower, ManagedProcess, ProcessError, connect_host, ensure_secret, free_port, wait_for_health,
+    LogFollower, ManagedProcess, ProcessError, connect_host, coordinator_reachable, ensure_secret, free_port,
+    wait_for_health,
 )
 
 HEALTH_SERVER = """
@@ -99,3 +100,42 @@ def test_ensure_secret_is_private_and_kept(tmp_path: Path) -> None:
 def test_connect_host_maps_bind_all_to_loopback() -> None:
     assert connect_host("0.0.0.0") == "127.0.0.1" and connect_host("::") == "::1"
     assert connect_host("10.1.2.3") == "10.1.2.3"
+
+
+STATUS_SERVER = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(int(sys.argv[2])); self.end_headers()
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+@pytest.mark.parametrize("status, reachable", [(200, True), (404, True), (502, False)])
+def test_coordinator_reachable_counts_answers_below_500(tmp_path: Path, status: int, reachable: bool) -> None:
+    port = free_port()  # 404: a proxy in front of the SuperLink; 502: the proxy's SuperLink is down
+    server = ManagedProcess("status", [sys.executable, "-c", STATUS_SERVER, str(port), str(status)],
+                            tmp_path / "s.log").start()
+    try:
+        assert _eventually(lambda: _listening(port))
+        assert coordinator_reachable(f"127.0.0.1:{port}", None) == reachable
+    finally:
+        server.stop(2.0)
+    assert not coordinator_reachable(f"127.0.0.1:{port}", None, timeout=2.0)  # refused
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _eventually(check, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return False

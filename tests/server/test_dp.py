@@ -16,12 +16,13 @@ from flwr.serverapp.strategy import (
 from opacus.accountants import RDPAccountant
 
 from common.config import ConfigError
-from common.federation import TRAIN_METRIC_KEYS, FederationConfig
+from common.federation import AGGREGATE_SITE, TRAIN_METRIC_KEYS, FederationConfig
 from server.dp import (
     MODES,
     ClientDPConfig,
     client_level_epsilon,
     effective_noise_multiplier,
+    planned_sampled_sites,
     wrap_client_dp,
 )
 from server.strategy import SiteRegistry, build_strategy
@@ -119,12 +120,76 @@ def test_server_fixed_clips_each_update_then_averages() -> None:
     np.testing.assert_allclose(arrays["w"].numpy(), [1.0, 1.4], rtol=1e-6)
 
 
-def test_flower_server_clipping_crashes_on_an_exactly_zero_update() -> None:
-    """Documented pitfall (flwr 1.41 clip_inputs_inplace divides by the update norm): a site
-    that sends the global weights back unchanged makes aggregate_train raise."""
-    wrapped = wrap_client_dp(_inner(), ClientDPConfig(mode="server-fixed"), 3)
-    with pytest.raises(ZeroDivisionError):
-        _round(wrapped, [0.0], {11: [1.0], 22: [1.0], 33: [0.0]})
+def test_an_exactly_zero_update_is_aggregated_not_a_crash() -> None:
+    """Flower 1.41's clip_inputs_inplace divides by the update norm; our clipping does not."""
+    cfg = ClientDPConfig(mode="server-fixed", noise_multiplier=0.0)
+    _, (arrays, _) = _round(wrap_client_dp(_inner(), cfg, 3), [0.0], {11: [1.0], 22: [1.0], 33: [0.0]})
+    np.testing.assert_allclose(arrays["w"].numpy(), [2 / 3], rtol=1e-6)
+
+
+def test_clipping_matches_arrays_by_name_not_position() -> None:
+    """A reply with its keys in another order is clipped key by key (Flower zips by position)."""
+    cfg = ClientDPConfig(mode="server-fixed", noise_multiplier=0.0, clipping_norm=1.0)
+    wrapped = wrap_client_dp(_inner(), cfg, 3)
+    glob = ArrayRecord({"a": torch.zeros(1), "b": torch.zeros(1)})
+    sent = {m.metadata.dst_node_id: m for m in
+            wrapped.configure_train(1, glob, ConfigRecord({}), StubGrid(list(NODES)))}
+    replies = [Message(RecordDict({"arrays": ArrayRecord({"b": torch.tensor([4.0]), "a": torch.tensor([3.0])}),
+                                   "metrics": MetricRecord(_metrics())}), reply_to=sent[n]) for n in NODES]
+    arrays, _ = wrapped.aggregate_train(1, replies)
+    assert float(arrays["a"].numpy()[0]) == pytest.approx(0.6) and float(arrays["b"].numpy()[0]) == pytest.approx(0.8)
+
+
+def test_a_malformed_update_is_left_to_the_screening_and_named() -> None:
+    rows: list[tuple] = []
+    reg = SiteRegistry(NODES.values())
+    for node, site in NODES.items():
+        reg.register(node, site, NODES)
+    inner = build_strategy(FederationConfig(packed_weights=False), registry=reg,
+                           recorder=lambda *r: rows.append(r), seed=0)
+    cfg = ClientDPConfig(mode="server-fixed", noise_multiplier=0.0, clipping_norm=10.0)
+    wrapped = wrap_client_dp(inner, cfg, 3, num_sites=3)
+    _, (arrays, _) = _round(wrapped, [0.0, 0.0], {11: [1.0, 1.0], 22: [3.0, 3.0], 33: [float("nan"), 0.0]})
+    np.testing.assert_allclose(arrays["w"].numpy(), [2.0, 2.0], rtol=1e-6)  # mean of A and B only
+    assert "C" in wrapped.last_failures["train"]  # the NaN update is rejected by name
+    recorded = {r[3]: r[4] for r in rows if r[2] == AGGREGATE_SITE and r[3].startswith("client_dp_")}
+    assert recorded["client_dp_updates"] == 2.0 and recorded["client_dp_clipping_norm"] == 10.0
+    assert recorded["client_dp_effective_sigma"] == 0.0 and recorded["client_dp_epsilon"] == float("inf")
+
+
+def test_each_release_records_sigma_clip_stdev_and_a_growing_epsilon() -> None:
+    rows: list[tuple] = []
+    reg = SiteRegistry(NODES.values())
+    for node, site in NODES.items():
+        reg.register(node, site, NODES)
+    inner = build_strategy(FederationConfig(packed_weights=False), registry=reg,
+                           recorder=lambda *r: rows.append(r), seed=0)
+    cfg = ClientDPConfig(mode="client-fixed", noise_multiplier=2.0, clipping_norm=0.5, delta=1e-3)
+    wrapped = wrap_client_dp(inner, cfg, 3, num_sites=3)
+    for rnd in (1, 2):
+        sent = {m.metadata.dst_node_id: m for m in wrapped.configure_train(
+            rnd, ArrayRecord({"w": torch.zeros(2)}), ConfigRecord({}), StubGrid(list(NODES)))}
+        assert {m.content["config"]["clipping_norm"] for m in sent.values()} == {0.5}
+        replies = [Message(RecordDict({"arrays": ArrayRecord({"w": torch.tensor([3.0, 4.0])}),
+                                       "metrics": MetricRecord(_metrics())}), reply_to=sent[n]) for n in NODES]
+        arrays, _ = wrapped.aggregate_train(rnd, replies)
+        assert arrays is not None
+    got = {(r[0], r[3]): r[4] for r in rows if r[3].startswith("client_dp_")}
+    assert got[(1, "client_dp_noise_std")] == pytest.approx(2.0 * 0.5 / 3)
+    assert got[(1, "client_dp_effective_sigma")] == 2.0  # equal weights: σ itself
+    assert got[(1, "client_dp_epsilon")] == pytest.approx(client_level_epsilon(cfg, 1, 3, 3))
+    assert got[(2, "client_dp_epsilon")] == pytest.approx(client_level_epsilon(cfg, 2, 3, 3))
+    state = wrapped.state_dict()  # the history travels with the checkpoint (ε on resume)
+    assert state["client_dp"]["effective_sigma"] == [2.0, 2.0]
+    again = wrap_client_dp(_inner(), cfg, 3, num_sites=3)
+    again.load_state_dict(state)
+    assert again.history == [2.0, 2.0]
+
+
+def test_planned_sampled_sites_follows_the_selection_rule() -> None:
+    assert planned_sampled_sites(FederationConfig(min_sites=2), 3) == 3
+    assert planned_sampled_sites(FederationConfig(min_sites=2, fraction_train=0.5), 5) == 2
+    assert planned_sampled_sites(FederationConfig(min_sites=1, fraction_train=0.5), 6) == 3
 
 
 def test_noise_stdev_is_sigma_clip_over_sampled_sites() -> None:

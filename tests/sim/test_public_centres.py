@@ -1,0 +1,62 @@
+"""sim.public_centres: public pretraining without DP, then every paper arm fine-tunes from it."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+import sim.leave_center_out as lco
+from common.config import ConfigError
+from common.modelfile import read_model
+from common.settings import SimConfig, load_settings
+from sim.protocols import plan_units
+
+SYN = list(lco.site_specs(SimConfig()))[:3]  # three embedded synthetic centres
+
+
+def test_the_plan_checks_public_centres_and_leaves_them_out_of_the_tests(tmp_path) -> None:
+    train, public, test = SYN
+    settings = load_settings("smoke", ["sim.protocols=paper", f"sim.public_centres={public}"])
+    plan = plan_units(settings, SYN, train)
+    assert plan and all(pu.test_sites == (test,) for pu in plan)
+    for sets, match in ((f"sim.public_centres={train}", "is the private site"),
+                        ("sim.public_centres=Nowhere", "not among the centres"),
+                        (f"sim.public_centres={public},{test}", "no centre is left to test"),
+                        (f"model.init_from={tmp_path / 'missing.pt'}", "missing.pt: no such file")):
+        with pytest.raises(ConfigError, match=match):
+            plan_units(load_settings("smoke", ["sim.protocols=paper", sets]), SYN, train)
+    model_file = tmp_path / "m.pt"
+    model_file.write_bytes(b"")
+    with pytest.raises(ConfigError, match="both set the initial weights"):
+        plan_units(load_settings("smoke", ["sim.protocols=paper", f"sim.public_centres={public}",
+                                           f"model.init_from={model_file}"]), SYN, train)
+
+
+def test_dp_refusals_stop_the_plan_before_anything_runs() -> None:
+    settings = load_settings("smoke", ["sim.protocols=paper", "sim.epsilons=3", "train.channels_last=true"])
+    with pytest.raises(ConfigError, match="privacy.enabled: train.channels_last"):
+        plan_units(settings, SYN, SYN[0])
+
+
+def test_public_then_private_tiny_run(tmp_path) -> None:
+    train, public, test = SYN
+    out = tmp_path / "runs"
+    assert lco.main(["--preset", "smoke", "--no-progress", "--protocols", "paper",
+                     "--set", "sim.arms=consistency", "--set", "sim.epsilons=8,.inf",
+                     "--set", f"sim.centres={','.join(SYN)}", "--set", f"sim.train_centre={train}",
+                     "--set", f"sim.public_centres={public}", "--set", "sim.public_epochs=2",
+                     "--set", "privacy.trainable=decoder", "--out", str(out)]) == 0
+    (folder,) = sorted(out.glob("lco-*"))
+    res = pd.read_csv(folder / "results.csv")
+    assert set(res["arm"]) == {"consistency", "consistency-eps8"} and set(res["test_centre"]) == {test}
+    (public_file,) = (folder / "public").glob("*.pt")  # one public model, shared by both arms
+    pub_state, pub_meta = read_model(public_file)
+    assert pub_meta["source"]["stage"] == "public" and not pub_meta["privacy"]["dp_sgd"]
+    assert pub_meta["experiment"]["train"]["epochs"] == 2
+    for arm in ("consistency", "consistency-eps8"):
+        state, meta = read_model(folder / "models" / f"paper__{arm}__{train}__s0.pt")
+        assert meta["source"]["init_from"] == str(public_file.resolve())  # provenance, not a dependency
+        assert meta["experiment"]["model"]["init_from"] is None
+        enc = [k for k in state if k.startswith("backbone.encoder.")]
+        same = all(torch.equal(state[k], pub_state[k]) for k in enc)
+        assert same == (arm == "consistency-eps8")  # DP trains the decoder only; without DP all trains
