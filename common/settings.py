@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from common.config import (
-    STRATEGIES, ConfigError, ExperimentConfig, FederationConfig, from_dict, load_yaml, to_dict,
+    MEAN_STRATEGIES, STRATEGIES, ConfigError, ExperimentConfig, FederationConfig, from_dict, load_yaml, to_dict,
 )
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
@@ -120,6 +120,14 @@ class Settings:
     federation: FederationConfig = field(default_factory=FederationConfig)
     sim: SimConfig = field(default_factory=SimConfig)
     description: str = ""
+
+    def __post_init__(self) -> None:
+        fed = self.federation
+        private = "secagg" if fed.secagg.enabled else "client_dp" if fed.client_dp.enabled else None
+        bad = [s for s in self.sim.strategies if s not in MEAN_STRATEGIES]
+        if private and bad:  # refused before any unit runs, not when its turn comes
+            raise ConfigError(f"sim.strategies: {bad} cannot run with federation.{private}, which needs "
+                              f"a mean of complete updates; use {list(MEAN_STRATEGIES)}")
 
 
 # ----------------------------------------------------------------------------- presets

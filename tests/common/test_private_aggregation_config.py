@@ -81,3 +81,11 @@ def test_run_spec_round_trips_both_sections() -> None:
     assert spec.federation.secagg == SecAggConfig(enabled=True, max_weight=64.0)
     assert spec_from_dict(run_spec_to_dict(spec)) == spec
     assert spec.sites[0] == SiteSpec("a", synthetic_centre="SynPL")
+
+
+def test_sim_strategies_that_cannot_run_privately_are_refused_before_the_run() -> None:
+    from common.settings import load_settings
+
+    with pytest.raises(ConfigError, match=r"sim.strategies: \['fedbn'\] cannot run with federation.secagg"):
+        load_settings("cpu-fast", ["federation.secagg.enabled=true", "sim.strategies=[fedavg,fedbn]"])
+    assert load_settings("cpu-fast", ["federation.secagg.enabled=true"]).sim.strategies == ("fedavg",)
