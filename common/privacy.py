@@ -284,6 +284,13 @@ class PrivacySession:
 
         return module, dp_opt, epoch
 
+    def fill_unused(self, rows: int) -> None:
+        """Zero per-sample gradients for trainable parameters this pass did not reach (the prior
+        while λ is still 0): Opacus clips and noises every parameter and refuses a missing one."""
+        for p in self._optimizer.params:
+            if getattr(p, "grad_sample", None) is None:
+                p.grad_sample = torch.zeros((rows, *p.shape), device=p.device, dtype=p.dtype)
+
     def accumulate(self) -> None:
         """After a chunk of a split Poisson batch (not its last): clip and sum its per-sample
         gradients into Opacus' ``summed_grad`` and clear them, with no noise and no update;

@@ -350,6 +350,8 @@ def _run(
                         raise FloatingPointError(f"{desc or 'train_local'}: non-finite loss at epoch "
                                                  f"{epoch + 1} step {steps + 1}: {parts}")
                     total.backward()
+                    if privacy is not None:
+                        privacy.fill_unused(int(x.shape[0]))
                     if j < len(chunks) - 1:  # clip and sum this chunk; the step comes with the last
                         privacy.accumulate()  # type: ignore[union-attr]
                     share = int(chunk["mask"].shape[0])

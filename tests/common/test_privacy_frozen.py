@@ -84,3 +84,20 @@ def test_trainable_is_validated() -> None:
 
     with pytest.raises(ConfigError, match="privacy.trainable"):
         PrivacyConfig(trainable="encoder")
+
+
+def test_a_prior_out_of_the_loss_during_the_warm_up_still_trains_under_dp(data) -> None:
+    """While λ is 0 no gradient reaches the prior; Opacus needs a per-sample gradient for every
+    parameter it noises, so the unused ones get zeros rather than stopping the run."""
+    torch.manual_seed(0)
+    model = build_model(TINY, PAPER_FEATURES)
+    before = [p.detach().clone() for p in model.prior.parameters()]
+    sess = dp("decoder")
+    train_local(model, data, TrainConfig(epochs=1, batch_size=B, lr=0.05, optimizer="sgd", progress=False,
+                                         device="cpu", num_threads=1),
+                LossConfig(pos_weight=1.0, consistency=0.5, consistency_warmup_epochs=5),
+                privacy=sess, augment=False)
+    sess.close()
+    after = list(model.prior.parameters())
+    assert before and all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))  # noised like every trainable parameter
