@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 
+from common.modelfile import read_model
 from launch.audit import verify
 from server.state import ServerRunFolder
 
@@ -64,6 +65,15 @@ def test_three_sites_complete_a_run_with_tls_and_authentication(federation: Fede
         assert {e["fab_sha256"] for e in tasks} == {submitted["fab_sha256"]}
         assert all(e["outcome"] == "completed" for e in tasks)
         assert sites[name].alive  # sites outlive a run
+
+    # what the operator and the hospitals use: a report with plots, a model file and its card
+    run = fed.run_dir
+    assert "round 2" in (run / "report.md").read_text().lower()
+    assert (run / "report_dice.png").stat().st_size > 0
+    _, meta = read_model(run / "model.pt")  # digests verified
+    assert meta["temperature"] > 0 and meta["calibration"]  # fitted from the sites' NLL sums
+    card = (run / "model.card.md").read_text()
+    assert "not a diagnostic device" in card.lower()
 
 
 def test_unregistered_and_plaintext_sites_are_refused(federation: Federation) -> None:
