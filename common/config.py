@@ -6,18 +6,31 @@ because a typo in a hospital's YAML must not silently fall back to a default.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Mapping, TypeVar
 
-import yaml
-
-T = TypeVar("T")
+# one door: every config name is importable from here (the machinery and the federation section
+# live in their own modules)
+from common.configtools import (  # noqa: F401
+    ConfigError,
+    _need,
+    _nonneg,
+    _one_of,
+    from_dict,
+    load_yaml,
+    replace,
+    to_dict,
+)
+from common.fedconfig import (  # noqa: F401
+    CLIENT_DP_MODES,
+    CLIENT_DP_YAML_MODES,
+    MEAN_STRATEGIES,
+    STRATEGIES,
+    ClientDPConfig,
+    FederationConfig,
+    SecAggConfig,
+)
 
 #: BI-RADS-inspired features computed from the soft mask (see common/birads.py).
 ALL_FEATURES: tuple[str, ...] = (
@@ -46,30 +59,7 @@ SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "gdp", "prv")
 #: ``privacy.trainable``: what DP-SGD trains ("decoder": every parameter but ``backbone.encoder.*``).
 DP_TRAINABLE: tuple[str, ...] = ("all", "decoder")
-STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedbn", "fedadam", "fedmedian")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-
-class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message names where it came from."""
-
-
-def _need(ok: bool, key: str, rule: str, value: Any) -> None:
-    """ConfigError ``key: rule, got value`` unless ``ok``."""
-    if not ok:
-        raise ConfigError(f"{key}: {rule}, got {value!r}")
-
-
-def _nonneg(section: str, obj: Any, *names: str) -> None:
-    """Each named field a finite number >= 0 (NaN and inf refused)."""
-    for name in names:
-        v = getattr(obj, name)
-        _need(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
-              f"{section}.{name}", "must be a finite number >= 0", v)
-
-
-def _one_of(key: str, value: str, known: tuple[str, ...]) -> None:
-    _need(value in known, key, f"must be one of {list(known)}", value)
 
 
 @dataclass(frozen=True)
@@ -336,290 +326,3 @@ def dp_refusal(mixstyle: float, channels_last: bool, augment: AugmentConfig | No
         return (f"data.augmentation.depth_splice={augment.depth_splice:g} splices another image of the "
                 "batch into each image, so one image's gradient depends on another: set it to 0 under DP")
     return None
-
-
-#: Strategies whose aggregate is a weighted mean of complete updates: all a masked sum (SecAgg+)
-#: yields, and what client-level DP's noise σ·C/n is calibrated for.
-MEAN_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
-#: Client-level DP modes of server/dp.py; the experiment file offers the fixed-clipping ones.
-CLIENT_DP_MODES: tuple[str, ...] = ("off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
-CLIENT_DP_YAML_MODES: tuple[str, ...] = ("off", "server-fixed", "client-fixed")
-
-
-@dataclass(frozen=True)
-class ClientDPConfig:
-    """Client-level (central) DP with Flower's wrappers (server/dp.py): each site's update
-    clipped to ``clipping_norm``, Gaussian noise σ·C/n added to the mean of n sites. The
-    adaptive fields are for the library's adaptive modes; ``delta`` only for reporting ε."""
-
-    mode: str = "off"  # one of CLIENT_DP_YAML_MODES ("server-fixed": the server clips each update)
-    noise_multiplier: float = 1.0  # σ
-    clipping_norm: float = 1.0  # C: bound on ||w_site − w_global||
-    initial_clipping_norm: float = 0.1  # adaptive modes
-    target_clipped_quantile: float = 0.5  # adaptive modes
-    clip_norm_lr: float = 0.2  # adaptive modes
-    clipped_count_stddev: float | None = None  # adaptive modes (Flower's default n/20)
-    delta: float = 1e-3  # δ of the reported client-level ε
-
-    def __post_init__(self) -> None:
-        _one_of("client_dp.mode", self.mode, CLIENT_DP_MODES)
-        _nonneg("client_dp", self, "noise_multiplier")
-        for name in ("clipping_norm", "initial_clipping_norm", "clip_norm_lr"):
-            v = getattr(self, name)
-            _need(math.isfinite(v) and v > 0, f"client_dp.{name}", "must be a finite number > 0", v)
-        _need(0.0 <= self.target_clipped_quantile <= 1.0, "client_dp.target_clipped_quantile",
-              "must lie in [0, 1]", self.target_clipped_quantile)
-        _need(0.0 < self.delta < 1.0, "client_dp.delta", "must lie in (0, 1)", self.delta)
-
-    @property
-    def enabled(self) -> bool:
-        return self.mode != "off"
-
-    @property
-    def client_side(self) -> bool:
-        """Whether the sites clip (client/client_dp.py applies Flower's mod when asked)."""
-        return self.mode.startswith("client-")
-
-    @property
-    def client_mod_name(self) -> str | None:
-        """The ``flwr.clientapp.mod`` the sites need, or None."""
-        return {"client-fixed": "fixedclipping_mod", "client-adaptive": "adaptiveclipping_mod"}.get(self.mode)
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any] | None, where: str = "client_dp") -> "ClientDPConfig":
-        """From a mapping with dashed (run-config) or underscored keys."""
-        return from_dict(cls, {str(k).replace("-", "_"): v for k, v in (data or {}).items()}, where)
-
-
-@dataclass(frozen=True)
-class SecAggConfig:
-    """SecAgg+ (server/secagg_app.py, ``flwr.server.workflow.SecAggPlusWorkflow``): the server
-    learns only the weighted mean of the site updates. Floats for ``num_shares`` /
-    ``reconstruction_threshold`` are fractions of the sampled sites / of the shares; any
-    ``reconstruction_threshold`` sites colluding with the server can unmask one site's update."""
-
-    enabled: bool = False  # run the federation's rounds under SecAgg+
-    num_shares: int | float = 1.0  # shares of each site's mask secrets (1.0: all sampled sites)
-    reconstruction_threshold: int | float = 0.67  # shares needed to unmask a dropped site
-    clipping_range: float = 1.0  # scaled update values are clipped to ± this before quantisation
-    quantization_range: int = 2**22  # quantisation levels over [−clipping_range, clipping_range]
-    modulus_range: int = 2**32  # the masked sum's modulus
-    max_weight: float = 1000.0  # most training images a site may have (its weight's scale)
-    timeout_s: float = 600.0  # deadline of each SecAgg+ stage
-
-    def __post_init__(self) -> None:
-        for name in ("clipping_range", "max_weight", "timeout_s"):
-            v = getattr(self, name)
-            _need(math.isfinite(v) and v > 0, f"secagg.{name}", "must be a finite number > 0", v)
-        _need(0 < self.quantization_range < self.modulus_range, "secagg.quantization_range",
-              "must lie in (0, modulus_range)", self.quantization_range)
-        _need(self.modulus_range & (self.modulus_range - 1) == 0, "secagg.modulus_range",
-              "must be a power of 2", self.modulus_range)
-        shares, threshold = self.num_shares, self.reconstruction_threshold
-        _need((shares == 1 or shares > 2) if isinstance(shares, int) else (0 < shares <= 1),
-              "secagg.num_shares", "must be an integer > 2 (or 1), or a fraction in (0, 1]", shares)
-        _need((threshold >= 1) if isinstance(threshold, int) else (0 < threshold <= 1),
-              "secagg.reconstruction_threshold", "must be an integer >= 1 or a fraction in (0, 1]", threshold)
-        if isinstance(shares, int) and isinstance(threshold, int) and shares > 2:
-            _need(threshold < shares, "secagg.reconstruction_threshold",
-                  f"must be less than num_shares ({shares})", threshold)
-
-
-@dataclass(frozen=True)
-class FederationConfig:
-    """Round structure and aggregation. ``proximal_mu`` only acts with strategy "fedprox";
-    ``server_lr`` only with "fedadam"; ``min_sites`` is the quorum below which no round starts."""
-
-    rounds: int = 3  # server rounds; rounds × local_epochs is the run's epoch budget
-    local_epochs: int = 1  # epochs each site trains per round
-    strategy: str = "fedavg"  # one of STRATEGIES, the same in simulation and deployment
-    proximal_mu: float = 0.01  # FedProx μ
-    fraction_train: float = 1.0  # share of the connected sites asked to train each round
-    fraction_evaluate: float = 1.0  # share asked to evaluate
-    min_sites: int = 2  # quorum: no round starts with fewer connected sites
-    round_timeout_s: float = 600.0  # deadline for one round's replies; late sites are left out
-    quorum_timeout_s: float = 300.0  # how long a round waits for the quorum before the run stops
-    server_lr: float = 0.01  # FedAdam's server learning rate
-    central_eval: bool = True  # the server also scores the run's central test centres each round
-    checkpoint_every: int = 1  # rounds between checkpoints
-    packed_weights: bool = True  # one float32 vector per message (common/packing.py)
-    screen_norm_factor: float = 10.0  # reject an update whose ||w_site − w_global|| exceeds this × the round's median
-    screen_norm_cap: float | None = None  # absolute bound on that norm (None: only the relative bound)
-    drop_after_rejections: int = 3  # a site rejected this many rounds running is no longer sampled
-    client_dp: ClientDPConfig = field(default_factory=ClientDPConfig)  # client-level DP (server/dp.py)
-    secagg: SecAggConfig = field(default_factory=SecAggConfig)  # secure aggregation (server/secagg_app.py)
-
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"federation.strategy: {self.strategy!r} not one of {STRATEGIES}")
-        for name in ("rounds", "local_epochs", "min_sites", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"federation.{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("fraction_train", "fraction_evaluate"):
-            if not 0.0 < getattr(self, name) <= 1.0:
-                raise ConfigError(f"federation.{name}: must be in (0, 1], got {getattr(self, name)}")
-        for name in ("round_timeout_s", "quorum_timeout_s", "server_lr"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"federation.{name}: must be > 0, got {getattr(self, name)}")
-        if self.proximal_mu < 0:
-            raise ConfigError(f"federation.proximal_mu: must be >= 0, got {self.proximal_mu}")
-        if not self.screen_norm_factor >= 1.0:  # below 1 even the median site's update is rejected
-            raise ConfigError(f"federation.screen_norm_factor: must be >= 1, got {self.screen_norm_factor}")
-        if self.screen_norm_cap is not None and not self.screen_norm_cap > 0:
-            raise ConfigError(f"federation.screen_norm_cap: must be > 0 or null, got {self.screen_norm_cap}")
-        if self.drop_after_rejections < 1:
-            raise ConfigError(f"federation.drop_after_rejections: must be >= 1, got {self.drop_after_rejections}")
-        _check_private_aggregation(self)
-
-
-def _check_private_aggregation(fed: FederationConfig) -> None:
-    """Refuse the combinations client-level DP and SecAgg+ cannot run with, naming the reason."""
-    dp, secagg = fed.client_dp, fed.secagg
-    if dp.enabled and secagg.enabled:
-        raise ConfigError("federation.client_dp and federation.secagg: not both at once (Flower 1.41's DP "
-                          "wrappers are Message-API strategies, SecAgg+ a legacy workflow; and server-side "
-                          "clipping needs the individual updates SecAgg+ hides)")
-    if secagg.enabled and fed.strategy not in MEAN_STRATEGIES:
-        raise ConfigError(f"federation.secagg: strategy {fed.strategy!r} cannot run under SecAgg+, which "
-                          "yields only the weighted mean of complete updates (fedbn withholds layers, "
-                          f"fedadam/fedmedian need more than a mean); use one of {list(MEAN_STRATEGIES)}")
-    if not dp.enabled:
-        return
-    if dp.mode not in CLIENT_DP_YAML_MODES:
-        raise ConfigError(f"federation.client_dp.mode: {dp.mode!r} is not offered for runs (adaptive clipping "
-                          "would clip replies before the server's update screening, and client-adaptive adds a "
-                          f"reply metric outside the fixed schema); use one of {list(CLIENT_DP_YAML_MODES)}")
-    if fed.strategy not in MEAN_STRATEGIES:
-        raise ConfigError(f"federation.client_dp: strategy {fed.strategy!r} cannot run with client-level DP: "
-                          "the noise σ·C/n is calibrated for a mean of clipped updates of all sent arrays "
-                          f"(fedbn withholds layers, fedadam/fedmedian are not a mean); use one of "
-                          f"{list(MEAN_STRATEGIES)}")
-    if fed.packed_weights:
-        raise ConfigError("federation.client_dp: needs federation.packed_weights: false (the DP wrappers "
-                          "and clipping mods compare the update with the global weights tensor by tensor)")
-
-
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    """Convert a YAML value to the annotated type (recursing into dataclasses and tuples)."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):  # already built (replace() with dataclass items, e.g. sites)
-            return value
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return from_dict(tp, value, where)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"{where}: may not be null")
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = [value]  # one number is a list of one (--set sim.seeds=8)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (item_tp, *_rest) = typing.get_args(tp) or (Any,)
-        return tuple(_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in {"true", "false", "yes", "no", "1", "0"}:
-            return value.lower() in {"true", "yes", "1"}
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        try:
-            return int(value)
-        except ValueError as exc:
-            raise ConfigError(f"{where}: expected an integer, got {value!r}") from exc
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from exc
-    if tp is str:
-        if not isinstance(value, (str, int, float)):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "config") -> T:
-    """Build dataclass ``cls`` from a mapping; unknown keys raise ``ConfigError`` naming ``where``."""
-    data = dict(data or {})
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
-    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def to_dict(obj: Any) -> dict[str, Any]:
-    """Plain, YAML-safe dict of a (nested) config dataclass; tuples become lists."""
-
-    def plain(v: Any) -> Any:
-        if dataclasses.is_dataclass(v):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        return v
-
-    return plain(obj)
-
-
-def replace(obj: T, **changes: Any) -> T:
-    """``dataclasses.replace`` that also accepts dotted keys: replace(cfg, **{"train.epochs": 2})."""
-    nested: dict[str, dict[str, Any]] = {}
-    flat: dict[str, Any] = {}
-    for key, value in changes.items():
-        head, _, rest = key.partition(".")
-        if rest:
-            nested.setdefault(head, {})[rest] = value
-        else:
-            flat[key] = value
-    for head, sub in nested.items():
-        flat[head] = replace(getattr(obj, head), **sub)
-    hints = typing.get_type_hints(type(obj))
-    unknown = sorted(set(flat) - set(hints))
-    if unknown:
-        raise ConfigError(f"{type(obj).__name__}: unknown key(s) {unknown}")
-    coerced = {
-        k: v if dataclasses.is_dataclass(v) else _coerce(hints[k], v, f"{type(obj).__name__}.{k}")
-        for k, v in flat.items()
-    }
-    return dataclasses.replace(obj, **coerced)  # type: ignore[type-var]
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; errors name the file."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{path}: top level must be a mapping")
-    return dict(data)
