@@ -40,10 +40,12 @@ def gather_stats(grid: Grid, registry: SiteRegistry, base_config: Mapping[str, A
     content = RecordDict({"arrays": ArrayRecord(dict(state_dict)), "config": ConfigRecord(dict(base_config))})
     messages = [Message(content=content, message_type=MESSAGE_TYPE, dst_node_id=n) for n in sites.values()]
     got: dict[str, calibration.GridStats] = {}
+    answered: set[str] = set()
     for reply in grid.send_and_receive(messages, timeout=timeout):
         site = registry.name(reply.metadata.src_node_id)
         if site not in sites:
             continue  # a node that is no longer the site it was asked as
+        answered.add(site)
         if reply.has_error():
             log.warning("calibration: site %s sent no statistics: %s", site, reply.error.reason)
             continue
@@ -53,8 +55,8 @@ def gather_stats(grid: Grid, registry: SiteRegistry, base_config: Mapping[str, A
                                                 registry.declared.get(site, 0))
         except calibration.CalibrationError as exc:
             log.error("calibration: site %s: reply refused: %s", site, exc)
-    for site in sorted(set(sites) - set(got)):
-        log.warning("calibration: site %s left out (no valid reply within %.0fs)", site, timeout)
+    for site in sorted(set(sites) - answered):
+        log.warning("calibration: site %s left out (no reply within %.0fs)", site, timeout)
     return got
 
 
