@@ -148,11 +148,18 @@ def check_temperature(value: Any, where: str = "temperature") -> float:
 
 
 # ------------------------------------------------------------------ the data and the model
+def split_name(data: DataConfig) -> str:
+    """"validation" when the run has a validation split (``val_fraction`` > 0), else "training":
+    the split every site fits on (``calibration_split``)."""
+    return "validation" if data.val_fraction > 0 else "training"
+
+
 def calibration_split(train: TensorData, val: TensorData, data: DataConfig) -> tuple[TensorData, str]:
-    """(images to fit on, "validation" or "training"): the validation split when the run has
-    one (``val_fraction`` > 0, even where a small site's is empty: every site fits on the same
-    kind of split), else the training split."""
-    return (val, "validation") if data.val_fraction > 0 else (train, "training")
+    """(images to fit on, ``split_name``): the validation split when the run has one
+    (``val_fraction`` > 0, even where a small site's is empty: every site fits on the same kind
+    of split), else the training split."""
+    name = split_name(data)
+    return (val if name == "validation" else train), name
 
 
 @torch.no_grad()

@@ -14,10 +14,16 @@ from collections.abc import Mapping
 import numpy as np
 
 
+def is_counter(key: str) -> bool:
+    """A step counter (the prior's ``num_updates``): it grows by the local steps of every round,
+    says nothing about an image, and would otherwise take most of the clipping norm."""
+    return key.endswith("num_updates")
+
+
 def update_norm(weights: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
-    """||weights − reference||₂ over every array (float64); inf/NaN when not finite."""
+    """||weights − reference||₂ over every array but counters (float64); inf/NaN when not finite."""
     return math.sqrt(sum(float(np.square(np.asarray(weights[k], np.float64) - np.asarray(reference[k], np.float64)).sum())
-                         for k in reference))
+                         for k in reference if not is_counter(k)))
 
 
 def clip_update(weights: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
@@ -33,6 +39,9 @@ def clip_update(weights: Mapping[str, np.ndarray], reference: Mapping[str, np.nd
     scale = min(1.0, clipping_norm / norm) if norm > 0 else 1.0
     out = {}
     for k, w in weights.items():
+        if is_counter(k):  # passed as sent: not part of the bounded update
+            out[k] = np.asarray(w, order="C")
+            continue
         ref = np.asarray(reference[k], np.float64)
         u = np.asarray(w, np.float64) - ref
         out[k] = np.asarray(ref + u * scale, dtype=np.asarray(w).dtype, order="C")

@@ -48,12 +48,13 @@ class ClientDPConfig:
 
     @property
     def client_side(self) -> bool:
-        """Whether the sites clip (client/client_dp.py applies Flower's mod when asked)."""
+        """Whether the sites clip (client/client_dp.py's own mod, when the round asks)."""
         return self.mode.startswith("client-")
 
     @property
     def client_mod_name(self) -> str | None:
-        """The ``flwr.clientapp.mod`` the sites need, or None."""
+        """The Flower mod a stock ClientApp would need, or None (fedbus's ClientApp clips with
+        client/client_dp.py instead, and has no adaptive-clipping mod)."""
         return {"client-fixed": "fixedclipping_mod", "client-adaptive": "adaptiveclipping_mod"}.get(self.mode)
 
     @classmethod

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from common.clipping import is_counter
+
 Arrays = Mapping[str, np.ndarray]
 
 #: Reason codes, in check order (metric rows "rejected_<code>" name them).
@@ -97,10 +99,13 @@ def count_problem(num_examples: float, declared: int | None) -> str:
 
 
 def update_norm(arrays: Arrays, reference: Arrays) -> float:
-    """||arrays − reference||₂ over all arrays, in float64 (squares of float32 weights cannot
-    overflow it); both must share names and shapes."""
+    """||arrays − reference||₂ over all arrays but step counters (a site with more data takes
+    more steps: its counter alone would look like an outlier), in float64 (squares of float32
+    weights cannot overflow it); both must share names and shapes."""
     total = 0.0
     for key, ref in reference.items():
+        if is_counter(key):
+            continue
         diff = np.asarray(arrays[key], dtype=np.float64) - np.asarray(ref, dtype=np.float64)
         total += float(np.dot(diff.ravel(), diff.ravel()))
     return math.sqrt(total)

@@ -13,8 +13,10 @@ Opacus GradSampleModule around ``model``, sharing its parameters, so ``model.sta
 plain keys); ``batch_iter_factory()`` yields one epoch of batch dicts like
 ``common.data.tensors.batches`` (e.g. Poisson-sampled), or for one step a list of batch dicts
 (the chunks of a batch too large for one pass: after each but the last, ``accumulate()`` is
-called instead of ``optimizer.step()``); ``extra_grad`` (a no-argument callable
-or None) must be called once per step after the noise is added and before the parameter update.
+called instead of ``optimizer.step()``); ``fill_unused(rows)`` is called after each pass's
+backward (zero per-sample gradients where the pass reached no parameter); ``extra_grad`` (a
+no-argument callable or None) must be called once per step after the noise is added and before
+the parameter update.
 Without a session, gradient-norm clipping uses ``train_cfg.grad_clip``; with one, the session
 clips per sample and ``grad_clip`` is not applied. Optional session attributes: ``trainable``
 ("decoder": the ``backbone.encoder.*`` parameters are frozen before ``wrap``, so neither the
@@ -74,6 +76,8 @@ class PrivacySession(Protocol):
     def after_step(self) -> None: ...
 
     def accumulate(self) -> None: ...
+
+    def fill_unused(self, rows: int) -> None: ...
 
 
 @dataclass

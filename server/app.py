@@ -318,7 +318,9 @@ def _query(grid: Grid, registry: SiteRegistry, nodes: list[int], base_config: Ma
             log.error("node %d (site %s) declared no valid num-train: ignored", node, site)
             registry.refused.add(node)  # its train replies' num-examples could not be capped
             continue
-        if registry.register(node, site, connected, declared=declared):
+        val = info.get("num-val")
+        val = val if isinstance(val, int) and not isinstance(val, bool) and val >= 0 else None
+        if registry.register(node, site, connected, declared=declared, declared_val=val):
             log.info("site %s joined (node %d): %s training / %s validation images, app %s", site, node,
                      info.get("num-train"), info.get("num-val"), info.get("app-version"))
     for node in set(nodes) - answered:

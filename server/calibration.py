@@ -30,9 +30,12 @@ MESSAGE_TYPE = f"{MessageType.QUERY}.{calibration.CALIBRATE}"
 
 
 def gather_stats(grid: Grid, registry: SiteRegistry, base_config: Mapping[str, Any],
-                 state_dict: Mapping[str, torch.Tensor], timeout: float) -> dict[str, calibration.GridStats]:
+                 state_dict: Mapping[str, torch.Tensor], timeout: float,
+                 on_validation: bool = False) -> dict[str, calibration.GridStats]:
     """{site: its checked statistics} of the connected sites that answered the calibration
-    query for the model ``state_dict`` with a valid reply."""
+    query for the model ``state_dict`` with a valid reply. A site's count is capped by the
+    images it declared when joining: validation images when ``on_validation``, else training."""
+    declared = registry.declared_val if on_validation else registry.declared
     sites = registry.connected(grid.get_node_ids())
     if not sites:
         log.warning("calibration: no site connected; the model keeps temperature 1")
@@ -52,7 +55,7 @@ def gather_stats(grid: Grid, registry: SiteRegistry, base_config: Mapping[str, A
         record = reply.content.metric_records.get("calibration")
         try:
             got[site] = calibration.from_record(record if record is not None else {},
-                                                registry.declared.get(site, 0))
+                                                declared.get(site, 0))
         except calibration.CalibrationError as exc:
             log.error("calibration: site %s: reply refused: %s", site, exc)
     for site in sorted(set(sites) - answered):
@@ -64,13 +67,20 @@ def calibrate_model(grid: Grid, registry: SiteRegistry, base_config: Mapping[str
                     state_dict: Mapping[str, torch.Tensor], model_path: Path, experiment: ExperimentConfig,
                     timeout: float) -> float:
     """Query the sites, fit the temperature on their summed statistics and write it (with how
-    it was fitted) into ``model_path`` and its card; returns it (1.0 when nothing usable came)."""
-    got = gather_stats(grid, registry, base_config, state_dict, timeout)
+    it was fitted) into ``model_path`` and its card; returns it (1.0 when nothing usable came).
+    Never raises for the query itself (e.g. the run stopped from outside meanwhile): the rounds
+    are done and the model file stands, uncalibrated."""
+    try:
+        got = gather_stats(grid, registry, base_config, state_dict, timeout,
+                           on_validation=experiment.data.val_fraction > 0)
+    except Exception:  # noqa: BLE001 - the finished run's outcome must not depend on this step
+        log.error("calibration: the query failed; the model keeps temperature 1", exc_info=True)
+        return 1.0
     if not got:
         return 1.0
     merged = calibration.merge(got.values())
     temperature = calibration.fit_temperature(merged)
-    split = "validation" if experiment.data.val_fraction > 0 else "training"
+    split = calibration.split_name(experiment.data)
     info = {**calibration.summary(merged, temperature, split, {s: st.count for s, st in got.items()}),
             "federated": True}
     set_temperature(model_path, temperature, info)

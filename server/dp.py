@@ -8,9 +8,9 @@ what did its data change?), not one patient; it is the complement of sample-leve
 | mode | clipping | site side |
 |---|---|---|
 | ``server-fixed`` | server clips each update (reply − global) to ``clipping_norm`` | nothing |
-| ``client-fixed`` | sites clip before sending (and the server clips again) | ``fixedclipping_mod`` (client/client_dp.py applies it when the round asks) |
+| ``client-fixed`` | sites clip before sending (and the server clips again) | client/client_dp.py ``client_dp_mod`` (Flower's ``fixedclipping_mod`` with common/clipping.py), when the round asks |
 | ``server-adaptive`` | server clips; norm follows the ``target_clipped_quantile`` | nothing |
-| ``client-adaptive`` | sites clip; norm adapted from noisy clipped counts | ``adaptiveclipping_mod`` |
+| ``client-adaptive`` | sites clip; norm adapted from noisy clipped counts | ``adaptiveclipping_mod`` (not in fedbus's ClientApp) |
 
 The experiment file offers the two fixed modes (``CLIENT_DP_YAML_MODES``); the adaptive ones
 stay a library. In the fixed modes our subclasses replace Flower's clipping by common/clipping.py
@@ -234,7 +234,7 @@ def wrap_client_dp(strategy: Strategy, cfg: ClientDPConfig, num_sampled_clients:
             raise ConfigError(f"client_dp ({cfg.mode}): {exc}") from exc
     log.info("client-level DP: %s, noise multiplier %g, clipping norm %g, %d sites per round%s", cfg.mode,
              cfg.noise_multiplier, cfg.clipping_norm, num_sampled_clients,
-             f"; sites run {cfg.client_mod_name}" if cfg.client_side else "")
+             "; sites clip their updates (client/client_dp.py)" if cfg.client_side else "")
     return wrapped
 
 

@@ -73,6 +73,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return out + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _sigmoid(x: float) -> float:
+    """sigmoid(x) without overflow for any finite x (a diverged prior's bias may be huge)."""
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
 def _reading(name: str, w: float | None) -> str:
     if w is None or not math.isfinite(w):
         return "not learned"
@@ -101,7 +106,7 @@ def prior_section(m: RunMetrics, plot: str | None = None) -> list[str]:
     bias = final.get("bias")
     if bias is not None and math.isfinite(bias):
         lines += ["", f"Intercept: logit {bias:+.3f} at the mean features (φ = "
-                      f"{1.0 / (1.0 + math.exp(-bias)):.3f}); {_f(final.get('bias_per_unit'))} with every "
+                      f"{_sigmoid(bias):.3f}); {_f(final.get('bias_per_unit'))} with every "
                       "feature at 0."]
     if len(rounds) > 1:
         lines += ["", "Global prior weight per SD, per round:", ""]

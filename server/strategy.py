@@ -63,7 +63,8 @@ class SiteRegistry:
     sites) an unexpected name is refused; a name already held by a *connected* node is refused
     (a restarted SuperNode without authentication comes back under a new id: it replaces the
     old id once that one is gone). Nodes whose query failed are retried after ``clear_failed``.
-    ``declared``: each site's num-train from its query reply (caps its num-examples);
+    ``declared``: each site's num-train from its query reply (caps its num-examples), and
+    ``declared_val`` its num-val (caps its calibration count when validation images are used);
     ``dropped``: sites no longer sampled (rejected too often), by name, so a reconnect stays out."""
 
     def __init__(self, allowed: Iterable[str] | None = None) -> None:
@@ -72,6 +73,7 @@ class SiteRegistry:
         self.refused: set[int] = set()
         self.failed: set[int] = set()
         self.declared: dict[str, int] = {}
+        self.declared_val: dict[str, int] = {}
         self.dropped: set[str] = set()
 
     def __contains__(self, node_id: int) -> bool:
@@ -80,7 +82,8 @@ class SiteRegistry:
     def clear_failed(self) -> None:
         self.failed.clear()
 
-    def register(self, node_id: int, site: str, connected: Iterable[int], declared: int | None = None) -> bool:
+    def register(self, node_id: int, site: str, connected: Iterable[int], declared: int | None = None,
+                 declared_val: int | None = None) -> bool:
         if self.allowed is not None and site not in self.allowed:
             log.error("node %d reports site %r, which is not in the run spec: ignored", node_id, site)
             self.refused.add(node_id)
@@ -97,6 +100,8 @@ class SiteRegistry:
         self._by_node[node_id] = site
         if declared is not None:
             self.declared[site] = int(declared)
+        if declared_val is not None:
+            self.declared_val[site] = int(declared_val)
         return True
 
     def drop(self, site: str) -> None:

@@ -46,6 +46,7 @@ from common.settings import Settings, SimConfig
 from common.sitedata import load_site_tensors, load_test_tensors, site_cases
 from common.train import train_local
 from sim.examples import merge_examples, pick_examples
+from sim.feature_check import with_prior_features
 from sim.federated import run_federated
 from sim.protocols import PlannedUnit, Runtime, arm_config, metric_rows
 from sim.public import with_public_init
@@ -136,7 +137,7 @@ def calibrate_unit(trained: Trained, pu: PlannedUnit, cfg: ExperimentConfig, rt:
         stats = calibration.merge(calibration.model_stats(trained.model, d, cfg.inference, bs, device)
                                   for d in parts.values())
         counts = {c: len(d) for c, d in parts.items()}
-        split = "validation" if cfg.data.val_fraction > 0 else "training"
+        split = calibration.split_name(cfg.data)
     else:
         fit_on, split = calibration.calibration_split(*data, cfg.data)
         stats = calibration.model_stats(trained.model, fit_on, cfg.inference, bs, device)
@@ -266,9 +267,6 @@ def run_unit(pu: PlannedUnit, settings: Settings, rt: Runtime, run_dir: str | Pa
         if cfg.privacy.enabled:
             rows.append({"test_centre": s.centre, "metric": "epsilon", "value": trained.epsilon,
                          "ci_low": math.nan, "ci_high": math.nan, "n": trained.num_train})
-        from sim.feature_check import (
-            with_prior_features,  # BI-RADS features of predicted and true masks
-        )
         images.append(with_prior_features(s, model).assign(test_centre=s.centre))
         examples.append(pick_examples(model, s.data, s.probs, s.p_mal, s.result.per_image,
                                       opts.examples_per_centre, s.centre))

@@ -122,3 +122,17 @@ def test_federation_config_validates_the_screening_thresholds() -> None:
                 {"drop_after_rejections": 0}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             FederationConfig(**bad)
+
+
+def test_step_counters_are_not_part_of_the_update_norm() -> None:
+    """A site with ten times the data takes ten times the steps: its prior's step counter must
+    not make it an outlier (nor take the client-level DP clipping norm)."""
+    from common.clipping import clip_update
+
+    ref = {"w": np.zeros(2, np.float32), "prior.num_updates": np.array(10.0, np.float32)}
+    big = {"w": np.array([3.0, 4.0], np.float32), "prior.num_updates": np.array(510.0, np.float32)}
+    assert update_norm(big, ref) == pytest.approx(5.0)
+    out, norm = clip_update(big, ref, 1.0)
+    assert norm == pytest.approx(5.0)
+    np.testing.assert_allclose(out["w"], [0.6, 0.8], rtol=1e-6)
+    assert float(out["prior.num_updates"]) == 510.0  # passed as sent

@@ -92,7 +92,7 @@ class FakeSession:
     """Records the seam's calls; plain batches, no noise."""
 
     def __init__(self):
-        self.steps, self.wrapped, self.extra = 0, False, 0
+        self.steps, self.wrapped, self.extra, self.filled = 0, False, 0, []
 
     def wrap(self, model, optimizer, data, *, batch_size, generator, extra_grad):
         from common.data.tensors import batches
@@ -109,6 +109,9 @@ class FakeSession:
     def after_step(self):
         self.steps += 1
 
+    def fill_unused(self, rows):
+        self.filled.append(rows)
+
 
 def test_privacy_seam_is_called_and_keys_stay_plain(data):
     model = fresh()
@@ -118,6 +121,7 @@ def test_privacy_seam_is_called_and_keys_stay_plain(data):
     res = train_local(model, data, cfg(epochs=1), LossConfig(), privacy=session,
                       global_state=g, proximal_mu=1.0)
     assert session.wrapped and session.steps == res.steps == 2 and session.extra == 2
+    assert sum(session.filled) == len(data) and len(session.filled) == 2  # once per pass, its rows
     assert list(model.state_dict()) == keys
 
 

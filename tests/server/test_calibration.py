@@ -83,3 +83,19 @@ def test_invalid_or_failed_replies_are_left_out(tmp_path, monkeypatch, caplog) -
     only_a = calibration.site_stats(_net(spec, state), spec.experiment, train, val)[0]
     assert meta["calibration"]["n"] == only_a.count
     assert meta["temperature"] == pytest.approx(calibration.fit_temperature(only_a))
+
+
+def test_a_failed_query_leaves_the_finished_run_uncalibrated(tmp_path, caplog) -> None:
+    spec = _spec(tmp_path)
+    grid = sim_grid(spec)
+
+    def stopped(messages) -> None:
+        if any(m.metadata.message_type == MESSAGE_TYPE for m in messages):
+            raise RuntimeError("run was stopped")
+
+    grid.before_send = stopped
+    folder = run_federation(grid, spec)
+    _, meta = read_model(folder.path / "model.pt")
+    assert meta["temperature"] == 1.0 and meta["calibration"] is None
+    assert json.loads((folder.path / "status.json").read_text())["state"] == "finished"
+    assert "calibration: the query failed" in caplog.text

@@ -74,6 +74,13 @@ def test_series_and_no_section_without_prior_rows(tmp_path: Path) -> None:
     assert not (run / PRIOR_PLOT).exists()
 
 
+def test_a_huge_bias_renders_without_overflow() -> None:
+    rows = [r.split(",") for r in _prior_rows(1, "all-sites", 0.5, -0.5)]
+    rows = [[*r[:4], "-900.0"] if r[3] == "bias" else r for r in rows]
+    text = "\n".join(prior_section(RunMetrics.from_rows(rows)))
+    assert "logit -900.000 at the mean features (φ = 0.000)" in text
+
+
 def test_prior_rows_are_describe_of_the_state() -> None:
     exp = replace(ExperimentConfig(), **{"model.arch": "small", "model.base_channels": 4, "model.depth": 2,
                                          "model.num_groups": 2})
