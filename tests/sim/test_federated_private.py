@@ -67,6 +67,6 @@ def test_an_interrupted_secagg_unit_starts_over(tmp_path, monkeypatch) -> None:
     assert not any((run / n).exists() for n in ("checkpoint.pt", "metrics.csv", "status.json"))
 
 
-def test_a_strategy_that_cannot_run_private_fails_its_unit_with_the_reason(tmp_path) -> None:
-    with pytest.raises(ConfigError, match="cannot run under SecAgg"):
+def test_a_strategy_that_cannot_run_private_is_refused_before_the_run(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"\['fedbn'\] cannot run with federation.secagg"):
         _spec(tmp_path, "federation.secagg.enabled=true", "sim.strategies=[fedbn]")
