@@ -149,7 +149,9 @@ def calibration_statement(meta: Mapping[str, Any]) -> dict[str, Any]:
     t = _finite(meta.get("temperature")) or 1.0
     if not cal:
         return {"temperature": t, "text": ("Not calibrated: the malignancy probability is the network's own "
-                                           "(temperature 1)." if t == 1.0 else f"Temperature {t:.3g}.")}
+                                           "(temperature 1); temperature scaling is fitted only on held-out "
+                                           "validation images, and this run kept none."
+                                           if t == 1.0 else f"Temperature {t:.3g}.")}
     split = str(cal.get("split", ""))
     where = ", ".join(f"{c} ({n})" for c, n in (cal.get("centres") or {}).items()) or "—"
     if not cal.get("fitted", True):
@@ -160,9 +162,6 @@ def calibration_statement(meta: Mapping[str, Any]) -> dict[str, Any]:
             f"{', statistics summed across sites, no image left its site' if cal.get('federated') else ''}); "
             f"mean log-loss there {_num(cal.get('nll_before'))} at T = 1, {_num(cal.get('nll_after'))} at T. "
             "AUC and decisions at threshold 0.5 are unchanged.")
-    if split == "training":
-        text += (" Fitted on images the model trained on (the run keeps no validation split), where it is "
-                 "more confident than on new images: T tends to under-correct.")
     if (meta.get("privacy") or {}).get("dp_sgd"):
         text += " The temperature is not covered by the DP-SGD guarantee."
     return {**cal, "temperature": t, "text": text}

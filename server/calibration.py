@@ -70,6 +70,10 @@ def calibrate_model(grid: Grid, registry: SiteRegistry, base_config: Mapping[str
     it was fitted) into ``model_path`` and its card; returns it (1.0 when nothing usable came).
     Never raises for the query itself (e.g. the run stopped from outside meanwhile): the rounds
     are done and the model file stands, uncalibrated."""
+    if not calibration.calibrates(experiment.data):
+        log.info("calibration: the run keeps no validation images (data.val_fraction 0); the model "
+                 "keeps temperature 1")
+        return 1.0
     try:
         got = gather_stats(grid, registry, base_config, state_dict, timeout,
                            on_validation=experiment.data.val_fraction > 0)

@@ -125,10 +125,10 @@ def save_unit_model(path: Path, pu: PlannedUnit, cfg: ExperimentConfig, settings
 def calibrate_unit(trained: Trained, pu: PlannedUnit, cfg: ExperimentConfig, rt: Runtime,
                    data: tuple[TensorData, TensorData] | None = None) -> None:
     """Fit ``trained``'s malignancy temperature in place (``common.calibration``) on the
-    training centres' validation split, or training split without one. ``data``: a centralised
+    training centres' validation split; without one (``val_fraction`` 0) T stays 1. ``data``: a centralised
     unit's pooled (train, val); None: federated, each site's own statistics summed. An untrained
     classification head (``loss.cls_weight`` 0) stays at T = 1."""
-    if cfg.loss.cls_weight <= 0:
+    if cfg.loss.cls_weight <= 0 or not calibration.calibrates(cfg.data):
         return
     device, bs = resolve_device(rt.device), cfg.train.batch_size
     if data is None:

@@ -26,8 +26,8 @@ def runtime(tmp_path: Path, n: int = 48) -> Runtime:
     return Runtime(sites=sites, cache_dir=None, scratch=tmp_path / "federated", device="cpu", progress=False)
 
 
-def test_a_centralised_unit_is_calibrated_on_its_training_split_and_reports_before_after(tmp_path) -> None:
-    s, rt = settings("sim.seeds=[3]", "data.val_fraction=0"), runtime(tmp_path)
+def test_a_centralised_unit_is_calibrated_on_its_validation_split_and_reports_before_after(tmp_path) -> None:
+    s, rt = settings("sim.seeds=[3]", "data.val_fraction=0.4"), runtime(tmp_path, n=64)  # >= 20 to fit on
     (pu,) = plan_units(s, CENTRES, CENTRES[0])
     out = run_unit(pu, s, rt, run_dir=tmp_path)
     res = out.results.set_index("metric")
@@ -37,10 +37,10 @@ def test_a_centralised_unit_is_calibrated_on_its_training_split_and_reports_befo
     t = member.temperature
     assert res.loc["temperature", "value"] == pytest.approx(t)
     cal = member.metadata["calibration"]
-    train, _ = load_site_tensors(rt.sites[CENTRES[0]], member.config.data)
-    assert cal["split"] == "training" and cal["centres"] == {CENTRES[0]: len(train)} and cal["fitted"]
-    # the same temperature by hand, from the saved network on the training split
-    stats = calibration.model_stats(member.network(), train, member.config.inference)
+    _, val = load_site_tensors(rt.sites[CENTRES[0]], member.config.data)
+    assert cal["split"] == "validation" and cal["centres"] == {CENTRES[0]: len(val)} and cal["fitted"]
+    # the same temperature by hand, from the saved network on the validation split
+    stats = calibration.model_stats(member.network(), val, member.config.inference)
     assert t == pytest.approx(calibration.fit_temperature(stats), rel=1e-6) and t != 1.0
     # the scored probabilities are the calibrated ones; "raw" undoes T
     y, p = out.per_image["malignant"].to_numpy(float), out.per_image["p_malignant"].to_numpy(float)
@@ -51,7 +51,19 @@ def test_a_centralised_unit_is_calibrated_on_its_training_split_and_reports_befo
     (centre,) = card["evaluation"]["centres"]
     assert centre["calibration"]["ece_raw"] == pytest.approx(res.loc["ece_raw", "value"])
     assert centre["calibration"]["ece"] == pytest.approx(res.loc["ece", "value"])
-    assert "under-correct" in card["calibration"]["text"]
+
+
+def test_a_run_without_validation_images_is_not_calibrated(tmp_path) -> None:
+    """On its own training images the fit left external ECE the same or worse: T stays 1."""
+    s, rt = settings("sim.seeds=[3]", "data.val_fraction=0"), runtime(tmp_path)
+    (pu,) = plan_units(s, CENTRES, CENTRES[0])
+    out = run_unit(pu, s, rt, run_dir=tmp_path)
+    res = out.results.set_index("metric")
+    assert res.loc["temperature", "value"] == 1.0 and res.loc["ece", "value"] == res.loc["ece_raw", "value"]
+    (member,) = load_model(model_file(tmp_path, pu.unit)).members
+    assert member.temperature == 1.0 and member.metadata["calibration"] is None
+    card = json.loads(card_paths(model_file(tmp_path, pu.unit))["json"].read_text())
+    assert "kept none" in card["calibration"]["text"]
 
 
 def test_a_federated_unit_sums_its_sites_statistics(tmp_path) -> None:
