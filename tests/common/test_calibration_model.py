@@ -72,14 +72,14 @@ def test_temperatures_are_checked() -> None:
 
 def test_the_model_file_carries_t_and_an_older_file_loads_as_1(tmp_path, model) -> None:
     path = save_model(tmp_path / "m.pt", model, CFG, name="m", temperature=1.7,
-                      calibration={"temperature": 1.7, "split": "training", "centres": {"A": 30}, "n": 30,
+                      calibration={"temperature": 1.7, "split": "validation", "centres": {"A": 30}, "n": 30,
                                    "fitted": True, "nll_before": 0.6, "nll_after": 0.5})
     loaded = load_model(path)
     assert loaded.temperatures == [1.7] and loaded.describe()["temperatures"] == [1.7]
     card = json.loads(card_paths(path)["json"].read_text())
     assert card["calibration"]["temperature"] == 1.7
     md = card_paths(path)["md"].read_text()
-    assert "T = 1.7" in md and "training split" in md and "under-correct" in md
+    assert "T = 1.7" in md and "validation split" in md and "A (30)" in md
     state, meta = read_model(path)
     old = {k: v for k, v in meta.items() if k not in ("temperature", "calibration")}
     _write(tmp_path / "old.pt", state, old)  # as written before calibration existed
