@@ -45,11 +45,13 @@ class StubGrid:
         return list(self.nodes)
 
 
-def _inner():
+def _inner(rows: list[tuple] | None = None, **fed: object):
+    """FedAvg over NODES, every site registered; ``rows`` collects what it records."""
     reg = SiteRegistry(NODES.values())
     for node, site in NODES.items():
         reg.register(node, site, NODES)
-    return build_strategy(FederationConfig(), registry=reg, recorder=lambda *r: None, seed=0)
+    recorder = (lambda *r: rows.append(r)) if rows is not None else (lambda *r: None)
+    return build_strategy(FederationConfig(**fed), registry=reg, recorder=recorder, seed=0)
 
 
 def _metrics(n: float = 10.0) -> dict[str, float]:
@@ -142,11 +144,7 @@ def test_clipping_matches_arrays_by_name_not_position() -> None:
 
 def test_a_malformed_update_is_left_to_the_screening_and_named() -> None:
     rows: list[tuple] = []
-    reg = SiteRegistry(NODES.values())
-    for node, site in NODES.items():
-        reg.register(node, site, NODES)
-    inner = build_strategy(FederationConfig(packed_weights=False), registry=reg,
-                           recorder=lambda *r: rows.append(r), seed=0)
+    inner = _inner(rows, packed_weights=False)
     cfg = ClientDPConfig(mode="server-fixed", noise_multiplier=0.0, clipping_norm=10.0)
     wrapped = wrap_client_dp(inner, cfg, 3, num_sites=3)
     _, (arrays, _) = _round(wrapped, [0.0, 0.0], {11: [1.0, 1.0], 22: [3.0, 3.0], 33: [float("nan"), 0.0]})
@@ -159,11 +157,7 @@ def test_a_malformed_update_is_left_to_the_screening_and_named() -> None:
 
 def test_each_release_records_sigma_clip_stdev_and_a_growing_epsilon() -> None:
     rows: list[tuple] = []
-    reg = SiteRegistry(NODES.values())
-    for node, site in NODES.items():
-        reg.register(node, site, NODES)
-    inner = build_strategy(FederationConfig(packed_weights=False), registry=reg,
-                           recorder=lambda *r: rows.append(r), seed=0)
+    inner = _inner(rows, packed_weights=False)
     cfg = ClientDPConfig(mode="client-fixed", noise_multiplier=2.0, clipping_norm=0.5, delta=1e-3)
     wrapped = wrap_client_dp(inner, cfg, 3, num_sites=3)
     for rnd in (1, 2):
