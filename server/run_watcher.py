@@ -57,7 +57,11 @@ class RunFolderWatcher:
         for parts in csv.reader(complete.splitlines()):
             if len(parts) != 5 or parts[0] == "round":
                 continue
-            rnd, phase, site, metric, value = int(parts[0]), parts[1], parts[2], parts[3], parts[4]
+            try:  # a malformed row is skipped, as RunMetrics.from_rows does: never crash the coordinator
+                rnd = int(parts[0])
+            except ValueError:
+                continue
+            phase, site, metric, value = parts[1], parts[2], parts[3], parts[4]
             if rnd in self._reported or rnd <= self.after_round:
                 continue
             info = rounds.setdefault(rnd, {"failed": [], "sites": set(), "sites_ok": {}})

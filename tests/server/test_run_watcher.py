@@ -48,3 +48,12 @@ def test_watcher_skips_rounds_of_the_run_it_resumes(tmp_path: Path) -> None:
     (run / "metrics.csv").write_text("round,phase,site,metric,value\n1,train,a,x,1\n2,train,a,x,1\n")
     watcher = RunFolderWatcher(run, AuditLog(tmp_path / "audit.jsonl"), run_id=2, after_round=1)
     assert [e["round"] for e in watcher.poll()] == [2]
+
+
+def test_watcher_skips_a_malformed_row_instead_of_stopping_the_coordinator(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text("round,phase,site,metric,value\n,train,all-sites,x,1\n"
+                                     "one,train,a,x,1\n1,train,a,x,1\n")
+    watcher = RunFolderWatcher(run, AuditLog(tmp_path / "audit.jsonl"), run_id=1)
+    assert [e["round"] for e in watcher.poll()] == [1]
