@@ -25,7 +25,7 @@ Sampling is Poisson (each image joins a step's batch with probability q = 1/⌈N
 noise-only step (and accounted): skipping it would reveal that the draw was empty.
 ``max_physical_batch`` cuts a large draw into chunks of one logical step (virtual steps) and
 ``augmult`` averages each image's gradient over K augmented copies (``common.dp_batches``);
-``trainable: decoder`` trains all but the encoder (``common.train`` freezes it before wrapping).
+``trainable`` (all | decoder | norms, ``common.dp_trainable``) is frozen by ``common.train`` before wrapping.
 Refused before training: δ ≥ 1/N, and modules Opacus cannot privatise (BatchNorm).
 """
 from __future__ import annotations
@@ -53,6 +53,7 @@ from common.dp_batches import (
     refuse_unsupported_modules,
     split_indices,
 )
+from common.dp_trainable import register_grad_samplers
 from common.privacy_state import (  # noqa: F401  (re-exported: ``from common.privacy import ...``)
     STATE_FORMAT,
     _check_state,
@@ -154,7 +155,7 @@ class PrivacySession:
     # ---- what train_local reads (common.train's PrivacySession protocol)
     @property
     def trainable(self) -> str:
-        """"all", or "decoder": train_local freezes ``backbone.encoder.*`` before wrapping."""
+        """"all", "decoder" or "norms": what train_local leaves trainable before wrapping."""
         return self.cfg.trainable
 
     @property
@@ -231,6 +232,7 @@ class PrivacySession:
                              f"B={self.batch_size} but training got N={len(data)}, B={batch_size}")
         self.check_budget()
         refuse_unsupported_modules(model, self.site)
+        register_grad_samplers()
         from opacus import PrivacyEngine
 
         try:

@@ -49,6 +49,7 @@ from common.data.augment import augment_batch, augmentation
 from common.data.tensors import TensorData, batches, lesion_present, normalise
 from common.device import resolve_device, seed_everything, set_threads
 from common.dp_batches import repeat_rows
+from common.dp_trainable import ENCODER_PREFIX, frozen_for_dp
 from common.losses import MultiTaskLoss
 from common.nets.mixstyle import MixStyle
 from common.schedule import SCHEDULES, RunPosition, lr_factor
@@ -56,7 +57,6 @@ from common.schedule import SCHEDULES, RunPosition, lr_factor
 log = logging.getLogger(__name__)
 
 BatchFactory = Callable[[], Iterable[dict[str, Tensor]]]
-ENCODER_PREFIX = "backbone.encoder."  # MultiTaskNet naming of a pretrained-capable encoder
 
 
 class PrivacySession(Protocol):
@@ -262,16 +262,16 @@ def train_local(
         frozen = [p for p in prior.parameters() if p.requires_grad]
         for p in frozen:
             p.requires_grad_(False)
-    if privacy is not None and getattr(privacy, "trainable", "all") == "decoder":
-        encoder = [p for n, p in model.named_parameters() if n.startswith(ENCODER_PREFIX) and p.requires_grad]
-        if not encoder:
-            raise ValueError(f"privacy.trainable 'decoder': the model has no '{ENCODER_PREFIX}*' parameters")
-        for p in encoder:  # before wrap: Opacus computes per-sample gradients only where they train
+    trainable = getattr(privacy, "trainable", "all") if privacy is not None else "all"
+    if trainable != "all":
+        leave_out = frozen_for_dp(model, trainable)
+        for _, p in leave_out:  # before wrap: Opacus computes per-sample gradients only where they train
             p.requires_grad_(False)
-        frozen += encoder
-        train_cfg = replace(train_cfg, encoder_lr_scale=1.0)  # no encoder group to scale
-        log.info("%s: encoder frozen under DP-SGD (%d tensors); decoder, heads and prior train",
-                 desc or "train_local", len(encoder))
+        frozen += [p for _, p in leave_out]
+        if not any(n.startswith(ENCODER_PREFIX) and p.requires_grad for n, p in model.named_parameters()):
+            train_cfg = replace(train_cfg, encoder_lr_scale=1.0)  # no encoder group to scale
+        log.info("%s: DP-SGD trains %s: %d tensors frozen, %d parameters train", desc or "train_local",
+                 trainable, len(leave_out), sum(p.numel() for p in model.parameters() if p.requires_grad))
     try:
         return _run(model, data, train_cfg, loss_fn, global_state, proximal_mu, privacy, dev,
                     geometry, desc, generator, on_epoch_end, position.epoch_offset, total_epochs)
