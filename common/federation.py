@@ -64,6 +64,9 @@ class SiteSpec:
     strict: bool = True
     #: cases the site leaves out (site YAML ``data.exclude``), before strictness applies
     exclude: tuple[Exclusion, ...] = ()
+    #: False: the training split's masks are hidden, a hospital with pathology labels but no
+    #: drawn masks (experiments; a deployed labels-only site simply has no masks)
+    masks: bool = True
 
     def __post_init__(self) -> None:
         check_site_name(self.name, "site")

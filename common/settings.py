@@ -74,6 +74,7 @@ class SimConfig:
     # is every arm's model.init_from; they are no longer test centres
     public_centres: tuple[str, ...] = ()
     public_epochs: int | None = None  # epochs of that pretraining; None: train.epochs
+    label_only_centres: tuple[str, ...] = ()  # their training masks hidden: labels-only hospitals
 
     def __post_init__(self) -> None:
         bad = [p for p in self.protocols if p not in PROTOCOL_GROUPS]

@@ -11,6 +11,7 @@ is ``split_cases``: deterministic, grouped by patient and duplicate image, strat
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -114,6 +115,8 @@ def load_site_tensors(site: SiteSpec, data_cfg: DataConfig, cache_dir: str | Non
     (``test_fraction``) is held back and not returned. A small site may get an empty
     validation split (length 0); an empty training split is an error."""
     split_memo: list = []
+    if not site.masks:
+        data_cfg = dataclasses.replace(data_cfg, mask_fraction=0.0)
 
     def split():  # decode and split at most once, and only on a cache miss
         if not split_memo:

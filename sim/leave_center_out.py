@@ -15,6 +15,7 @@ the finished units stay in the run folder, and the exit status is 128 + the sign
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shutil
@@ -120,7 +121,10 @@ def site_specs(opts: SimConfig) -> dict[str, SiteSpec]:
         if missing:
             raise ConfigError(f"sim.centres: {missing} not found; available: {list(sites)}")
         sites = {c: sites[c] for c in opts.centres}
-    return sites
+    missing = [c for c in opts.label_only_centres if c not in sites]
+    if missing:
+        raise ConfigError(f"sim.label_only_centres: {missing} not among the centres {list(sites)}")
+    return {name: dataclasses.replace(s, masks=name not in opts.label_only_centres) for name, s in sites.items()}
 
 
 def default_train_centre(opts: SimConfig, centres: Sequence[str]) -> str:

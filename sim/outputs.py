@@ -67,6 +67,15 @@ def write_outputs(folder: SimRunFolder, settings: Settings, centres: pd.DataFram
         "prediction": describe(cfg.inference) + ("; paper protocol: the mean of the seeds' models is scored "
                                                   "as arm <arm>-ens" if cfg.inference.ensemble else ""),
     }
+    masks = cfg.data.mask_fraction, cfg.data.label_fraction
+    if masks != (1.0, 1.0):
+        table["training annotations kept"] = f"masks {masks[0]:g}, labels {masks[1]:g} (by patient)"
+    if opts.label_only_centres:
+        table["labels only (training masks hidden)"] = ", ".join(opts.label_only_centres)
+    if opts.public_centres:
+        table["public → private"] = (f"pretrained without DP on {', '.join(opts.public_centres)} "
+                                     f"({opts.public_epochs or cfg.train.epochs} epochs); DP-SGD trains "
+                                     f"{cfg.privacy.trainable}")
     if opts.epsilons:
         p = cfg.privacy
         table["DP-SGD arms"] = (f"{', '.join(opts.dp_arms)} at ε ∈ {{{', '.join(f'{e:g}' for e in opts.epsilons)}}}, "

@@ -59,3 +59,15 @@ def test_real_sites_are_read_once_then_served_from_the_disk_cache(tmp_path, monk
 def test_held_out_centre_is_used_whole() -> None:
     site = SiteSpec("D", synthetic_centre="SynES1", synthetic_n=9)
     assert len(load_test_tensors(site, CFG)) == 9
+
+
+def test_a_labels_only_site_trains_without_masks_but_is_tested_on_them() -> None:
+    full = SiteSpec("A", synthetic_centre="SynPL", synthetic_n=12)
+    labels_only = SiteSpec("A", synthetic_centre="SynPL", synthetic_n=12, masks=False)
+    cfg = DataConfig(image_size=32, val_fraction=0.0)
+    train, _ = load_site_tensors(full, cfg)
+    hidden, _ = load_site_tensors(labels_only, cfg)
+    assert hidden.case_ids == train.case_ids
+    assert train.has_mask.any() and not hidden.has_mask.any()
+    assert bool((hidden.has_label == train.has_label).all())  # every label kept
+    assert load_test_tensors(labels_only, cfg).has_mask.any()

@@ -28,3 +28,13 @@ def test_partial_masks_preset_loads_with_a_mask_fraction() -> None:
         load_settings(PRESET, ["data.mask_fraction=-0.5"])
     with pytest.raises(ConfigError, match="unknown arm"):
         load_settings(PRESET, ["sim.arms=consistency-sideways"])
+
+
+def test_label_only_centres_hide_the_named_centres_masks_and_unknown_ones_are_refused() -> None:
+    from sim.leave_center_out import site_specs
+
+    s = load_settings("smoke", ["sim.label_only_centres=[SynES1]"])
+    sites = site_specs(s.sim)
+    assert not sites["SynES1"].masks and all(v.masks for k, v in sites.items() if k != "SynES1")
+    with pytest.raises(ConfigError, match="label_only_centres"):
+        site_specs(load_settings("smoke", ["sim.label_only_centres=[Nowhere]"]).sim)
