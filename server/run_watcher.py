@@ -36,23 +36,24 @@ class RunFolderWatcher:
         self.after_round = after_round
         self.total_rounds, self.console = total_rounds, console
         self.summary, self.report = summary, report
-        self._pos = 0
+        self._pos, self._file = 0, (0, 0)
         self._reported: set[int] = set()
         self._state: str | None = None
         self.last_round = after_round
 
     def poll(self) -> list[dict[str, Any]]:
         try:
-            size = self.path.stat().st_size
+            st = self.path.stat()
         except OSError:
             return []
-        if size < self._pos:
-            self._pos = 0  # file rewritten on resume
-        with open(self.path, encoding="utf-8") as fh:
+        if (st.st_dev, st.st_ino) != self._file or st.st_size < self._pos:
+            self._pos, self._file = 0, (st.st_dev, st.st_ino)  # rewritten (atomically) on resume
+        with open(self.path, "rb") as fh:  # bytes: csv rows end in \r\n, text mode would miscount
             fh.seek(self._pos)
             chunk = fh.read()
-        complete = chunk[: chunk.rfind("\n") + 1]
-        self._pos += len(complete.encode("utf-8"))
+        end = chunk.rfind(b"\n") + 1
+        self._pos += end
+        complete = chunk[:end].decode("utf-8", errors="replace")
         rounds: dict[int, dict[str, Any]] = {}
         for parts in csv.reader(complete.splitlines()):
             if len(parts) != 5 or parts[0] == "round":

@@ -57,3 +57,22 @@ def test_watcher_skips_a_malformed_row_instead_of_stopping_the_coordinator(tmp_p
                                      "one,train,a,x,1\n1,train,a,x,1\n")
     watcher = RunFolderWatcher(run, AuditLog(tmp_path / "audit.jsonl"), run_id=1)
     assert [e["round"] for e in watcher.poll()] == [1]
+
+
+def test_watcher_follows_the_server_writer_round_after_round(tmp_path: Path) -> None:
+    """The ServerApp's csv rows end in \\r\\n: read as text, each poll undercounted its offset by a
+    byte a row and the next poll began mid-row (the empty-round crash seen under client DP). Here
+    17 rows (the header and 16 of 18 bytes) would restart the next read at the "2" of "12,..." and invent a round 2."""
+    from server.state import MetricRow, ServerRunFolder
+
+    folder = ServerRunFolder(tmp_path / "run")
+    watcher = RunFolderWatcher(folder.path, AuditLog(tmp_path / "audit.jsonl"), run_id=1)
+    folder.append_metrics([MetricRow(12, "train", "a", "x", 0.5)] * 16)  # + the header: 17 rows
+    assert (folder.path / "metrics.csv").read_bytes().endswith(b"12,train,a,x,0.5\r\n")
+    assert [e["round"] for e in watcher.poll()] == [12]
+    for rnd in (13, 14):
+        folder.append_metrics([MetricRow(rnd, "train", "busi", "train_loss", 0.25)])
+        assert [e["round"] for e in watcher.poll()] == [rnd]
+    folder.truncate_metrics(after_round=13)  # a resume rewrites the file (a new inode) ...
+    folder.append_metrics([MetricRow(r, "train", "busi", "train_loss", 0.1) for r in (14, 15)] * 20)
+    assert [e["round"] for e in watcher.poll()] == [15]  # ... longer than where the reader was
