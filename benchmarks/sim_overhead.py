@@ -109,7 +109,7 @@ def stamped_client_app(inner: Any, stamp_file: str, stock_optimizer: bool = Fals
     """``inner`` ClientApp wrapped to append one JSON line per message (round, kind, site
     partition, handler start/end epoch seconds) to ``stamp_file``: what the site's process
     spent per message, against which the engine's dispatch and return are the rest.
-    ``stock_optimizer``: the site trains with torch.optim's own classes (``common.train._eager``
+    ``stock_optimizer``: the site trains with torch.optim's own classes (``common.optim.eager``
     replaced by the identity in the site's process), i.e. as before that change."""
     from flwr.clientapp import ClientApp
 
@@ -117,9 +117,9 @@ def stamped_client_app(inner: Any, stamp_file: str, stock_optimizer: bool = Fals
 
     def handler(msg: Any, context: Any) -> Any:
         if stock_optimizer:
-            import common.train
+            import common.optim
 
-            common.train._eager = lambda cls: cls
+            common.optim.eager = lambda cls: cls
         t0 = time.time()
         out = inner(message=msg, context=context)
         t1 = time.time()

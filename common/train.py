@@ -19,8 +19,8 @@ no-argument callable or None) must be called once per step after the noise is ad
 the parameter update.
 Without a session, gradient-norm clipping uses ``train_cfg.grad_clip``; with one, the session
 clips per sample and ``grad_clip`` is not applied. Optional session attributes: ``trainable``
-("decoder": the ``backbone.encoder.*`` parameters are frozen before ``wrap``, so neither the
-optimiser nor Opacus sees them) and ``augmult`` (K: each image enters the step K times, each
+(all | decoder | norms, ``common.dp_trainable``: what it leaves out is frozen before ``wrap``,
+so neither the optimiser nor Opacus sees it) and ``augmult`` (K: each image enters the step K times, each
 copy augmented on its own; the session averages their per-sample gradients before clipping).
 Under a session, options that couple the images of a batch or break per-sample gradients
 (``common.config.dp_refusal``: MixStyle, channels-last, depth splicing) are refused before training.
@@ -32,13 +32,11 @@ epochs (federated rounds and centralised training mean the same recipe).
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Callable, Iterable, Mapping, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +50,7 @@ from common.dp_batches import repeat_rows
 from common.dp_trainable import ENCODER_PREFIX, frozen_for_dp
 from common.losses import MultiTaskLoss
 from common.nets.mixstyle import MixStyle
+from common.optim import build_optimizer, proximal
 from common.schedule import SCHEDULES, RunPosition, lr_factor
 
 log = logging.getLogger(__name__)
@@ -100,76 +99,6 @@ def balanced_pos_weight(malignant: Tensor) -> float:
     pos = float(malignant.sum())
     neg = float(malignant.numel()) - pos
     return neg / pos if pos > 0 and neg > 0 else 1.0
-
-
-def _unwrapped(cls: type, name: str) -> Callable | None:
-    """The innermost undecorated ``cls.name`` (torch's decorators use ``functools.wraps``;
-    ``step`` also carries the profiling hook the Optimizer puts on every class it builds),
-    or None when it is not decorated."""
-    method = getattr(cls, name, None)
-    inner = inspect.unwrap(method) if method is not None else None
-    return inner if inner is not method else None
-
-
-@functools.cache
-def _eager(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
-    """``cls`` without torch.optim's TorchDynamo guards, or ``cls`` itself if torch changed.
-
-    ``add_param_group``/``zero_grad`` (``torch._disable_dynamo``) and ``step``
-    (``_use_grad_for_differentiable``) import ``torch._dynamo`` on first use: 1.5-2.5 s on a
-    busy CPU, paid by every fresh process that trains (a simulated site's first
-    round, each deployed round). Nothing here is compiled, so the guards do nothing; the update
-    arithmetic is torch's own (``benchmarks/sim_overhead.py`` measures the first round)."""
-    methods = {n: _unwrapped(cls, n) for n in ("add_param_group", "zero_grad", "step")}
-    if any(m is None for m in methods.values()):
-        return cls
-    step = methods["step"]
-
-    def eager_step(self: torch.optim.Optimizer, closure: Callable[[], float] | None = None) -> float | None:
-        with torch.no_grad():  # what the removed wrapper set (differentiable=False)
-            return step(self, closure)
-
-    return type(f"Eager{cls.__name__}", (cls,), {**methods, "step": eager_step,
-                                                  "__doc__": _eager.__doc__})
-
-
-def _optimizer(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD; with ``encoder_lr_scale`` ≠ 1 the encoder's parameters ("backbone.encoder.*",
-    the part that may hold ImageNet weights in lite0/effb1_attention) form a second group at
-    lr × scale, so fine-tuning keeps the pretrained features while the freshly initialised decoder
-    and heads learn fast (measured: +0.04 external Dice on the paper protocol)."""
-    groups: list[dict[str, Any]] = [{"params": [p for _, p in named]}]
-    if cfg.encoder_lr_scale != 1.0:
-        enc = [p for n, p in named if n.startswith(ENCODER_PREFIX)]
-        if not enc:
-            raise ValueError(f"train.encoder_lr_scale={cfg.encoder_lr_scale}: the model has no "
-                             f"'{ENCODER_PREFIX}*' parameters")
-        groups = [{"params": [p for n, p in named if not n.startswith(ENCODER_PREFIX)]},
-                  {"params": enc, "lr": cfg.lr * cfg.encoder_lr_scale}]
-    if cfg.optimizer == "adamw":
-        return _eager(torch.optim.AdamW)(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return _eager(torch.optim.SGD)(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    raise ValueError(f"train.optimizer: unknown {cfg.optimizer!r} (adamw | sgd)")
-
-
-def _proximal(
-    params: list[tuple[nn.Parameter, Tensor]], mu: float
-) -> tuple[Callable[[], None], Callable[[], float]]:
-    """(add μ·(w − w_g) to every .grad, value (μ/2)·Σ‖w − w_g‖²)."""
-
-    def add_grad() -> None:
-        with torch.no_grad():
-            for p, g in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad.add_(p - g, alpha=mu)
-
-    def value() -> float:
-        with torch.no_grad():
-            return 0.5 * mu * float(sum(((p - g) ** 2).sum() for p, g in params))
-
-    return add_grad, value
 
 
 def _prior_record(prior: nn.Module | None) -> dict[str, float]:
@@ -297,7 +226,7 @@ def _run(
     total_epochs: int,
 ) -> TrainResult:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = _optimizer(named, cfg)
+    optimizer = build_optimizer(named, cfg)
     base_lrs = [float(g["lr"]) for g in optimizer.param_groups]  # the schedule scales these
     mu = cfg.proximal_mu if proximal_mu is None else float(proximal_mu)
     add_prox: Callable[[], None] | None = None
@@ -307,7 +236,7 @@ def _run(
         if missing:
             raise KeyError(f"{desc or 'train_local'}: global_state lacks {missing[:5]}")
         pairs = [(p, global_state[n].detach().to(p.device, p.dtype)) for n, p in named]
-        add_prox, prox_value = _proximal(pairs, mu)
+        add_prox, prox_value = proximal(pairs, mu)
 
     module: nn.Module = model
     if privacy is not None:

@@ -10,7 +10,8 @@ from common.data.tensors import to_tensors
 from common.losses import MultiTaskLoss
 from common.model import build_model
 from common.schedule import RunPosition
-from common.train import _optimizer, balanced_pos_weight, train_local
+from common.optim import build_optimizer
+from common.train import balanced_pos_weight, train_local
 
 SIZE = 32
 TINY = ModelConfig(depth=3, base_channels=8)
@@ -150,10 +151,10 @@ def test_on_epoch_end_receives_each_epoch(data):
 def test_eager_optimizer_matches_torch_and_keeps_hooks(name, kwargs):
     """The optimizer without torch's TorchDynamo guards takes exactly torch's steps, is still
     an instance of torch's class (LambdaLR, Opacus) and still runs step hooks."""
-    from common.train import _eager
+    from common.optim import eager
 
     base = getattr(torch.optim, name)
-    cls = _eager(base)
+    cls = eager(base)
     assert cls is not base and issubclass(cls, base)
     torch.manual_seed(0)
     w0, grads = torch.randn(5, 3), [torch.randn(5, 3) for _ in range(4)]
@@ -178,14 +179,14 @@ def test_encoder_lr_scale_puts_the_encoder_in_its_own_group():
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch="lite0"), PAPER_FEATURES)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = _optimizer(named, cfg(encoder_lr_scale=0.1, lr=1e-3))
+    opt = build_optimizer(named, cfg(encoder_lr_scale=0.1, lr=1e-3))
     rest, enc = opt.param_groups
     n_enc = sum(1 for n, _ in named if n.startswith("backbone.encoder."))
     assert len(enc["params"]) == n_enc > 0 and len(rest["params"]) == len(named) - n_enc
     assert enc["lr"] == pytest.approx(1e-4) and rest["lr"] == pytest.approx(1e-3)
-    assert len(_optimizer(named, cfg(lr=1e-3)).param_groups) == 1  # default: one group
+    assert len(build_optimizer(named, cfg(lr=1e-3)).param_groups) == 1  # default: one group
     with pytest.raises(ValueError, match="no 'backbone.encoder"):
-        _optimizer(list(torch.nn.Linear(2, 2).named_parameters()), cfg(encoder_lr_scale=0.1))
+        build_optimizer(list(torch.nn.Linear(2, 2).named_parameters()), cfg(encoder_lr_scale=0.1))
 
 
 _SCHEDULED = MultiTaskLoss.scheduled_consistency
@@ -200,7 +201,7 @@ def _schedule_trace(data, monkeypatch, train_cfg: TrainConfig, loss_cfg: LossCon
 
     lrs: list[float] = []
     lams: list[float] = []
-    make, scheduled = _optimizer, _SCHEDULED  # the originals, not an earlier trace's spies
+    make, scheduled = build_optimizer, _SCHEDULED  # the originals, not an earlier trace's spies
 
     def spy_optimizer(named, cfg_):
         opt = make(named, cfg_)
@@ -211,7 +212,7 @@ def _schedule_trace(data, monkeypatch, train_cfg: TrainConfig, loss_cfg: LossCon
         lams.append(scheduled(self, end))
         return lams[-1]
 
-    monkeypatch.setattr(train_mod, "_optimizer", spy_optimizer)
+    monkeypatch.setattr(train_mod, "build_optimizer", spy_optimizer)
     monkeypatch.setattr(losses_mod.MultiTaskLoss, "scheduled_consistency", spy_lambda)
     model = fresh()
     for epochs, position in calls:
