@@ -7,12 +7,13 @@ One public model per (base arm, seed): ``<run folder>/public/public__<arm>__<cen
 centres (their validation splits select the epoch as ``sim.selection`` says), for
 ``sim.public_epochs`` epochs (default ``train.epochs``), without DP, and reused by every arm
 of that seed with the same base (``consistency`` and ``consistency-eps3`` share one) and on
-resume. Two workers that need the same file at once both train it; the writes are atomic and
-the models identical (the same seed on CPU).
+resume. Two workers that need the same file at once do not both train it: the first holds a
+lock beside it (``flock``), the second waits and then reuses the file.
 """
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -55,9 +56,17 @@ def public_model(pu: PlannedUnit, settings: Settings, fit: FitPublic, folder: Pa
     """The public model file of ``pu`` (trained now by ``fit`` unless the file is there already)."""
     public = public_unit(pu, settings)
     path = folder / PUBLIC_DIR / f"{public.unit.key}.pt"
-    if path.is_file():
-        log.info("%s: public model %s reused", pu.unit.key, path)
-        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if training fails
+        if path.is_file():
+            log.info("%s: public model %s reused", pu.unit.key, path)
+            return path
+        return _train_public(pu, public, path, settings, fit)
+
+
+def _train_public(pu: PlannedUnit, public: PlannedUnit, path: Path, settings: Settings,
+                  fit: FitPublic) -> Path:
     cfg = public_config(pu, settings)
     log.info("%s: pretraining without DP on the public centres %s (%d epochs)",
              pu.unit.key, "+".join(public.train_sites), cfg.train.epochs)

@@ -60,3 +60,30 @@ def test_public_then_private_tiny_run(tmp_path) -> None:
         enc = [k for k in state if k.startswith("backbone.encoder.")]
         same = all(torch.equal(state[k], pub_state[k]) for k in enc)
         assert same == (arm == "consistency-eps8")  # DP trains the decoder only; without DP all trains
+
+
+def test_two_workers_needing_the_same_public_model_train_it_once(tmp_path) -> None:
+    import threading
+    import time
+
+    from common.federation import build_experiment_model
+    from sim.public import public_model
+
+    train, public, _ = SYN
+    settings = load_settings("smoke", ["sim.protocols=paper", f"sim.public_centres={public}"])
+    pu = next(p for p in plan_units(settings, SYN, train) if p.unit.arm == "consistency")
+    calls: list[int] = []
+
+    def fit(unit, cfg):
+        calls.append(1)
+        time.sleep(0.5)  # the other worker arrives meanwhile
+        return build_experiment_model(cfg), {public: {"train": 1, "val": 0}}
+
+    paths: list = []
+    workers = [threading.Thread(target=lambda: paths.append(public_model(pu, settings, fit, tmp_path)))
+               for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=60)
+    assert len(calls) == 1 and len(paths) == 2 and paths[0] == paths[1] and paths[0].is_file()
