@@ -38,6 +38,7 @@ PROTOCOL_GROUPS: dict[str, tuple[str, ...]] = {
     "paper": ("paper",),
     "federated": STRATEGIES,
     "reference": ("local", "pooled"),
+    "pooled": ("pooled",),  # the reference's pooled rows alone (the local-only ones cost the most)
 }
 BASE_ARMS: tuple[str, ...] = ("seg_only", "multitask", "consistency")
 #: The consistency arm with its gradient routed to the mask, the classifier or both (sim.arms).

@@ -7,7 +7,8 @@ tidy metric rows every unit reports (the code that runs a unit is in sim/units.p
   real Flower apps on the simulation engine; the final global model is tested on the held-out
   centre.
 - reference: local-only (each centre alone, tested on every centre; the diagonal is the
-  centre's own held-out test split) and pooled centralised training on the federation's centres.
+  centre's own held-out test split) and pooled centralised training on the federation's centres
+  (``pooled``: those rows alone).
 
 DP arms (``epsilons``): every arm of ``dp_arms`` that a protocol runs gets one extra arm
 ``{arm}-eps{ε}`` per finite ε, trained with sample-level DP-SGD (``common.privacy``) at that
@@ -189,6 +190,7 @@ def plan_units(settings: Settings, centres: Sequence[str], train_centre: str) ->
         for centre in centres:
             for arm in with_dp_arms(opts.fed_arms, opts):
                 add("local", arm, [centre], centres, internal=True)
+    if "reference" in opts.protocols or "pooled" in opts.protocols:
         for held_out in held_outs:
             rest = [c for c in centres if c != held_out]
             for arm in with_dp_arms(opts.fed_arms, opts):

@@ -125,6 +125,9 @@ def test_plan_counts_units():
     every = SimConfig(protocols=("federated",), held_out=("C",),
                       strategies=("fedavg", "fedprox", "fedbn", "fedadam", "fedmedian"))
     assert [pu.unit.protocol for pu in plan_units(Settings(sim=every), ["A", "B", "C"], "A")] == list(every.strategies)
+    pooled = SimConfig(protocols=("pooled",), held_out=("C",))  # the pooled rows without the local-only ones
+    assert [(pu.unit.protocol, pu.unit.train_set) for pu in plan_units(Settings(sim=pooled), ["A", "B", "C"], "A")] \
+        == [("pooled", "A+B")]
 
 
 def test_metric_rows_by_hand():
