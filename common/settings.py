@@ -130,6 +130,13 @@ class Settings:
         if private and bad:  # refused before any unit runs, not when its turn comes
             raise ConfigError(f"sim.strategies: {bad} cannot run with federation.{private}, which needs "
                               f"a mean of complete updates; use {list(MEAN_STRATEGIES)}")
+        exp = self.experiment
+        private_arms = exp.privacy.enabled or bool([e for e in self.sim.epsilons if math.isfinite(e)])
+        if (private_arms and exp.privacy.trainable == "norms" and not exp.model.init_from
+                and not self.sim.public_centres):
+            raise ConfigError("privacy.trainable 'norms' trains only the norm affines, biases and heads of a "
+                              "model that already segments: set model.init_from (a public model file) or, "
+                              "in the simulation, sim.public_centres")
 
 
 # ----------------------------------------------------------------------------- presets

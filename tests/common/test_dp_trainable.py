@@ -85,3 +85,16 @@ def test_dp_sgd_with_norms_updates_only_them(arch: str) -> None:
     if arch == "lite0":
         assert any(isinstance(m, ChannelAffine) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_norms_without_a_model_that_segments_is_refused(tmp_path) -> None:
+    from common.config import ConfigError
+    from common.settings import load_settings
+
+    with pytest.raises(ConfigError, match="model.init_from"):
+        load_settings("smoke", ["privacy.enabled=true", "privacy.trainable=norms"])
+    with pytest.raises(ConfigError, match="sim.public_centres"):
+        load_settings("smoke", ["sim.epsilons=[8]", "privacy.trainable=norms"])
+    ok = load_settings("smoke", ["sim.epsilons=[8]", "privacy.trainable=norms", "sim.public_centres=[SynES1]"])
+    assert ok.experiment.privacy.trainable == "norms"
+    assert load_settings("smoke", ["privacy.trainable=norms"]).experiment.privacy.trainable == "norms"  # no DP: inert
