@@ -41,6 +41,7 @@ from common.federation import (
     train_metrics,
 )
 from common.inference import evaluate
+from common.losses import trained_parts
 from common.privacy import PrivacySession
 from common.schedule import RunPosition
 from common.site_privacy import NODE_KEYS as SITE_PRIVACY_KEYS
@@ -216,6 +217,7 @@ def train_round(
     train, _val = load_site_tensors(ctx.site, exp.data, ctx.cache_dir)
     if len(train) == 0:
         raise ValueError("no training images at this site")
+    train = train.without_negative_only_masks()  # labels only: no segmentation from normals alone
     fedbn = rc.strategy == "fedbn"
     model = _model(ctx, global_state, local_norms if fedbn else None)
     start_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -241,6 +243,7 @@ def train_round(
     metrics = train_metrics(
         result.num_examples, result.loss, result.parts, result.steps, result.seconds,
         epsilon=spent.get("epsilon"), epsilon_round=spent.get("epsilon_round"),
+        **trained_parts(train, exp.loss),
     )
     log.info("site %s round %d: trained on %d images, loss %.4f (%.1fs)", ctx.site.name,
              rc.server_round, result.num_examples, result.loss, result.seconds)

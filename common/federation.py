@@ -208,8 +208,8 @@ def norm_keys(model: nn.Module) -> frozenset[str]:
 #: over every round so far and "epsilon_round" this round's increase of it (both UNDEFINED when
 #: DP is off).
 TRAIN_METRIC_KEYS: tuple[str, ...] = (
-    "num-examples", "train_loss", "seg", "cls", "consistency", "prior_sup", "proximal",
-    "steps", "seconds", "epsilon", "epsilon_round",
+    "num-examples", "n_decoder", "n_head", "train_loss", "seg", "cls", "consistency", "prior_sup",
+    "proximal", "steps", "seconds", "epsilon", "epsilon_round",
 )
 #: Keys of every evaluate reply. Counts make each sentinel interpretable: dice/iou/hd95 are
 #: UNDEFINED when n_lesion == 0, sensitivity when n_malignant == 0, specificity when
@@ -232,11 +232,15 @@ def finite_or_undefined(value: Any) -> float:
 def train_metrics(
     num_examples: int, loss: float, parts: Mapping[str, float], steps: int, seconds: float,
     epsilon: float | None = None, epsilon_round: float | None = None,
+    n_decoder: int | None = None, n_head: int | None = None,
 ) -> dict[str, float]:
     """The fixed train-reply schema from one site's local training (epsilon/epsilon_round:
-    None when DP is off)."""
+    None when DP is off; n_decoder / n_head: training images that give the mask decoder / the
+    classifier head a gradient, None: all; their weights in server/part_weights.py)."""
     out = {
         "num-examples": float(num_examples),
+        "n_decoder": float(num_examples if n_decoder is None else n_decoder),
+        "n_head": float(num_examples if n_head is None else n_head),
         "train_loss": finite_or_undefined(loss),
         "steps": float(steps),
         "seconds": float(seconds),
@@ -286,7 +290,7 @@ def aggregate_site_metrics(per_site: Mapping[str, Mapping[str, float]], phase: s
     if phase == "train":
         for key in TRAIN_METRIC_KEYS:
             vals = [s[key] for s in sites]
-            if key in ("num-examples", "steps"):
+            if key in ("num-examples", "n_decoder", "n_head", "steps"):
                 out[key] = float(sum(vals))
             elif key in ("seconds", "epsilon", "epsilon_round"):
                 out[key] = float(max(vals))

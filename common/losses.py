@@ -46,7 +46,7 @@ after Opacus undoes its mean reduction each image's gradient depends on that ima
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,9 @@ from torch import Tensor, nn
 from common.birads import FEATURE_NAMES, BiradsPrior, birads_features
 from common.config import LossConfig
 from common.schedule import ramp
+
+if TYPE_CHECKING:
+    from common.data.tensors import TensorData
 
 log = logging.getLogger(__name__)
 
@@ -212,3 +215,13 @@ class MultiTaskLoss(nn.Module):
         values = torch.stack([seg, dice, bce, cls, consistency, prior_sup, total]).detach()
         parts = dict(zip(PART_KEYS, (float(v) for v in values.cpu().tolist())))
         return total, parts
+
+
+def trained_parts(train: "TensorData", loss: LossConfig) -> dict[str, int]:
+    """How many training images give the mask decoder and the classifier head a gradient: a mask
+    or a label, plus the lesion images the consistency term reaches through its route."""
+    lesion = train.has_lesion & (train.has_mask | train.has_label)
+    routed = loss.consistency > 0 and loss.cls_weight > 0
+    decoder = train.has_mask | (lesion if routed and loss.consistency_grad in ("mask", "both") else False)
+    head = train.has_label | (lesion if routed and loss.consistency_grad in ("classifier", "both") else False)
+    return {"n_decoder": int(decoder.sum()), "n_head": int(head.sum())}

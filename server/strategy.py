@@ -44,6 +44,7 @@ from common.federation import (
 )
 from common.packing import layout_to_json, pack
 from common.screening import RejectionStreaks, ScreenLimits
+from server.part_weights import reweight_parts
 from server.screening import screen_train_replies
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ class SiteAware:
     seed: int
     norm_keys: frozenset[str] = frozenset()
     current: dict[str, np.ndarray]
+    part_weights: bool = False  # server/part_weights.py: decoder by n_decoder, head by n_head
 
     def attach(self, registry: SiteRegistry, recorder: Recorder, seed: int, packed: bool = True) -> "SiteAware":
         self.registry, self.recorder, self.seed, self.packed = registry, recorder, seed, packed
@@ -263,6 +265,10 @@ class SiteAware:
         valid = self._screen(server_round, "train", replies)
         if not valid:
             return None, None
+        if self.part_weights:
+            for prefix, factors in reweight_parts(valid, self.current).items():
+                log.info("round %d: %s* weighted per site by what trained it (factors %s)", server_round,
+                         prefix, [round(f, 3) for f in factors])
         arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
         if arrays is None:
             return None, metrics
@@ -382,4 +388,6 @@ def build_strategy(
     strategy.streaks = RejectionStreaks(fed.drop_after_rejections)
     if fed.strategy == "fedbn":
         strategy.norm_keys = frozenset(norm_keys)
+    # a weighted mean only, and not where the server clips each update for client-level DP
+    strategy.part_weights = fed.strategy != "fedmedian" and not fed.client_dp.enabled
     return strategy

@@ -12,7 +12,7 @@ import hashlib
 import logging
 import math
 from collections import defaultdict
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -110,6 +110,14 @@ class TensorData:
         m, lab = self.has_mask.cpu(), self.has_label.cpu()
         return {"mask and label": int((m & lab).sum()), "mask only": int((m & ~lab).sum()),
                 "label only": int((~m & lab).sum())}
+
+    def without_negative_only_masks(self) -> "TensorData":
+        """This data, or, when no lesion image has its mask, the same with every mask marked
+        unknown: a site whose only masks are the empty ones of normal images would learn just
+        "predict no lesion" (a labels-only hospital under FedAvg erased the federation's masks)."""
+        if bool((self.has_mask & self.has_lesion).any()) or not bool(self.has_mask.any()):
+            return self
+        return replace(self, has_mask=torch.zeros_like(self.has_mask))
 
     @staticmethod
     def concat(parts: Sequence["TensorData"]) -> "TensorData":

@@ -15,6 +15,7 @@ from client.app import make_client_app
 from common.data.synthetic import make_centre
 from common.device import seed_everything
 from common.federation import AGGREGATE_SITE, SiteSpec, build_experiment_model
+from common.losses import trained_parts
 from common.modelfile import read_model
 from common.records import Label
 from common.sitedata import load_site_tensors
@@ -68,6 +69,12 @@ def test_label_only_site_is_aggregated_every_round(tmp_path: Path) -> None:
         assert value(rnd, "train", AGGREGATE_SITE, "sites_ok") == 3.0
         assert not [r for r in rows if r.round == rnd and r.metric in ("failed", "rejected")]
         assert value(rnd, "train", "C", "num-examples") == float(len(train))
+        # C's decoder is weighted by the images the consistency term reached through the mask
+        # (none under the classifier route: server/part_weights.py), its head by its labels
+        expected = trained_parts(train, spec.experiment.loss)
+        assert value(rnd, "train", "C", "n_decoder") == expected["n_decoder"] > 0  # this spec: grad "both"
+        assert value(rnd, "train", "C", "n_head") == len(train)
+        assert value(rnd, "train", "A", "n_decoder") == value(rnd, "train", "A", "num-examples")
         counts = [value(rnd, "train", s, "num-examples") for s in SITES]
         assert value(rnd, "train", AGGREGATE_SITE, "num-examples") == sum(counts)
         # no mask: no segmentation loss at C, while the masked sites have one

@@ -53,7 +53,7 @@ def _strategy(name: str = "fedavg", rows: list | None = None, **fed_kw):
 
 def _train_metrics(n: float, loss: float = 1.0) -> dict[str, float]:
     m = dict.fromkeys(TRAIN_METRIC_KEYS, 0.0)
-    m.update({"num-examples": n, "train_loss": loss, "seconds": n})
+    m.update({"num-examples": n, "n_decoder": n, "n_head": n, "train_loss": loss, "seconds": n})
     return m
 
 

@@ -1,0 +1,65 @@
+"""Each part of the model averaged over the sites that trained it.
+
+A mean strategy weights every parameter by a site's num-examples. A hospital with pathology
+labels but no drawn masks trains no mask decoder, yet its unchanged decoder would enter the mean
+with all its images' weight and hold the federation's masks back (measured: FedAvg over BrEaST
+and a labels-only BUSI, three times its size, segmented nothing on BUS-UCLM). So the mask decoder
+is weighted by each site's images that gave it a gradient (``n_decoder``: a mask, or the
+consistency term routed into the mask) and the classifier head likewise (``n_head``: a label, or
+the term routed into the classifier); the rest by num-examples (client/runtime.trained_parts).
+Fully annotated sites have n_decoder = n_head = num-examples and nothing changes.
+
+Each accepted reply's part is moved to g + r·(w − g), r = (c_i / Σc) / (n_i / Σn), so the
+strategy's own num-examples mean — FedAvg, FedProx, FedBN, FedAdam's pseudo-gradient — becomes
+the c-weighted mean of that part (a convex combination of screened updates; c_i is capped at
+n_i, whose screening bounds it); a part no site trained (Σc = 0) keeps the global value. Not
+under client-level DP (r > 1 would undo the clipping bound) nor for FedMedian (no weights).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message
+
+log = logging.getLogger(__name__)
+
+#: (state-dict key prefix, train-metric count that weights it)
+PARTS: tuple[tuple[str, str], ...] = (("backbone.decoder.", "n_decoder"), ("head.", "n_head"))
+
+
+def part_factors(metrics: Sequence[Mapping[str, float]], count: str) -> list[float] | None:
+    """r_i of each site for the part weighted by ``count``; None when the weights already agree."""
+    n = [float(m["num-examples"]) for m in metrics]
+    c = [min(max(0.0, float(m[count])), ni) for m, ni in zip(metrics, n)]  # a count beyond its examples is a lie
+    total_n, total_c = sum(n), sum(c)
+    if total_n <= 0 or any(v <= 0 for v in n):
+        return None
+    if total_c <= 0:
+        return [0.0] * len(n)
+    r = [(ci / total_c) / (ni / total_n) for ci, ni in zip(c, n)]
+    return None if all(abs(v - 1.0) < 1e-12 for v in r) else r
+
+
+def reweight_parts(replies: Sequence[Message], current: Mapping[str, np.ndarray]) -> dict[str, list[float]]:
+    """Rewrite the parts of ``replies`` (accepted, per-tensor arrays) in place as the module
+    says; returns {part prefix: factors} of the parts changed (for the log)."""
+    metrics = [{k: float(v) for k, v in m.content["metrics"].items()} for m in replies]  # type: ignore[union-attr]
+    changed: dict[str, list[float]] = {}
+    for prefix, count in PARTS:
+        factors = part_factors(metrics, count)
+        if factors is None:
+            continue
+        changed[prefix] = factors
+        for msg, r in zip(replies, factors):
+            arrays = msg.content["arrays"]
+            out = {}
+            for key in arrays.keys():  # type: ignore[union-attr]
+                w = arrays[key].numpy()  # type: ignore[index]
+                if key.startswith(prefix) and np.issubdtype(w.dtype, np.floating) and key in current:
+                    g = np.asarray(current[key], dtype=w.dtype)
+                    w = (g + r * (w - g)).astype(w.dtype, copy=False)
+                out[key] = Array(np.ascontiguousarray(w))
+            msg.content["arrays"] = ArrayRecord(out)
+    return changed
