@@ -130,7 +130,7 @@ class Settings:
         if private and bad:  # refused before any unit runs, not when its turn comes
             raise ConfigError(f"sim.strategies: {bad} cannot run with federation.{private}, which needs "
                               f"a mean of complete updates; use {list(MEAN_STRATEGIES)}")
-        exp = self.experiment
+        exp = self.experiment  # deployment: common.federation.spec_from_dict asks for model.init_from
         private_arms = exp.privacy.enabled or bool([e for e in self.sim.epsilons if math.isfinite(e)])
         if (private_arms and exp.privacy.trainable == "norms" and not exp.model.init_from
                 and not self.sim.public_centres):

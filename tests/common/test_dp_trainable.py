@@ -98,3 +98,14 @@ def test_norms_without_a_model_that_segments_is_refused(tmp_path) -> None:
     ok = load_settings("smoke", ["sim.epsilons=[8]", "privacy.trainable=norms", "sim.public_centres=[SynES1]"])
     assert ok.experiment.privacy.trainable == "norms"
     assert load_settings("smoke", ["privacy.trainable=norms"]).experiment.privacy.trainable == "norms"  # no DP: inert
+
+
+def test_a_deployment_with_norms_needs_the_public_model_file() -> None:
+    from common.config import ConfigError
+    from common.federation import spec_from_dict
+
+    doc = {"experiment": {"preset": "smoke", "privacy": {"enabled": True, "trainable": "norms"},
+                          "sim": {"public_centres": ["SynES1"]}},  # the simulation's key does not count here
+           "sites": [{"name": "udiat", "synthetic_centre": "SynPL"}], "run_dir": "run"}
+    with pytest.raises(ConfigError, match="model.init_from"):
+        spec_from_dict(doc, "federation.yaml")
