@@ -131,7 +131,7 @@ class Settings:
             raise ConfigError(f"sim.strategies: {bad} cannot run with federation.{private}, which needs "
                               f"a mean of complete updates; use {list(MEAN_STRATEGIES)}")
         exp = self.experiment  # deployment: common.federation.spec_from_dict asks for model.init_from
-        private_arms = exp.privacy.enabled or bool([e for e in self.sim.epsilons if math.isfinite(e)])
+        private_arms = exp.privacy.enabled or any(math.isfinite(e) for e in self.sim.epsilons)
         if (private_arms and exp.privacy.trainable == "norms" and not exp.model.init_from
                 and not self.sim.public_centres):
             raise ConfigError("privacy.trainable 'norms' trains only the norm affines, biases and heads of a "

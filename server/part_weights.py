@@ -6,7 +6,7 @@ with all its images' weight and hold the federation's masks back (measured: FedA
 and a labels-only BUSI, three times its size, segmented nothing on BUS-UCLM). So the mask decoder
 is weighted by each site's images that gave it a gradient (``n_decoder``: a mask, or the
 consistency term routed into the mask) and the classifier head likewise (``n_head``: a label, or
-the term routed into the classifier); the rest by num-examples (client/runtime.trained_parts).
+the term routed into the classifier); the rest by num-examples (common.losses.trained_parts).
 Fully annotated sites have n_decoder = n_head = num-examples and nothing changes.
 
 Each accepted reply's part is moved to g + r·(w − g), r = (c_i / Σc) / (n_i / Σn), so the
@@ -17,13 +17,10 @@ under client-level DP (r > 1 would undo the clipping bound) nor for FedMedian (n
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message
-
-log = logging.getLogger(__name__)
+from flwr.app import Array, Message
 
 #: (state-dict key prefix, train-metric count that weights it)
 PARTS: tuple[tuple[str, str], ...] = (("backbone.decoder.", "n_decoder"), ("head.", "n_head"))
@@ -44,22 +41,20 @@ def part_factors(metrics: Sequence[Mapping[str, float]], count: str) -> list[flo
 
 def reweight_parts(replies: Sequence[Message], current: Mapping[str, np.ndarray]) -> dict[str, list[float]]:
     """Rewrite the parts of ``replies`` (accepted, per-tensor arrays) in place as the module
-    says; returns {part prefix: factors} of the parts changed (for the log)."""
+    says, touching only those parts' floating arrays; returns {part prefix: factors} of the
+    parts changed (for the log)."""
     metrics = [{k: float(v) for k, v in m.content["metrics"].items()} for m in replies]  # type: ignore[union-attr]
-    changed: dict[str, list[float]] = {}
-    for prefix, count in PARTS:
-        factors = part_factors(metrics, count)
-        if factors is None:
-            continue
-        changed[prefix] = factors
-        for msg, r in zip(replies, factors):
-            arrays = msg.content["arrays"]
-            out = {}
-            for key in arrays.keys():  # type: ignore[union-attr]
-                w = arrays[key].numpy()  # type: ignore[index]
-                if key.startswith(prefix) and np.issubdtype(w.dtype, np.floating) and key in current:
-                    g = np.asarray(current[key], dtype=w.dtype)
-                    w = (g + r * (w - g)).astype(w.dtype, copy=False)
-                out[key] = Array(np.ascontiguousarray(w))
-            msg.content["arrays"] = ArrayRecord(out)
+    changed = {prefix: f for prefix, count in PARTS if (f := part_factors(metrics, count)) is not None}
+    if not changed:
+        return changed
+    for i, msg in enumerate(replies):
+        arrays = msg.content["arrays"]
+        for key in list(arrays.keys()):  # type: ignore[union-attr]
+            prefix = next((p for p in changed if key.startswith(p)), None)
+            if prefix is None or key not in current:
+                continue
+            w = arrays[key].numpy()  # type: ignore[index]
+            if np.issubdtype(w.dtype, np.floating):
+                g = np.asarray(current[key], dtype=w.dtype)
+                arrays[key] = Array(np.ascontiguousarray(g + changed[prefix][i] * (w - g), dtype=w.dtype))  # type: ignore[index]
     return changed
