@@ -21,14 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import (
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Message,
-    MessageType,
-    RecordDict,
-)
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import ConfigError, to_dict
@@ -36,12 +29,10 @@ from common.demo import DEMO_PRESET, demo_spec
 from common.device import resolve_device, seed_everything
 from common.federation import (
     AGGREGATE_SITE,
-    FederationConfig,
     RunSpec,
     aggregate_site_metrics,
     build_experiment_model,
     eval_metrics,
-    is_site_name,
     load_run_spec,
     norm_keys,
 )
@@ -52,15 +43,13 @@ from server.dp import planned_sampled_sites, wrap_client_dp
 from server.identity import IdentityCheck
 from server.outcome import FederationFailed, FederationStopped  # noqa: F401  (re-exported)
 from server.prior_rows import PriorLog
+from server.registry import Clock, SiteRegistry, Sleep, gather_sites
 from server.run_end import run_end_announced
 from server.screening import aggregate_problem, audit_screening
 from server.state import MetricRow, ServerRunFolder, check_resumable
-from server.strategy import SiteRegistry, build_strategy
+from server.strategy import build_strategy
 
 log = logging.getLogger(__name__)
-
-Clock = Callable[[], float]
-Sleep = Callable[[float], None]
 
 
 def make_server_app(spec: RunSpec | None = None, *, resume: bool = False, quiet: bool = False) -> ServerApp:
@@ -251,81 +240,6 @@ def _attach_file_log(run_dir: Path) -> tuple[logging.Handler, int]:
     if logger.getEffectiveLevel() > logging.INFO:
         logger.setLevel(logging.INFO)
     return handler, level
-
-
-#: Seconds before a node whose site query failed is queried again while a round waits for its quorum.
-QUERY_RETRY_S = 5.0
-
-
-def gather_sites(
-    grid: Grid,
-    registry: SiteRegistry,
-    fed: FederationConfig,
-    base_config: Mapping[str, Any],
-    *,
-    clock: Clock = time.monotonic,
-    sleep: Sleep = time.sleep,
-    poll_s: float = 1.0,
-    identity: IdentityCheck | None = None,
-) -> dict[str, int]:
-    """Query new nodes for their site name and wait (at most ``quorum_timeout_s``) until
-    ``min_sites`` named sites are connected; returns {site: node id} of those connected.
-    With ``identity``, a node whose claimed name is not its key's registered name is refused."""
-    deadline = clock() + fed.quorum_timeout_s
-    next_note = retry_at = clock()
-    while True:
-        if clock() >= retry_at:  # a node that was unavailable a moment ago (reconnecting after a
-            registry.clear_failed()  # SuperLink restart) is asked again, not shut out of the round
-            retry_at = clock() + QUERY_RETRY_S
-        connected = list(grid.get_node_ids())
-        new = [n for n in connected if n not in registry]
-        if new:
-            _query(grid, registry, new, base_config, connected, fed.round_timeout_s, identity)
-        sites = registry.connected(connected)
-        now = clock()
-        if len(sites) >= fed.min_sites or now >= deadline:
-            return sites
-        if now >= next_note:
-            log.info("waiting for sites: %s connected, %d needed (giving up in %.0fs)",
-                     list(sites), fed.min_sites, deadline - now)
-            next_note = now + 10.0
-        sleep(min(poll_s, max(deadline - now, 0.0)))
-
-
-def _query(grid: Grid, registry: SiteRegistry, nodes: list[int], base_config: Mapping[str, Any],
-           connected: list[int], timeout: float, identity: IdentityCheck | None = None) -> None:
-    content = RecordDict({"config": ConfigRecord(dict(base_config))})
-    messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
-    answered: set[int] = set()
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        node = reply.metadata.src_node_id
-        answered.add(node)
-        if reply.has_error():
-            log.error("node %d could not join: %s", node, reply.error.reason)
-            registry.failed.add(node)
-            continue
-        info = reply.content.config_records.get("info")
-        site = str(info.get("site", "")) if info is not None else ""
-        if not is_site_name(site):
-            log.error("node %d sent no valid site name: ignored", node)
-            registry.refused.add(node)
-            continue
-        if identity is not None and identity.check(node, site) is not None:
-            registry.refused.add(node)  # never queried again: its key cannot become another site
-            continue
-        declared = info.get("num-train")
-        if isinstance(declared, bool) or not isinstance(declared, int) or declared < 0:
-            log.error("node %d (site %s) declared no valid num-train: ignored", node, site)
-            registry.refused.add(node)  # its train replies' num-examples could not be capped
-            continue
-        val = info.get("num-val")
-        val = val if isinstance(val, int) and not isinstance(val, bool) and val >= 0 else None
-        if registry.register(node, site, connected, declared=declared, declared_val=val):
-            log.info("site %s joined (node %d): %s training / %s validation images, app %s", site, node,
-                     info.get("num-train"), info.get("num-val"), info.get("app-version"))
-    for node in set(nodes) - answered:
-        log.warning("node %d did not answer the site query within %.0fs", node, timeout)
-        registry.failed.add(node)
 
 
 class CentralTest:

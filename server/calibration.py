@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from common import calibration
 from common.config import ExperimentConfig
 from common.modelfile import set_temperature
-from server.strategy import SiteRegistry
+from server.registry import SiteRegistry
 
 log = logging.getLogger(__name__)
 

@@ -45,6 +45,7 @@ from common.federation import (
 from common.packing import layout_to_json, pack
 from common.screening import RejectionStreaks, ScreenLimits
 from server.part_weights import reweight_parts
+from server.registry import SiteRegistry
 from server.screening import screen_train_replies
 
 log = logging.getLogger(__name__)
@@ -57,64 +58,6 @@ def array_record(state: dict[str, np.ndarray]) -> ArrayRecord:
     """NumPy arrays as an ArrayRecord, C-ordered; np.asarray(order="C") keeps 0-d arrays 0-d
     (np.ascontiguousarray would make them 1-d)."""
     return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in state.items()})
-
-
-class SiteRegistry:
-    """node id ↔ site name, learned from query replies. With ``allowed`` names (the spec's
-    sites) an unexpected name is refused; a name already held by a *connected* node is refused
-    (a restarted SuperNode without authentication comes back under a new id: it replaces the
-    old id once that one is gone). Nodes whose query failed are retried after ``clear_failed``.
-    ``declared``: each site's num-train from its query reply (caps its num-examples), and
-    ``declared_val`` its num-val (caps its calibration count when validation images are used);
-    ``dropped``: sites no longer sampled (rejected too often), by name, so a reconnect stays out."""
-
-    def __init__(self, allowed: Iterable[str] | None = None) -> None:
-        self.allowed = set(allowed) if allowed else None
-        self._by_node: dict[int, str] = {}
-        self.refused: set[int] = set()
-        self.failed: set[int] = set()
-        self.declared: dict[str, int] = {}
-        self.declared_val: dict[str, int] = {}
-        self.dropped: set[str] = set()
-
-    def __contains__(self, node_id: int) -> bool:
-        return node_id in self._by_node or node_id in self.refused or node_id in self.failed
-
-    def clear_failed(self) -> None:
-        self.failed.clear()
-
-    def register(self, node_id: int, site: str, connected: Iterable[int], declared: int | None = None,
-                 declared_val: int | None = None) -> bool:
-        if self.allowed is not None and site not in self.allowed:
-            log.error("node %d reports site %r, which is not in the run spec: ignored", node_id, site)
-            self.refused.add(node_id)
-            return False
-        live = set(connected)
-        for other, name in list(self._by_node.items()):
-            if name == site and other != node_id:
-                if other in live:
-                    log.error("site %s: a second node (%d) claims it: ignored", site, node_id)
-                    self.refused.add(node_id)
-                    return False
-                del self._by_node[other]
-                log.info("site %s reconnected as node %d", site, node_id)
-        self._by_node[node_id] = site
-        if declared is not None:
-            self.declared[site] = int(declared)
-        if declared_val is not None:
-            self.declared_val[site] = int(declared_val)
-        return True
-
-    def drop(self, site: str) -> None:
-        self.dropped.add(site)
-
-    def name(self, node_id: int) -> str:
-        return self._by_node.get(node_id, f"node-{node_id}")
-
-    def connected(self, node_ids: Iterable[int]) -> dict[str, int]:
-        """{site: node id} of the registered, not dropped nodes among ``node_ids``, sorted by site."""
-        out = {self._by_node[n]: n for n in node_ids if n in self._by_node and self._by_node[n] not in self.dropped}
-        return dict(sorted(out.items()))
 
 
 class SiteAware:

@@ -25,7 +25,8 @@ from server.dp import (
     planned_sampled_sites,
     wrap_client_dp,
 )
-from server.strategy import SiteRegistry, build_strategy
+from server.registry import SiteRegistry
+from server.strategy import build_strategy
 from tests.server.local_grid import task_identity
 
 NODES = {11: "A", 22: "B", 33: "C"}

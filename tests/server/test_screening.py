@@ -8,17 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.app import make_client_app
 from common.federation import FederationConfig, RunSpec, train_metrics
 from common.packing import PACKED_KEY
 from common.sitedata import clear_memo
-from server.app import FederationFailed, gather_sites, run_federation
+from server.app import FederationFailed, run_federation
+from server.registry import SiteRegistry
 from server.screening import aggregate_problem
 from server.state import ServerRunFolder
-from server.strategy import SiteRegistry, build_strategy
+from server.strategy import build_strategy
 from tests.server.local_grid import LocalGrid, task_identity, tiny_spec
 from tests.server.test_strategy import NODES, _configure, _reply, _train_metrics
 
@@ -174,20 +175,3 @@ def test_aggregate_problem_names_a_non_finite_aggregate() -> None:
     bad = aggregate_problem(ArrayRecord({"w": Array(np.array([1.0, np.inf], np.float32))}), {})
     assert "not finite" in bad and "'w'" in bad
     assert "C: update rejected" in aggregate_problem(None, {"C": "update rejected: x"})
-
-
-def test_a_node_that_declares_no_training_set_size_is_not_admitted() -> None:
-    app = ClientApp()
-
-    @app.query()
-    def query(msg: Message, context: Context) -> Message:
-        info = {"site": "AB"[context.node_id - 1]}
-        if context.node_id == 1:
-            info["num-train"] = 12
-        return Message(RecordDict({"info": ConfigRecord(info)}), reply_to=msg)
-
-    grid = LocalGrid(app, {1: {}, 2: {}})
-    reg = SiteRegistry(["A", "B"])
-    fed = FederationConfig(min_sites=1, quorum_timeout_s=1.0)
-    assert gather_sites(grid, reg, fed, {}, sleep=lambda s: None) == {"A": 1}
-    assert reg.declared == {"A": 12} and 2 in reg.refused

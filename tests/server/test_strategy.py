@@ -14,7 +14,8 @@ from common.federation import (
     TRAIN_METRIC_KEYS,
     FederationConfig,
 )
-from server.strategy import SiteRegistry, build_strategy
+from server.registry import SiteRegistry
+from server.strategy import build_strategy
 from tests.server.local_grid import task_identity
 
 NODES = {11: "A", 22: "B", 33: "C"}
@@ -68,16 +69,6 @@ def _configure(strat, arrays: dict[str, list[float]], rnd: int = 1) -> dict[int,
     rec = ArrayRecord({k: torch.tensor(v) for k, v in arrays.items()})
     msgs = strat.configure_train(rnd, rec, ConfigRecord({"strategy": "x"}), StubGrid(list(NODES)))
     return {m.metadata.dst_node_id: m for m in msgs}
-
-
-def test_registry_refuses_unknown_and_duplicate_sites_and_follows_reconnects() -> None:
-    reg = SiteRegistry(["A", "B"])
-    assert reg.register(1, "A", [1, 2])
-    assert not reg.register(2, "Z", [1, 2])  # not in the spec
-    assert not reg.register(3, "A", [1, 3])  # A is still connected as node 1
-    assert reg.register(4, "A", [4])  # node 1 gone: A came back as node 4
-    assert reg.connected([1, 2, 3, 4]) == {"A": 4}
-    assert reg.name(99) == "node-99"
 
 
 def test_selection_is_by_site_name_reproducible_and_bounded_by_fraction() -> None:
