@@ -24,7 +24,6 @@ from common.configtools import (  # noqa: F401
 )
 from common.fedconfig import (  # noqa: F401
     CLIENT_DP_MODES,
-    CLIENT_DP_YAML_MODES,
     MEAN_STRATEGIES,
     STRATEGIES,
     ClientDPConfig,

@@ -12,34 +12,27 @@ STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedbn", "fedadam", "fedmedi
 #: Strategies whose aggregate is a weighted mean of complete updates: all a masked sum (SecAgg+)
 #: yields, and what client-level DP's noise σ·C/n is calibrated for.
 MEAN_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
-#: Client-level DP modes of server/dp.py; the experiment file offers the fixed-clipping ones.
-CLIENT_DP_MODES: tuple[str, ...] = ("off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
-CLIENT_DP_YAML_MODES: tuple[str, ...] = ("off", "server-fixed", "client-fixed")
+#: Client-level DP modes of server/dp.py (fixed clipping only: Flower's adaptive clipping would
+#: clip replies before the server's update screening and add a reply metric outside the schema).
+CLIENT_DP_MODES: tuple[str, ...] = ("off", "server-fixed", "client-fixed")
 
 
 @dataclass(frozen=True)
 class ClientDPConfig:
     """Client-level (central) DP with Flower's wrappers (server/dp.py): each site's update
-    clipped to ``clipping_norm``, Gaussian noise σ·C/n added to the mean of n sites. The
-    adaptive fields are for the library's adaptive modes; ``delta`` only for reporting ε."""
+    clipped to ``clipping_norm``, Gaussian noise σ·C/n added to the mean of n sites; ``delta``
+    only for reporting ε."""
 
-    mode: str = "off"  # one of CLIENT_DP_YAML_MODES ("server-fixed": the server clips each update)
+    mode: str = "off"  # one of CLIENT_DP_MODES ("server-fixed": the server clips each update)
     noise_multiplier: float = 1.0  # σ
     clipping_norm: float = 1.0  # C: bound on ||w_site − w_global||
-    initial_clipping_norm: float = 0.1  # adaptive modes
-    target_clipped_quantile: float = 0.5  # adaptive modes
-    clip_norm_lr: float = 0.2  # adaptive modes
-    clipped_count_stddev: float | None = None  # adaptive modes (Flower's default n/20)
     delta: float = 1e-3  # δ of the reported client-level ε
 
     def __post_init__(self) -> None:
         _one_of("client_dp.mode", self.mode, CLIENT_DP_MODES)
         _nonneg("client_dp", self, "noise_multiplier")
-        for name in ("clipping_norm", "initial_clipping_norm", "clip_norm_lr"):
-            v = getattr(self, name)
-            _need(math.isfinite(v) and v > 0, f"client_dp.{name}", "must be a finite number > 0", v)
-        _need(0.0 <= self.target_clipped_quantile <= 1.0, "client_dp.target_clipped_quantile",
-              "must lie in [0, 1]", self.target_clipped_quantile)
+        _need(math.isfinite(self.clipping_norm) and self.clipping_norm > 0, "client_dp.clipping_norm",
+              "must be a finite number > 0", self.clipping_norm)
         _need(0.0 < self.delta < 1.0, "client_dp.delta", "must lie in (0, 1)", self.delta)
 
     @property
@@ -50,12 +43,6 @@ class ClientDPConfig:
     def client_side(self) -> bool:
         """Whether the sites clip (client/client_dp.py's own mod, when the round asks)."""
         return self.mode.startswith("client-")
-
-    @property
-    def client_mod_name(self) -> str | None:
-        """The Flower mod a stock ClientApp would need, or None (fedbus's ClientApp clips with
-        client/client_dp.py instead, and has no adaptive-clipping mod)."""
-        return {"client-fixed": "fixedclipping_mod", "client-adaptive": "adaptiveclipping_mod"}.get(self.mode)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None, where: str = "client_dp") -> "ClientDPConfig":
@@ -157,10 +144,6 @@ def _check_private_aggregation(fed: FederationConfig) -> None:
                           f"fedadam/fedmedian need more than a mean); use one of {list(MEAN_STRATEGIES)}")
     if not dp.enabled:
         return
-    if dp.mode not in CLIENT_DP_YAML_MODES:
-        raise ConfigError(f"federation.client_dp.mode: {dp.mode!r} is not offered for runs (adaptive clipping "
-                          "would clip replies before the server's update screening, and client-adaptive adds a "
-                          f"reply metric outside the fixed schema); use one of {list(CLIENT_DP_YAML_MODES)}")
     if fed.strategy not in MEAN_STRATEGIES:
         raise ConfigError(f"federation.client_dp: strategy {fed.strategy!r} cannot run with client-level DP: "
                           "the noise σ·C/n is calibrated for a mean of clipped updates of all sent arrays "

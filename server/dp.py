@@ -3,17 +3,16 @@
 
 Client-level DP protects the *whole update of one site* (was hospital X in the federation, and
 what did its data change?), not one patient; it is the complement of sample-level DP-SGD
-(common/privacy.py). Flower 1.41 offers four wrappers (``flwr.serverapp.strategy``):
+(common/privacy.py). Flower 1.41's fixed-clipping wrappers (``flwr.serverapp.strategy``):
 
 | mode | clipping | site side |
 |---|---|---|
 | ``server-fixed`` | server clips each update (reply − global) to ``clipping_norm`` | nothing |
 | ``client-fixed`` | sites clip before sending (and the server clips again) | client/client_dp.py ``client_dp_mod`` (Flower's ``fixedclipping_mod`` with common/clipping.py), when the round asks |
-| ``server-adaptive`` | server clips; norm follows the ``target_clipped_quantile`` | nothing |
-| ``client-adaptive`` | sites clip; norm adapted from noisy clipped counts | ``adaptiveclipping_mod`` (not in fedbus's ClientApp) |
 
-The experiment file offers the two fixed modes (``CLIENT_DP_YAML_MODES``); the adaptive ones
-stay a library. In the fixed modes our subclasses replace Flower's clipping by common/clipping.py
+Flower's adaptive-clipping wrappers are not offered: they clip replies before the server's update
+screening, and ``client-adaptive`` adds a reply metric outside the fixed schema. Our subclasses
+replace Flower's clipping by common/clipping.py
 (arrays paired by name, 0-d arrays clipped too, no division by a zero norm: Flower's misses the
 0-d prior counter) and leave a malformed reply unclipped for the strategy's screening to reject. Each
 released round records σ, C, the noise stdev, the number of updates, the effective σ and the
@@ -29,8 +28,6 @@ Gaussian noise of stdev σ·C/num_sampled_clients is added to the aggregate. Con
   (``effective_noise_multiplier``; rejected updates lower it further); ε is accounted with it.
 - Weights travel per tensor (``federation.packed_weights: false``); not with FedBN, FedAdam or
   FedMedian (config validation).
-- Adaptive clipping spends part of σ on the clipped-count query: Flower's default
-  ``clipped_count_stddev = n/20`` refuses σ ≥ n/10; give it explicitly.
 - Flower's own accountant needs ``flwr[dp]``, which this environment lacks;
   ``client_level_epsilon`` accounts with Opacus' RDP accountant instead (Gaussian mechanism,
   sampling q = sampled/total sites per round).
@@ -46,9 +43,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
-    DifferentialPrivacyClientSideAdaptiveClipping,
     DifferentialPrivacyClientSideFixedClipping,
-    DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
     Strategy,
 )
@@ -193,14 +188,6 @@ class ClientFixed(_Released, DifferentialPrivacyClientSideFixedClipping):
     for an honest site, so a modified site cannot exceed C."""
 
 
-class ServerAdaptive(_Delegating, DifferentialPrivacyServerSideAdaptiveClipping):
-    pass
-
-
-class ClientAdaptive(_Delegating, DifferentialPrivacyClientSideAdaptiveClipping):
-    pass
-
-
 def wrap_client_dp(strategy: Strategy, cfg: ClientDPConfig, num_sampled_clients: int,
                    *, fedbn: bool = False, num_sites: int | None = None) -> Strategy:
     """``strategy`` wrapped for client-level DP per ``cfg`` (unchanged when mode is "off").
@@ -217,21 +204,10 @@ def wrap_client_dp(strategy: Strategy, cfg: ClientDPConfig, num_sampled_clients:
     if fedbn and cfg.client_side:
         raise ConfigError(f"client_dp.mode {cfg.mode!r}: the client clipping mods need identical "
                           "sent/reply array keys, which FedBN (site-local norm layers) breaks")
-    if cfg.mode in ("server-fixed", "client-fixed"):
-        cls = ServerFixed if cfg.mode == "server-fixed" else ClientFixed
-        wrapped: Strategy = cls(strategy, cfg.noise_multiplier, cfg.clipping_norm, num_sampled_clients)
-        wrapped.num_sites, wrapped.delta, wrapped.history = num_sites or num_sampled_clients, cfg.delta, []
-        wrapped.sent = {}
-    else:
-        cls_a = ServerAdaptive if cfg.mode == "server-adaptive" else ClientAdaptive
-        try:
-            wrapped = cls_a(strategy, cfg.noise_multiplier, num_sampled_clients,
-                            initial_clipping_norm=cfg.initial_clipping_norm,
-                            target_clipped_quantile=cfg.target_clipped_quantile,
-                            clip_norm_lr=cfg.clip_norm_lr,
-                            clipped_count_stddev=cfg.clipped_count_stddev)
-        except ValueError as exc:
-            raise ConfigError(f"client_dp ({cfg.mode}): {exc}") from exc
+    cls = ServerFixed if cfg.mode == "server-fixed" else ClientFixed
+    wrapped: Strategy = cls(strategy, cfg.noise_multiplier, cfg.clipping_norm, num_sampled_clients)
+    wrapped.num_sites, wrapped.delta, wrapped.history = num_sites or num_sampled_clients, cfg.delta, []
+    wrapped.sent = {}
     log.info("client-level DP: %s, noise multiplier %g, clipping norm %g, %d sites per round%s", cfg.mode,
              cfg.noise_multiplier, cfg.clipping_norm, num_sampled_clients,
              "; sites clip their updates (client/client_dp.py)" if cfg.client_side else "")
