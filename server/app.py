@@ -17,7 +17,6 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,6 +44,7 @@ from server.outcome import FederationFailed, FederationStopped  # noqa: F401  (r
 from server.prior_rows import PriorLog
 from server.registry import Clock, SiteRegistry, Sleep, gather_sites
 from server.run_end import run_end_announced
+from server.runlog import attach_run_log
 from server.screening import aggregate_problem, audit_screening
 from server.state import MetricRow, ServerRunFolder, check_resumable
 from server.strategy import build_strategy
@@ -125,7 +125,7 @@ def run_federation(
     folder = ServerRunFolder(spec.run_dir)
     start, state, run_key, strategy_state = _initial_state(folder, spec, resume)
     folder.write_config(spec)
-    file_log, level = _attach_file_log(folder.path)
+    detach_log = attach_run_log(folder.path)
     try:
         rows: list[MetricRow] = []
 
@@ -201,9 +201,7 @@ def run_federation(
         log.info("federation finished: %d rounds, run folder %s", fed.rounds, folder.path)
         return folder
     finally:
-        logging.getLogger("server").removeHandler(file_log)
-        logging.getLogger("server").setLevel(level)
-        file_log.close()
+        detach_log()
 
 
 def _initial_state(folder: ServerRunFolder, spec: RunSpec, resume: bool) -> tuple[int, dict[str, torch.Tensor], str, dict[str, Any]]:
@@ -225,21 +223,6 @@ def _initial_state(folder: ServerRunFolder, spec: RunSpec, resume: bool) -> tupl
     model = build_experiment_model(spec.experiment)
     run_key = uuid.uuid4().hex[:12]  # scopes site-local state (FedBN norms) to this run
     return 0, model.state_dict(), run_key, {}
-
-
-def _attach_file_log(run_dir: Path) -> tuple[logging.Handler, int]:
-    """Mirror the server's INFO+ log lines into ``run_dir/server.log`` for the duration of the
-    run; returns the handler and the logger's previous level (both undone by the caller)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "server.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.setLevel(logging.INFO)
-    logger = logging.getLogger("server")
-    level = logger.level
-    logger.addHandler(handler)
-    if logger.getEffectiveLevel() > logging.INFO:
-        logger.setLevel(logging.INFO)
-    return handler, level
 
 
 class CentralTest:

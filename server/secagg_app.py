@@ -25,7 +25,6 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -47,6 +46,7 @@ from flwr.serverapp import Grid
 from common.config import ConfigError, SecAggConfig, to_dict
 from common.federation import AGGREGATE_SITE, RunSpec, build_experiment_model
 from launch.wire import KEY_MAX_WEIGHT, KEY_RANGE, KEY_SCALES, SECAGG_STRATEGIES
+from server.runlog import attach_run_log
 from server.state import MetricRow, ServerRunFolder
 
 log = logging.getLogger(__name__)
@@ -199,15 +199,13 @@ def run_secagg(grid: Grid, context: Context, spec: RunSpec, secagg: SecAggConfig
     folder.write_status("running", 0)
     if on_round is not None:
         on_round(0, dict(zip(keys, initial)))
-    handler = _file_log(folder.path)
+    detach_log = attach_run_log(folder.path, ("server", "flwr"))
     try:
         log.info("SecAgg+ run: %d rounds, %d sites, strategy %s, clipping range %g, %d quantisation levels",
                  fed.rounds, n_sites, fed.strategy, secagg.clipping_range, secagg.quantization_range)
         workflow(grid, legacy)
     finally:
-        for name in ("server", "flwr"):
-            logging.getLogger(name).removeHandler(handler)
-        handler.close()
+        detach_log()
     for phase, by_round in (("train", legacy.history.metrics_distributed_fit),
                             ("evaluate", legacy.history.metrics_distributed)):
         for key, series in by_round.items():
@@ -222,20 +220,6 @@ def run_secagg(grid: Grid, context: Context, spec: RunSpec, secagg: SecAggConfig
     folder.write_model(fed.rounds, last[1], spec, str(base["run-key"]))  # what fedbus-predict takes
     folder.write_status("finished", fed.rounds, f"{fed.rounds} SecAgg+ rounds done")
     return folder
-
-
-def _file_log(run_dir: Path) -> logging.Handler:
-    """Our and Flower's INFO+ lines of the run into ``run_dir/server.log`` (the caller removes it)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "server.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.setLevel(logging.INFO)
-    for name in ("server", "flwr"):
-        logger = logging.getLogger(name)
-        logger.addHandler(handler)
-        if logger.getEffectiveLevel() > logging.INFO:
-            logger.setLevel(logging.INFO)
-    return handler
 
 
 def make_secagg_server_app(spec: RunSpec, secagg: SecAggConfig | None = None,
