@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 from common.configtools import ConfigError, _need, _nonneg, _one_of, from_dict
 
-STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedbn", "fedadam", "fedmedian")
+STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedbn", "fedadam", "fedavgm", "fedmedian")
 #: Strategies whose aggregate is a weighted mean of complete updates: all a masked sum (SecAgg+)
 #: yields, and what client-level DP's noise σ·C/n is calibrated for.
 MEAN_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
@@ -87,7 +87,8 @@ class SecAggConfig:
 @dataclass(frozen=True)
 class FederationConfig:
     """Round structure and aggregation. ``proximal_mu`` only acts with strategy "fedprox";
-    ``server_lr`` only with "fedadam"; ``min_sites`` is the quorum below which no round starts."""
+    ``server_lr`` only with "fedadam", ``server_momentum`` only with "fedavgm"; ``min_sites`` is the
+    quorum below which no round starts."""
 
     rounds: int = 3  # server rounds; rounds × local_epochs is the run's epoch budget
     local_epochs: int = 1  # epochs each site trains per round
@@ -99,6 +100,7 @@ class FederationConfig:
     round_timeout_s: float = 600.0  # deadline for one round's replies; late sites are left out
     quorum_timeout_s: float = 300.0  # how long a round waits for the quorum before the run stops
     server_lr: float = 0.01  # FedAdam's server learning rate
+    server_momentum: float = 0.9  # FedAvgM's β: m ← β·m + Δ, w ← w − m (Hsu et al. 2019)
     central_eval: bool = True  # the server also scores the run's central test centres each round
     checkpoint_every: int = 1  # rounds between checkpoints
     packed_weights: bool = True  # one float32 vector per message (common/packing.py)
@@ -120,6 +122,8 @@ class FederationConfig:
         for name in ("round_timeout_s", "quorum_timeout_s", "server_lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"federation.{name}: must be > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.server_momentum < 1.0:
+            raise ConfigError(f"federation.server_momentum: must lie in [0, 1), got {self.server_momentum}")
         if self.proximal_mu < 0:
             raise ConfigError(f"federation.proximal_mu: must be >= 0, got {self.proximal_mu}")
         if not self.screen_norm_factor >= 1.0:  # below 1 even the median site's update is rejected
@@ -141,13 +145,13 @@ def _check_private_aggregation(fed: FederationConfig) -> None:
     if secagg.enabled and fed.strategy not in MEAN_STRATEGIES:
         raise ConfigError(f"federation.secagg: strategy {fed.strategy!r} cannot run under SecAgg+, which "
                           "yields only the weighted mean of complete updates (fedbn withholds layers, "
-                          f"fedadam/fedmedian need more than a mean); use one of {list(MEAN_STRATEGIES)}")
+                          f"fedadam/fedavgm/fedmedian need more than a mean); use one of {list(MEAN_STRATEGIES)}")
     if not dp.enabled:
         return
     if fed.strategy not in MEAN_STRATEGIES:
         raise ConfigError(f"federation.client_dp: strategy {fed.strategy!r} cannot run with client-level DP: "
                           "the noise σ·C/n is calibrated for a mean of clipped updates of all sent arrays "
-                          f"(fedbn withholds layers, fedadam/fedmedian are not a mean); use one of "
+                          f"(fedbn withholds layers, fedadam/fedavgm/fedmedian are not a mean); use one of "
                           f"{list(MEAN_STRATEGIES)}")
     if fed.packed_weights:
         raise ConfigError("federation.client_dp: needs federation.packed_weights: false (the DP wrappers "

@@ -1,7 +1,8 @@
 """Flower strategies that know hospitals by name.
 
 Flower's ``flwr.serverapp.strategy`` classes do the aggregation (FedAvg, FedProx, FedAdam,
-FedMedian; FedBN is FedAvg over all but the normalisation layers). ``SiteAware`` adds what a
+FedMedian; FedBN is FedAvg over all but the normalisation layers; FedAvgM adds server momentum
+to FedAvg, keyed by array name). ``SiteAware`` adds what a
 multi-hospital run needs around them:
 
 * node selection that never blocks (stock ``sample_nodes`` waits forever for
@@ -16,7 +17,7 @@ multi-hospital run needs around them:
   longer sampled;
 * replies aggregated in site-name order and cast back to the global dtypes, so a resumed run
   reproduces an uninterrupted one;
-* ``state_dict``/``load_state_dict`` for the server optimiser (FedAdam m, v) in checkpoints;
+* ``state_dict``/``load_state_dict`` for the server optimiser (FedAdam m, v; FedAvgM momentum) in checkpoints;
 * weights packed into one float32 vector per message (common/packing.py: Flower moves every
   tensor as its own object), unpacked again before aggregation.
 """
@@ -226,10 +227,10 @@ class SiteAware:
 
     # ------------------------------------------------------------------ server state
     def state_dict(self) -> dict[str, Any]:
-        """Server-optimiser state for checkpoints (FedAdam first/second moments), as tensors:
+        """Server-optimiser state for checkpoints (FedAdam's moments, FedAvgM's momentum), as tensors:
         they survive ``torch.load(weights_only=True)`` with their shapes, 0-d included."""
         out: dict[str, Any] = {}
-        for name in ("m_t", "v_t"):
+        for name in ("m_t", "v_t", "momentum"):
             value = getattr(self, name, None)
             if value:
                 out[name] = {k: torch.from_numpy(np.array(v)) for k, v in value.items()}
@@ -238,7 +239,7 @@ class SiteAware:
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name in ("m_t", "v_t"):
+        for name in ("m_t", "v_t", "momentum"):
             if name in state:
                 setattr(self, name, {k: _numpy(v) for k, v in state[name].items()})
         if "screening" in state:
@@ -286,6 +287,34 @@ class SiteFedAdam(SiteAware, FedAdam):
     """FedAdam (Reddi et al. 2021): server Adam step on the averaged update; m, v checkpointed."""
 
 
+class SiteFedAvgM(SiteAware, FedAvg):
+    """FedAvgM (Hsu et al. 2019): server momentum on the averaged update Δ = w − mean(w_site):
+    m ← β·m + Δ, w ← w − m (server learning rate 1). Floating arrays only: integer counters are
+    averaged as in FedAvg. Flower's FedAvgM pairs arrays by position and keeps its own copy of the
+    weights; this one pairs them by name with the weights sent, and ``m`` is checkpointed."""
+
+    def __init__(self, *args: Any, server_momentum: float = 0.9, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.server_momentum = float(server_momentum)
+        self.momentum: dict[str, np.ndarray] = {}
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None:
+            return arrays, metrics
+        out = {k: a.numpy() for k, a in arrays.items()}
+        for key, mean in out.items():
+            old = self.current[key]
+            if key in self.norm_keys or not np.issubdtype(old.dtype, np.floating):
+                continue
+            delta = old - mean
+            previous = self.momentum.get(key)
+            m = delta if previous is None else self.server_momentum * previous + delta
+            self.momentum[key] = m
+            out[key] = (old - m).astype(old.dtype, copy=False)
+        return array_record(out), metrics
+
+
 class SiteFedMedian(SiteAware, FedMedian):
     """Coordinate-wise median of the site weights (robust to one outlying site)."""
 
@@ -296,7 +325,7 @@ class SiteFedBN(SiteAware, FedAvg):
 
 
 _CLASSES: dict[str, type] = {
-    "fedavg": SiteFedAvg, "fedprox": SiteFedProx, "fedadam": SiteFedAdam,
+    "fedavg": SiteFedAvg, "fedprox": SiteFedProx, "fedadam": SiteFedAdam, "fedavgm": SiteFedAvgM,
     "fedmedian": SiteFedMedian, "fedbn": SiteFedBN,
 }
 
@@ -325,6 +354,8 @@ def build_strategy(
         common["proximal_mu"] = fed.proximal_mu
     if fed.strategy == "fedadam":
         common["eta"] = fed.server_lr
+    if fed.strategy == "fedavgm":
+        common["server_momentum"] = fed.server_momentum
     strategy = _CLASSES[fed.strategy](**common)
     strategy.attach(registry, recorder, seed, packed=fed.packed_weights)
     strategy.limits = ScreenLimits(fed.screen_norm_factor, fed.screen_norm_cap)

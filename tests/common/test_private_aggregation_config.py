@@ -39,7 +39,7 @@ def test_both_are_off_by_default_and_read_from_yaml_and_set(tmp_path) -> None:
     (["federation.client_dp.mode=server-fixed", "federation.packed_weights=false",
       "federation.strategy=fedbn"], r"strategy 'fedbn' cannot run with client-level DP"),
     (["federation.client_dp.mode=client-fixed", "federation.packed_weights=false",
-      "federation.strategy=fedadam"], r"fedadam/fedmedian are not a mean"),
+      "federation.strategy=fedadam"], r"fedadam/fedavgm/fedmedian are not a mean"),
     (["federation.client_dp.mode=server-fixed", "federation.packed_weights=false",
       "federation.strategy=fedmedian"], r"cannot run with client-level DP"),
     (["federation.client_dp.mode=server-adaptive", "federation.packed_weights=false"], r"client_dp.mode: must be one of"),

@@ -8,6 +8,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
+from common.config import ConfigError
 from common.federation import (
     AGGREGATE_SITE,
     EVAL_METRIC_KEYS,
@@ -247,6 +248,28 @@ def test_fedadam_server_state_round_trips() -> None:
     assert one_round(b, 2, w1, 2.0) == w2
     c, _ = _strategy("fedadam", server_lr=0.1)  # without the moments the step differs
     assert one_round(c, 2, w1, 2.0) != w2
+
+
+def test_fedavgm_adds_server_momentum_by_name_to_floats_only_and_checkpoints_it() -> None:
+    def one_round(strat, rnd: int, start: float, site_w: float, count: int = 0):
+        sent = _configure(strat, {"w": [start], "norm": [0.0], "count": count}, rnd)
+        arrays, _ = strat.aggregate_train(rnd, [_reply(sent[n], {"w": [site_w], "norm": [0.0],
+                                                                  "count": count + 2},
+                                                       _train_metrics(1)) for n in (11, 22)])
+        return float(arrays["w"].numpy()[0]), arrays["count"].numpy()
+
+    a, _ = _strategy("fedavgm", server_momentum=0.9)
+    w1, count = one_round(a, 1, 0.0, 1.0)
+    assert w1 == 1.0  # round 1: m = Δ, the FedAvg step
+    assert count == 2 and count.dtype == np.int64  # counters averaged, no momentum
+    saved = a.state_dict()
+    w2, _ = one_round(a, 2, w1, 2.0)
+    assert w2 == pytest.approx(1.0 + 0.9 * 1.0 + 1.0)  # m = 0.9·m + Δ = 1.9 (an update is −Δ)
+    b, _ = _strategy("fedavgm", server_momentum=0.9)
+    b.load_state_dict(saved)  # resumed: the momentum survives the checkpoint
+    assert one_round(b, 2, w1, 2.0)[0] == w2
+    with pytest.raises(ConfigError, match="server_momentum"):
+        FederationConfig(strategy="fedavgm", server_momentum=1.0)
 
 
 def test_evaluate_rows_per_site_and_pooled() -> None:

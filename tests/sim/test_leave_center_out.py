@@ -123,7 +123,7 @@ def test_plan_counts_units():
     only = plan_units(Settings(sim=SimConfig(protocols=("federated",), held_out=("C",))), ["A", "B", "C"], "A")
     assert [(pu.unit.protocol, pu.test_sites) for pu in only] == [("fedavg", ("C",)), ("fedprox", ("C",))]
     every = SimConfig(protocols=("federated",), held_out=("C",),
-                      strategies=("fedavg", "fedprox", "fedbn", "fedadam", "fedmedian"))
+                      strategies=("fedavg", "fedprox", "fedbn", "fedadam", "fedavgm", "fedmedian"))
     assert [pu.unit.protocol for pu in plan_units(Settings(sim=every), ["A", "B", "C"], "A")] == list(every.strategies)
     pooled = SimConfig(protocols=("pooled",), held_out=("C",))  # the pooled rows without the local-only ones
     assert [(pu.unit.protocol, pu.unit.train_set) for pu in plan_units(Settings(sim=pooled), ["A", "B", "C"], "A")] \
