@@ -1,13 +1,13 @@
-"""The partial-mask matrix (issue #31, ``sim/experiments/partial_masks.yaml``): one simulation
-run folder per mask fraction → a table and a plot of external Dice and AUC against the fraction
-of BrEaST lesion images that kept their mask, one line per arm.
+"""The partial-mask matrix (issue #31, ``sim/experiments/partial_masks.yaml``): simulation run
+folders (one or more per mask fraction, each arm in one of them) → a table and a plot of external
+Dice and AUC against the fraction of BrEaST lesion images that kept their mask, one line per arm.
 
 Per (fraction, arm, test centre): Dice over lesion images and AUC over all images, each image's
 score first averaged over the arm's seeds; a 95 % bootstrap CI over images; the per-seed spread;
 and, against the plain multi-task arm of the same fraction, the paired difference with its
 Wilcoxon p (Dice, per image) or its paired-bootstrap p (AUC):
 
-    python -m benchmarks.mask_fraction runs/pm-0.1/lco-* runs/pm-0.25/lco-* runs/pm-1.0/lco-* --out docs/img/mask_fraction
+    python -m benchmarks.mask_fraction runs/pm-0.1/lco-* runs/pm-0.1b/lco-* runs/pm-0.25/lco-* --out docs/img/mask_fraction
 """
 from __future__ import annotations
 
@@ -63,12 +63,34 @@ def auc_boot(y: np.ndarray, p: np.ndarray, q: np.ndarray | None = None, n: int =
     return float(lo), float(hi), pval
 
 
-def summarise(runs: list[Path]) -> pd.DataFrame:
-    rows = []
+def by_fraction(runs: list[Path]) -> dict[float, tuple[pd.DataFrame, pd.DataFrame]]:
+    """{mask fraction: (per-image rows, results rows)} with the run folders of one fraction
+    merged (arms run later in a folder of their own); an arm in two folders of one fraction, or a
+    fraction without the plain arm, is refused naming the folders."""
+    merged: dict[float, tuple[pd.DataFrame, pd.DataFrame]] = {}
+    where: dict[tuple[float, str], Path] = {}
     for run in runs:
         frac, img = fraction_of(run), per_image(run)
         res = pd.read_csv(run / "results.csv")
         res = res[(res["protocol"] == "paper") & res["metric"].isin(["dice", "auc"])]
+        for arm in sorted(img["arm"].unique()):
+            if (frac, arm) in where:
+                raise SystemExit(f"{run}: arm {arm} at mask fraction {frac:g} is also in {where[frac, arm]}; "
+                                 "pass one folder per arm")
+            where[frac, arm] = run
+        if frac in merged:
+            img, res = (pd.concat([a, b], ignore_index=True) for a, b in zip(merged[frac], (img, res)))
+        merged[frac] = (img, res)
+    for frac, (img, _res) in merged.items():
+        if PLAIN not in set(img["arm"]):
+            folders = sorted(str(r) for (f, _a), r in where.items() if f == frac)
+            raise SystemExit(f"mask fraction {frac:g}: no {PLAIN} arm to compare with in {folders}")
+    return merged
+
+
+def summarise(runs: list[Path]) -> pd.DataFrame:
+    rows = []
+    for frac, (img, res) in by_fraction(runs).items():
         for (arm, centre), g in img.groupby(["arm", "test_centre"]):
             plain = img[(img["arm"] == PLAIN) & (img["test_centre"] == centre)].set_index("case_id")
             g = g.set_index("case_id")
@@ -121,7 +143,7 @@ def plot(table: pd.DataFrame, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="+", type=Path, help="simulation run folders, one per mask fraction")
+    ap.add_argument("runs", nargs="+", type=Path, help="simulation run folders (each arm of a mask fraction in one)")
     ap.add_argument("--out", type=Path, required=True, help="path prefix of the .csv and .png written")
     args = ap.parse_args(argv)
     table = summarise(args.runs)

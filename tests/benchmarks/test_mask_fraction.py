@@ -11,9 +11,10 @@ import yaml
 from benchmarks.mask_fraction import main, summarise
 
 
-def _run(root: Path, fraction: float, shift: float) -> Path:
+def _run(root: Path, fraction: float, shift: float, arms: tuple[str, ...] = ("multitask", "consistency-mask"),
+         name: str = "") -> Path:
     rows, res = [], []
-    for arm, delta in (("multitask", 0.0), ("consistency-mask", shift)):
+    for arm, delta in ((a, 0.0 if a == "multitask" else shift) for a in arms):
         for seed in (0, 1):
             for i in range(12):
                 malignant = i % 2
@@ -24,7 +25,7 @@ def _run(root: Path, fraction: float, shift: float) -> Path:
             for metric, value in (("dice", 0.6 + delta), ("auc", 1.0)):
                 res.append({"protocol": "paper", "arm": arm, "train_set": "BrEaST", "test_centre": "X",
                             "seed": seed, "metric": metric, "value": value + 0.01 * seed})
-    run = root / f"f{fraction}"
+    run = root / f"f{fraction}{name}"
     run.mkdir()
     pd.DataFrame(rows).to_csv(run / "per_image.csv", index=False)
     pd.DataFrame(res).to_csv(run / "results.csv", index=False)
@@ -50,3 +51,15 @@ def test_main_writes_the_table_and_the_plot(tmp_path: Path) -> None:
     assert main([*map(str, runs), "--out", str(tmp_path / "out" / "mf")]) == 0
     assert len(pd.read_csv(tmp_path / "out" / "mf.csv")) == 4
     assert (tmp_path / "out" / "mf.png").stat().st_size > 0
+
+
+def test_folders_of_one_fraction_merge_and_a_duplicate_or_missing_plain_arm_is_refused(tmp_path: Path) -> None:
+    first = _run(tmp_path, 0.1, 0.0)
+    later = _run(tmp_path, 0.1, 0.03, arms=("consistency-both",), name="b")
+    table = summarise([first, later])
+    both = table[table["arm"] == "consistency-both"].iloc[0]
+    assert both["dice_minus_plain"] == pytest.approx(0.03)  # paired with the other folder's plain arm
+    with pytest.raises(SystemExit, match="also in"):
+        summarise([first, _run(tmp_path, 0.1, 0.0, name="dup")])
+    with pytest.raises(SystemExit, match="no multitask arm"):
+        summarise([_run(tmp_path, 0.5, 0.0, arms=("consistency-both",))])
