@@ -206,6 +206,12 @@ def norm_keys(model: nn.Module) -> frozenset[str]:
     return frozenset(keys)
 
 
+def buffer_keys(model: nn.Module) -> frozenset[str]:
+    """State-dict keys of buffers (the prior's running feature statistics and its update count):
+    statistics to average, never to step with a server optimiser's momentum or Adam."""
+    return frozenset(name for name, _ in model.named_buffers())
+
+
 # ---------------------------------------------------------------- fixed metric schemas
 #: Keys of every train reply. Losses are means over the last local epoch ("train_loss" is the
 #: multi-task total, "proximal" the FedProx term); "epsilon" is the site's cumulative DP-SGD ε

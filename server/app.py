@@ -33,6 +33,7 @@ from common.federation import (
     build_experiment_model,
     eval_metrics,
     load_run_spec,
+    buffer_keys,
     norm_keys,
 )
 from common.inference import evaluate
@@ -133,8 +134,9 @@ def run_federation(
             rows.append(MetricRow(rnd, phase, site, metric, float(value)))
 
         registry = SiteRegistry(s.name for s in spec.sites)
+        model = build_experiment_model(exp)
         strategy = build_strategy(fed, registry=registry, recorder=record, seed=exp.train.seed,
-                                  norm_keys=norm_keys(build_experiment_model(exp)))
+                                  norm_keys=norm_keys(model), buffer_keys=buffer_keys(model))
         strategy = wrap_client_dp(strategy, fed.client_dp, planned_sampled_sites(fed, len(spec.sites)),
                                   num_sites=len(spec.sites))  # federation.client_dp (unchanged when off)
         strategy.load_state_dict(strategy_state)  # type: ignore[attr-defined]

@@ -69,6 +69,7 @@ class SiteAware:
     recorder: Recorder
     seed: int
     norm_keys: frozenset[str] = frozenset()
+    buffer_keys: frozenset[str] = frozenset()  # statistics: a server optimiser leaves them to the mean
     current: dict[str, np.ndarray]
     part_weights: bool = False  # server/part_weights.py: decoder by n_decoder, head by n_head
 
@@ -219,6 +220,10 @@ class SiteAware:
         merged = dict(self.current)  # FedBN: the keys nobody sent keep their global value
         for key, array in arrays.items():
             merged[key] = array.numpy().astype(self.current[key].dtype, copy=False)
+        if hasattr(self, "current_arrays"):  # FedAdam's step on statistics is replaced by their mean
+            stats = (self.buffer_keys & self.current.keys()) - self.norm_keys
+            for key, mean in _weighted_mean(valid, stats).items():
+                merged[key] = mean.astype(self.current[key].dtype, copy=False)
         return array_record(merged), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -245,6 +250,16 @@ class SiteAware:
         if "screening" in state:
             self.streaks.load_state_dict(state["screening"])
             self.registry.dropped.update(str(s) for s in state["screening"].get("dropped", []))
+
+
+def _weighted_mean(replies: list[Message], keys: Iterable[str]) -> dict[str, np.ndarray]:
+    """{key: the num-examples-weighted mean of the replies' arrays} (what FedAvg gives them)."""
+    weights = np.array([float(m.content["metrics"]["num-examples"]) for m in replies])  # type: ignore[index]
+    out: dict[str, np.ndarray] = {}
+    for key in keys:
+        stacked = np.stack([m.content["arrays"][key].numpy().astype(np.float64) for m in replies])  # type: ignore[index]
+        out[key] = np.tensordot(weights / weights.sum(), stacked, axes=1)
+    return out
 
 
 def _numpy(value: Any) -> np.ndarray:
@@ -289,8 +304,8 @@ class SiteFedAdam(SiteAware, FedAdam):
 
 class SiteFedAvgM(SiteAware, FedAvg):
     """FedAvgM (Hsu et al. 2019): server momentum on the averaged update Δ = w − mean(w_site):
-    m ← β·m + Δ, w ← w − m (server learning rate 1). Floating arrays only: integer counters are
-    averaged as in FedAvg. Flower's FedAvgM pairs arrays by position and keeps its own copy of the
+    m ← β·m + Δ, w ← w − m (server learning rate 1). Parameters only: buffers (running
+    statistics, counters) keep the plain mean, as under FedAvg. Flower's FedAvgM pairs arrays by position and keeps its own copy of the
     weights; this one pairs them by name with the weights sent, and ``m`` is checkpointed."""
 
     def __init__(self, *args: Any, server_momentum: float = 0.9, **kwargs: Any) -> None:
@@ -305,8 +320,8 @@ class SiteFedAvgM(SiteAware, FedAvg):
         out = {k: a.numpy() for k, a in arrays.items()}
         for key, mean in out.items():
             old = self.current[key]
-            if key in self.norm_keys or not np.issubdtype(old.dtype, np.floating):
-                continue
+            if key in self.norm_keys or key in self.buffer_keys or not np.issubdtype(old.dtype, np.floating):
+                continue  # statistics and counters keep the mean: momentum would overshoot them
             delta = old - mean
             previous = self.momentum.get(key)
             m = delta if previous is None else self.server_momentum * previous + delta
@@ -337,8 +352,11 @@ def build_strategy(
     recorder: Recorder,
     seed: int,
     norm_keys: frozenset[str] = frozenset(),
+    buffer_keys: frozenset[str] = frozenset(),
 ) -> Strategy:
-    """The configured strategy; ``norm_keys`` (from common.federation.norm_keys) for FedBN."""
+    """The configured strategy; ``norm_keys`` (common.federation.norm_keys) for FedBN,
+    ``buffer_keys`` (common.federation.buffer_keys): what FedAdam's and FedAvgM's server steps leave
+    to the plain mean."""
     common: dict[str, Any] = dict(
         fraction_train=fed.fraction_train,
         fraction_evaluate=fed.fraction_evaluate,
@@ -362,6 +380,7 @@ def build_strategy(
     strategy.streaks = RejectionStreaks(fed.drop_after_rejections)
     if fed.strategy == "fedbn":
         strategy.norm_keys = frozenset(norm_keys)
+    strategy.buffer_keys = frozenset(buffer_keys)
     # a weighted mean only, and not where the server clips each update for client-level DP
     strategy.part_weights = fed.strategy != "fedmedian" and not fed.client_dp.enabled
     return strategy

@@ -49,7 +49,7 @@ def _strategy(name: str = "fedavg", rows: list | None = None, **fed_kw):
     rows = rows if rows is not None else []
     fed = FederationConfig(strategy=name, **fed_kw)
     strat = build_strategy(fed, registry=_registry(), recorder=lambda *r: rows.append(r), seed=0,
-                           norm_keys=frozenset({"norm"}))
+                           norm_keys=frozenset({"norm"}), buffer_keys=frozenset({"stat"}))
     return strat, rows
 
 
@@ -270,6 +270,24 @@ def test_fedavgm_adds_server_momentum_by_name_to_floats_only_and_checkpoints_it(
     assert one_round(b, 2, w1, 2.0)[0] == w2
     with pytest.raises(ConfigError, match="server_momentum"):
         FederationConfig(strategy="fedavgm", server_momentum=1.0)
+
+
+@pytest.mark.parametrize("name", ["fedavgm", "fedadam"])
+def test_server_optimisers_step_parameters_and_leave_statistics_to_the_weighted_mean(name: str) -> None:
+    """A running variance stepped with momentum or Adam can leave its range (negative → NaN);
+    buffers take the num-examples-weighted mean, as under FedAvg, round after round."""
+    strat, _ = _strategy(name, server_lr=0.1)
+    w, stat = 0.0, 1.0
+    for rnd in (1, 2, 3):
+        sent = _configure(strat, {"w": [w], "norm": [0.0], "stat": [stat]}, rnd)
+        arrays, _ = strat.aggregate_train(rnd, [
+            _reply(sent[11], {"w": [w + 1.0], "norm": [0.0], "stat": [stat - 0.3]}, _train_metrics(1)),
+            _reply(sent[22], {"w": [w + 1.0], "norm": [0.0], "stat": [stat - 0.6]}, _train_metrics(2))])
+        expected = stat - (0.3 * 1 + 0.6 * 2) / 3
+        assert float(arrays["stat"].numpy()[0]) == pytest.approx(expected, abs=1e-6)
+        w, stat = float(arrays["w"].numpy()[0]), expected
+    assert w > 0.0 and stat == pytest.approx(1.0 - 3 * 0.5)  # the parameter moved by the server step
+    assert "stat" not in getattr(strat, "momentum", {})
 
 
 def test_evaluate_rows_per_site_and_pooled() -> None:
