@@ -75,6 +75,7 @@ class SimConfig:
     # is every arm's model.init_from; they are no longer test centres
     public_centres: tuple[str, ...] = ()
     public_epochs: int | None = None  # epochs of that pretraining; None: train.epochs
+    public_lr: float | None = None  # its peak learning rate; None: train.lr (a DP fine-tune wants its own)
     label_only_centres: tuple[str, ...] = ()  # their training masks hidden: labels-only hospitals
 
     def __post_init__(self) -> None:
@@ -109,6 +110,8 @@ class SimConfig:
             raise ConfigError(f"sim.workers: must be >= 1, got {self.workers}")
         if self.public_epochs is not None and self.public_epochs < 1:
             raise ConfigError(f"sim.public_epochs: must be >= 1 (or null), got {self.public_epochs}")
+        if self.public_lr is not None and not (math.isfinite(self.public_lr) and self.public_lr > 0):
+            raise ConfigError(f"sim.public_lr: must be a finite number > 0 (or null), got {self.public_lr}")
         if self.selection not in SELECTIONS:
             raise ConfigError(f"sim.selection: {self.selection!r} not one of {list(SELECTIONS)}")
 

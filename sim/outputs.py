@@ -74,7 +74,8 @@ def write_outputs(folder: SimRunFolder, settings: Settings, centres: pd.DataFram
         table["labels only (training masks hidden)"] = ", ".join(opts.label_only_centres)
     if opts.public_centres:
         table["public → private"] = (f"pretrained without DP on {', '.join(opts.public_centres)} "
-                                     f"({opts.public_epochs or cfg.train.epochs} epochs); DP-SGD trains "
+                                     f"({opts.public_epochs or cfg.train.epochs} epochs, lr "
+                                     f"{opts.public_lr or cfg.train.lr:g}); DP-SGD trains "
                                      f"{cfg.privacy.trainable}")
     if opts.epsilons:
         p = cfg.privacy

@@ -5,7 +5,8 @@ DP-SGD in the ``-eps`` arms), as a hospital would fine-tune a published model pr
 One public model per (base arm, seed): ``<run folder>/public/public__<arm>__<centres>__s<seed>.pt``
 (a ``common.modelfile`` file), trained once like a pooled centralised unit on the public
 centres (their validation splits select the epoch as ``sim.selection`` says), for
-``sim.public_epochs`` epochs (default ``train.epochs``), without DP, and reused by every arm
+``sim.public_epochs`` epochs at ``sim.public_lr`` (defaults: ``train.epochs``, ``train.lr``),
+without DP, and reused by every arm
 of that seed with the same base (``consistency`` and ``consistency-eps3`` share one) and on
 resume. Two workers that need the same file at once do not both train it: the first holds a
 lock beside it (``flock``), the second waits and then reuses the file.
@@ -44,8 +45,10 @@ def public_config(pu: PlannedUnit, settings: Settings) -> ExperimentConfig:
     public = public_unit(pu, settings)
     cfg = arm_config(settings.experiment, public.unit.arm)
     epochs = settings.sim.public_epochs or cfg.train.epochs
+    lr = settings.sim.public_lr or cfg.train.lr
     cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, enabled=False))
-    return replace(cfg, **{"train.seed": pu.unit.seed, "train.epochs": epochs, "model.init_from": None})
+    return replace(cfg, **{"train.seed": pu.unit.seed, "train.epochs": epochs, "train.lr": lr,
+                           "model.init_from": None})
 
 
 #: Trains a unit's public model: (the public unit, its config) → (model, {centre: {"train": n, "val": n}}).

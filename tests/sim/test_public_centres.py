@@ -10,6 +10,7 @@ from common.config import ConfigError
 from common.modelfile import read_model
 from common.settings import SimConfig, load_settings
 from sim.protocols import plan_units
+from sim.public import public_config
 
 SYN = list(lco.site_specs(SimConfig()))[:3]  # three embedded synthetic centres
 
@@ -36,6 +37,20 @@ def test_dp_refusals_stop_the_plan_before_anything_runs() -> None:
     settings = load_settings("smoke", ["sim.protocols=paper", "sim.epsilons=3", "train.channels_last=true"])
     with pytest.raises(ConfigError, match="privacy.enabled: train.channels_last"):
         plan_units(settings, SYN, SYN[0])
+
+
+def test_the_public_pretraining_has_its_own_epochs_and_learning_rate() -> None:
+    train, public, _test = SYN
+    sets = ["sim.protocols=paper", f"sim.public_centres={public}", "sim.arms=consistency", "sim.epsilons=8",
+            "train.lr=0.005", "train.epochs=3"]
+    settings = load_settings("smoke", [*sets, "sim.public_epochs=7", "sim.public_lr=0.001"])
+    private = next(pu for pu in plan_units(settings, SYN, train) if pu.unit.arm == "consistency-eps8")
+    cfg = public_config(private, settings)
+    assert (cfg.train.lr, cfg.train.epochs, cfg.privacy.enabled) == (0.001, 7, False)
+    default = load_settings("smoke", sets)  # without them the public model trains as the arm does
+    assert public_config(private, default).train.lr == 0.005
+    with pytest.raises(ConfigError, match="sim.public_lr"):
+        load_settings("smoke", [*sets, "sim.public_lr=0"])
 
 
 def test_public_then_private_tiny_run(tmp_path) -> None:
