@@ -30,10 +30,10 @@ from common.federation import (
     AGGREGATE_SITE,
     RunSpec,
     aggregate_site_metrics,
+    buffer_keys,
     build_experiment_model,
     eval_metrics,
     load_run_spec,
-    buffer_keys,
     norm_keys,
 )
 from common.inference import evaluate
