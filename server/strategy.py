@@ -17,7 +17,8 @@ multi-hospital run needs around them:
   longer sampled;
 * replies aggregated in site-name order and cast back to the global dtypes, so a resumed run
   reproduces an uninterrupted one;
-* ``state_dict``/``load_state_dict`` for the server optimiser (FedAdam m, v; FedAvgM momentum) in checkpoints;
+* ``state_dict``/``load_state_dict`` for the server optimisers (FedAdam m, v; FedAvgM momentum)
+  in checkpoints; they step parameters only, buffers (running statistics) take the plain mean;
 * weights packed into one float32 vector per message (common/packing.py: Flower moves every
   tensor as its own object), unpacked again before aggregation.
 """
@@ -305,8 +306,9 @@ class SiteFedAdam(SiteAware, FedAdam):
 class SiteFedAvgM(SiteAware, FedAvg):
     """FedAvgM (Hsu et al. 2019): server momentum on the averaged update Δ = w − mean(w_site):
     m ← β·m + Δ, w ← w − m (server learning rate 1). Parameters only: buffers (running
-    statistics, counters) keep the plain mean, as under FedAvg. Flower's FedAvgM pairs arrays by position and keeps its own copy of the
-    weights; this one pairs them by name with the weights sent, and ``m`` is checkpointed."""
+    statistics, counters) keep the plain mean, as under FedAvg. Flower's FedAvgM pairs arrays by
+    position and keeps its own copy of the weights; this one pairs them by name with the weights
+    sent, and ``m`` is checkpointed. Measured at β 0.9 it overshoots (RESULTS.md §2)."""
 
     def __init__(self, *args: Any, server_momentum: float = 0.9, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
