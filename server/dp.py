@@ -26,8 +26,8 @@ Gaussian noise of stdev σ·C/num_sampled_clients is added to the aggregate. Con
 - The noise assumes num_sampled_clients replies of equal weight. Weighted FedAvg gives the
   heaviest site sensitivity C·max(w)/Σw, i.e. an effective σ·Σw/(n·max w)
   (``effective_noise_multiplier``; rejected updates lower it further); ε is accounted with it.
-- Weights travel per tensor (``federation.packed_weights: false``); not with FedBN, FedAdam or
-  FedMedian (config validation).
+- Weights travel per tensor (``federation.packed_weights: false``); not with FedBN, FedAdam,
+  FedAvgM or FedMedian (config validation).
 - Flower's own accountant needs ``flwr[dp]``, which this environment lacks;
   ``client_level_epsilon`` accounts with Opacus' RDP accountant instead (Gaussian mechanism,
   sampling q = sampled/total sites per round).

@@ -222,7 +222,7 @@ class SiteAware:
         for key, array in arrays.items():
             merged[key] = array.numpy().astype(self.current[key].dtype, copy=False)
         if hasattr(self, "current_arrays"):  # FedAdam's step on statistics is replaced by their mean
-            stats = (self.buffer_keys & self.current.keys()) - self.norm_keys
+            stats = self.buffer_keys & self.current.keys()
             for key, mean in _weighted_mean(valid, stats).items():
                 merged[key] = mean.astype(self.current[key].dtype, copy=False)
         return array_record(merged), metrics
@@ -322,7 +322,7 @@ class SiteFedAvgM(SiteAware, FedAvg):
         out = {k: a.numpy() for k, a in arrays.items()}
         for key, mean in out.items():
             old = self.current[key]
-            if key in self.norm_keys or key in self.buffer_keys or not np.issubdtype(old.dtype, np.floating):
+            if key in self.buffer_keys or not np.issubdtype(old.dtype, np.floating):
                 continue  # statistics and counters keep the mean: momentum would overshoot them
             delta = old - mean
             previous = self.momentum.get(key)
