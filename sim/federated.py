@@ -30,6 +30,7 @@ import torch
 from common.checkpoint import load_checkpoint
 from common.config import ExperimentConfig, replace
 from common.federation import AGGREGATE_SITE, UNDEFINED, RunSpec, build_experiment_model
+from common.modelfile import read_model
 from common.privacy import load_state
 from common.settings import Settings
 from sim.protocols import PlannedUnit, Runtime
@@ -154,7 +155,8 @@ def run_federated(pu: PlannedUnit, cfg: ExperimentConfig, settings: Settings, rt
         raise RuntimeError(f"{run_dir}: (round, site) updates missing from the aggregate: {missing[:10]} "
                            f"(see {run_dir / 'server.log'})")
     model = build_experiment_model(spec.experiment)
-    model.load_state_dict(ck["state_dict"])
+    # the run's product (model.pt): the last global model, or the mean of the last ones (average_last)
+    model.load_state_dict(read_model(run_dir / "model.pt")[0])
     spent = sites_epsilon(run_dir, [s.name for s in spec.sites]) if cfg.privacy.enabled else math.nan
     if spec.federation.client_dp.enabled:  # a site-level guarantee: logged, not mixed with DP-SGD's ε
         log.info("%s: client-level DP (%s) ε %.3g at δ %g after %d rounds", pu.unit.key,
