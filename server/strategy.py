@@ -221,11 +221,11 @@ class SiteAware:
         merged = dict(self.current)  # FedBN: the keys nobody sent keep their global value
         for key, array in arrays.items():
             merged[key] = array.numpy().astype(self.current[key].dtype, copy=False)
-        if hasattr(self, "current_arrays"):  # FedAdam's step on statistics is replaced by their mean
-            stats = self.buffer_keys & self.current.keys()
-            for key, mean in _weighted_mean(valid, stats).items():
-                merged[key] = mean.astype(self.current[key].dtype, copy=False)
+        self._server_step(merged, valid)
         return array_record(merged), metrics
+
+    def _server_step(self, merged: dict[str, np.ndarray], replies: list[Message]) -> None:
+        """Change the aggregate ``merged`` in place (server optimisers); none for a mean."""
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         valid = self._screen(server_round, "evaluate", replies)
@@ -300,7 +300,12 @@ class SiteFedProx(SiteAware, FedProx):
 
 
 class SiteFedAdam(SiteAware, FedAdam):
-    """FedAdam (Reddi et al. 2021): server Adam step on the averaged update; m, v checkpointed."""
+    """FedAdam (Reddi et al. 2021): server Adam step on the averaged update; m, v checkpointed.
+    Buffers (running statistics, counters) take the plain mean instead of Flower's Adam step."""
+
+    def _server_step(self, merged: dict[str, np.ndarray], replies: list[Message]) -> None:
+        for key, mean in _weighted_mean(replies, self.buffer_keys & self.current.keys()).items():
+            merged[key] = mean.astype(self.current[key].dtype, copy=False)
 
 
 class SiteFedAvgM(SiteAware, FedAvg):
@@ -315,12 +320,8 @@ class SiteFedAvgM(SiteAware, FedAvg):
         self.server_momentum = float(server_momentum)
         self.momentum: dict[str, np.ndarray] = {}
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        if arrays is None:
-            return arrays, metrics
-        out = {k: a.numpy() for k, a in arrays.items()}
-        for key, mean in out.items():
+    def _server_step(self, merged: dict[str, np.ndarray], replies: list[Message]) -> None:
+        for key, mean in merged.items():
             old = self.current[key]
             if key in self.buffer_keys or not np.issubdtype(old.dtype, np.floating):
                 continue  # statistics and counters keep the mean: momentum would overshoot them
@@ -328,8 +329,7 @@ class SiteFedAvgM(SiteAware, FedAvg):
             previous = self.momentum.get(key)
             m = delta if previous is None else self.server_momentum * previous + delta
             self.momentum[key] = m
-            out[key] = (old - m).astype(old.dtype, copy=False)
-        return array_record(out), metrics
+            merged[key] = (old - m).astype(old.dtype, copy=False)
 
 
 class SiteFedMedian(SiteAware, FedMedian):

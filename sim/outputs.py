@@ -12,6 +12,7 @@ from common.inference import describe
 from common.settings import PROTOCOL_GROUPS, Settings, SimConfig
 from sim import plots
 from sim.protocols import PlannedUnit, selection_rule
+from sim.public import public_recipe
 from sim.report import ReportContext, matrix_table, write_report
 from sim.runfolder import SimRunFolder
 
@@ -73,10 +74,9 @@ def write_outputs(folder: SimRunFolder, settings: Settings, centres: pd.DataFram
     if opts.label_only_centres:
         table["labels only (training masks hidden)"] = ", ".join(opts.label_only_centres)
     if opts.public_centres:
+        epochs, lr = public_recipe(opts, cfg.train)
         table["public → private"] = (f"pretrained without DP on {', '.join(opts.public_centres)} "
-                                     f"({opts.public_epochs or cfg.train.epochs} epochs, lr "
-                                     f"{opts.public_lr or cfg.train.lr:g}); DP-SGD trains "
-                                     f"{cfg.privacy.trainable}")
+                                     f"({epochs} epochs, lr {lr:g}); DP-SGD trains {cfg.privacy.trainable}")
     if opts.epsilons:
         p = cfg.privacy
         table["DP-SGD arms"] = (f"{', '.join(opts.dp_arms)} at ε ∈ {{{', '.join(f'{e:g}' for e in opts.epsilons)}}}, "

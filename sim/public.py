@@ -21,9 +21,9 @@ from pathlib import Path
 
 from torch import nn
 
-from common.config import ExperimentConfig, replace
+from common.config import ExperimentConfig, TrainConfig, replace
 from common.modelfile import save_model
-from common.settings import Settings
+from common.settings import Settings, SimConfig
 from sim.protocols import PlannedUnit, Runtime, arm_config, split_dp_arm
 from sim.runfolder import Unit
 
@@ -40,12 +40,16 @@ def public_unit(pu: PlannedUnit, settings: Settings) -> PlannedUnit:
     return PlannedUnit(Unit(PUBLIC_PROTOCOL, base, "+".join(centres), pu.unit.seed), centres, ())
 
 
+def public_recipe(opts: SimConfig, train: TrainConfig) -> tuple[int, float]:
+    """(epochs, peak lr) of the public pretraining: ``sim.public_*``, else the run's own."""
+    return opts.public_epochs or train.epochs, opts.public_lr or train.lr
+
+
 def public_config(pu: PlannedUnit, settings: Settings) -> ExperimentConfig:
     """The public pretraining's experiment: the base arm without DP, its own epoch count."""
     public = public_unit(pu, settings)
     cfg = arm_config(settings.experiment, public.unit.arm)
-    epochs = settings.sim.public_epochs or cfg.train.epochs
-    lr = settings.sim.public_lr or cfg.train.lr
+    epochs, lr = public_recipe(settings.sim, cfg.train)
     cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, enabled=False))
     return replace(cfg, **{"train.seed": pu.unit.seed, "train.epochs": epochs, "train.lr": lr,
                            "model.init_from": None})
