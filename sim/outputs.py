@@ -14,6 +14,7 @@ from sim import plots
 from sim.protocols import PlannedUnit, selection_rule
 from sim.public import public_recipe
 from sim.report import ReportContext, matrix_table, write_report
+from sim.report_dp import epsilon_points
 from sim.runfolder import SimRunFolder
 
 
@@ -38,6 +39,9 @@ def make_figures(folder: SimRunFolder, results: pd.DataFrame, per_image: pd.Data
                             ("reference", ["local", "pooled"])):
         keep(plots.training_curves(curves, protocols, p / f"curves_{name}.png", f"Training curves: {name}"),
              f"Training loss and validation Dice per epoch/round ({name})")
+    keep(plots.epsilon_utility(epsilon_points(results), p / "epsilon_utility.png",
+                               "Dice and AUC against the DP-SGD budget ε"),
+         "Utility against ε (sample-level DP-SGD; ∞: the same arm without DP)")
     for arm in opts.fed_arms:
         keep(plots.heatmap(matrix_table(results, "local", "dice", arm), p / f"heatmap_local_{arm}.png",
                            f"Local-only, arm {arm}: train on row, test on column (diagonal: own test split)"),

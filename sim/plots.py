@@ -1,5 +1,5 @@
 """PNG figures of a leave-centre-out run: Dice box plots, training curves, example overlays and
-the train-on-row / test-on-column heat map. Each function takes tidy tables (or the arrays saved
+the train-on-row / test-on-column heat map, and Dice / AUC against the privacy budget ε. Each function takes tidy tables (or the arrays saved
 per unit) and a path, draws with the non-interactive Agg backend and returns the path, or None
 when there is nothing to draw."""
 from __future__ import annotations
@@ -193,5 +193,41 @@ def heatmap(matrix: pd.DataFrame, path: Path, title: str, label: str = "mean Dic
     ax.set_ylabel("trained on")
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, label=label, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def epsilon_utility(points: pd.DataFrame, path: Path, title: str) -> Path | None:
+    """Dice and AUC (seed means, bootstrap CI bars) against target ε, one line per training set →
+    test centre; the arm without DP (ε = ∞) is drawn at the right, past the largest ε.
+    ``points``: sim.report_dp.epsilon_points."""
+    if points.empty:
+        return None
+    finite = sorted(e for e in set(points["target_eps"]) if np.isfinite(e))
+    inf_x = (finite[-1] * 2.5) if finite else 1.0
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    colours = plt.get_cmap("tab10")
+    lines = list(dict.fromkeys(zip(points["protocol"], points["base_arm"], points["train_set"], points["test_centre"])))
+    for metric, ax in zip(("dice", "auc"), axes):
+        for j, (proto, arm, train, centre) in enumerate(lines):
+            sel = points[(points["protocol"] == proto) & (points["base_arm"] == arm) & (points["train_set"] == train)
+                         & (points["test_centre"] == centre) & (points["metric"] == metric)]
+            sel = sel.assign(x=sel["target_eps"].map(lambda e: inf_x if np.isinf(e) else e)).sort_values("x")
+            if sel.empty:
+                continue
+            y = sel["value"].to_numpy(float)
+            err = np.abs(np.vstack([y - sel["ci_low"].to_numpy(float), sel["ci_high"].to_numpy(float) - y]))
+            ax.errorbar(sel["x"], y, yerr=np.nan_to_num(err), marker="o", capsize=3, color=colours(j % 10),
+                        label=f"{train} → {centre}" + (f" ({arm})" if len({a for _, a, _, _ in lines}) > 1 else ""))
+        ax.set_xscale("log")
+        ticks = [*finite, inf_x]
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{e:g}" for e in finite] + ["∞ (no DP)"])
+        ax.minorticks_off()
+        ax.set_xlabel("target ε (δ fixed)")
+        ax.set_ylabel("Dice (lesion images)" if metric == "dice" else "AUC")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, path)

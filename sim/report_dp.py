@@ -1,8 +1,10 @@
-"""The ε-utility table of report.md: each DP arm (``<arm>-eps<ε>``) beside its arm without DP
-(ε = ∞), per protocol, training set and test centre, with the ε actually spent.
+"""The ε-utility table of report.md and the points of its plot: each DP arm (``<arm>-eps<ε>``)
+beside its arm without DP (ε = ∞), per protocol, training set and test centre, with the ε
+actually spent.
 
-A pure function of results.csv rows, like the rest of sim/report.py (whose cell format it shares,
-sim/report_format.py).
+Pure functions of results.csv rows, like the rest of sim/report.py (whose cell format it shares,
+sim/report_format.py). ``python -m sim.report_dp RUN_DIR ... --out PREFIX`` draws the plot of
+finished runs (several runs: one public centre each, say) into PREFIX.png / PREFIX.csv.
 """
 from __future__ import annotations
 
@@ -20,14 +22,35 @@ def _eps(value: float) -> str:
     return "∞ (no DP)" if math.isinf(value) else f"{value:g}"
 
 
+def _with_eps(results: pd.DataFrame) -> pd.DataFrame:
+    parsed = results["arm"].map(split_dp_arm)
+    return results.assign(base_arm=parsed.map(lambda t: t[0]), target_eps=parsed.map(lambda t: t[1]))
+
+
+def epsilon_points(results: pd.DataFrame) -> pd.DataFrame:
+    """Seed means of Dice and AUC per (protocol, base arm, training set, test centre, target ε)
+    for groups with at least one DP arm; columns also ci_low/ci_high (seed means of the bootstrap
+    bounds). Target ε is inf for the arm without DP."""
+    if results.empty:
+        return pd.DataFrame()
+    res = _with_eps(results)
+    res = res[res["metric"].isin(["dice", "auc"])].astype({"target_eps": float})
+    keys = ["protocol", "base_arm", "train_set", "test_centre"]
+    dp = res[np.isfinite(res["target_eps"])][keys].drop_duplicates()
+    if dp.empty:
+        return pd.DataFrame()
+    res = res.merge(dp, on=keys)
+    return (res.groupby([*keys, "target_eps", "metric"], sort=False)[["value", "ci_low", "ci_high"]]
+            .mean().reset_index())
+
+
 def epsilon_table(results: pd.DataFrame, protocol_titles: dict[str, str] | None = None) -> pd.DataFrame:
     """Rows: protocol × base arm × training set × test centre × target ε (ascending, ∞ last),
     for every (protocol, base arm, training set) that has at least one DP arm. Cells: Dice
     (lesion images) and AUC as 'value [95% CI]' (mean ± sd over seeds), ε spent (max over seeds)."""
     if results.empty:
         return pd.DataFrame()
-    parsed = results["arm"].map(split_dp_arm)
-    res = results.assign(base_arm=parsed.map(lambda t: t[0]), target_eps=parsed.map(lambda t: t[1]))
+    res = _with_eps(results)
     dp_groups = res[np.isfinite(res["target_eps"].astype(float))][["protocol", "base_arm", "train_set"]].drop_duplicates()
     if dp_groups.empty:
         return pd.DataFrame()
@@ -73,3 +96,34 @@ def dp_section(results: pd.DataFrame, delta_note: str, protocol_titles: dict[str
         "",
         markdown_table(table),
     ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    from pathlib import Path
+
+    from sim.plots import epsilon_utility
+
+    ap = argparse.ArgumentParser(prog="python -m sim.report_dp", description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", type=Path, help="finished run folders (their results.csv)")
+    ap.add_argument("--out", type=Path, required=True, help="output prefix: PREFIX.png and PREFIX.csv")
+    ap.add_argument("--title", default="Utility of sample-level DP-SGD")
+    args = ap.parse_args(argv)
+    frames = []
+    for run in args.runs:
+        path = run / "results.csv"
+        if not path.is_file():
+            ap.error(f"{path}: no results.csv (not a finished run folder)")
+        frames.append(pd.read_csv(path))
+    points = epsilon_points(pd.concat(frames, ignore_index=True))
+    if points.empty:
+        ap.error(f"{[str(r) for r in args.runs]}: no DP arm in these runs")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    points.to_csv(args.out.with_suffix(".csv"), index=False)
+    epsilon_utility(points, args.out.with_suffix(".png"), args.title)
+    print(f"wrote {args.out.with_suffix('.png')} and {args.out.with_suffix('.csv')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
