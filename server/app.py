@@ -3,7 +3,7 @@
 Our own loop over ``grid.send_and_receive`` instead of ``Strategy.start`` because a hospital
 federation needs what ``start`` lacks: a query round that names the sites, a bounded wait for
 a quorum of sites (stock sampling waits forever), a checkpoint after each round and resume
-from it. Aggregation itself is Flower's (server/strategy.py).
+from it. Aggregation itself is Flower's (server/strategies.py).
 
 Deployment: ``app`` reads the run from ``context.run_config``: "run-spec" (path of a RunSpec
 YAML written by flower-server from the experiment file) and "resume" (bool); configuration has
@@ -49,7 +49,7 @@ from server.run_end import run_end_announced
 from server.runlog import attach_run_log
 from server.screening import aggregate_problem, audit_screening
 from server.state import MetricRow, ServerRunFolder, check_resumable
-from server.strategy import build_strategy
+from server.strategies import build_strategy
 
 log = logging.getLogger(__name__)
 

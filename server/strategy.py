@@ -1,9 +1,5 @@
-"""Flower strategies that know hospitals by name.
-
-Flower's ``flwr.serverapp.strategy`` classes do the aggregation (FedAvg, FedProx, FedAdam,
-FedMedian; FedBN is FedAvg over all but the normalisation layers; FedAvgM adds server momentum
-to FedAvg, keyed by array name). ``SiteAware`` adds what a
-multi-hospital run needs around them:
+"""``SiteAware``: what a multi-hospital run needs around Flower's strategies (the concrete
+strategies and ``build_strategy`` are in server/strategies.py):
 
 * node selection that never blocks (stock ``sample_nodes`` waits forever for
   ``min_available_nodes``; the round loop in server/app.py does a bounded quorum wait instead)
@@ -34,13 +30,11 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, Strategy
 
 from common.federation import (
     AGGREGATE_SITE,
     EVAL_METRIC_KEYS,
     TRAIN_METRIC_KEYS,
-    FederationConfig,
     aggregate_site_metrics,
     site_seed,
 )
@@ -253,16 +247,6 @@ class SiteAware:
             self.registry.dropped.update(str(s) for s in state["screening"].get("dropped", []))
 
 
-def _weighted_mean(replies: list[Message], keys: Iterable[str]) -> dict[str, np.ndarray]:
-    """{key: the num-examples-weighted mean of the replies' arrays} (what FedAvg gives them)."""
-    weights = np.array([float(m.content["metrics"]["num-examples"]) for m in replies])  # type: ignore[index]
-    out: dict[str, np.ndarray] = {}
-    for key in keys:
-        stacked = np.stack([m.content["arrays"][key].numpy().astype(np.float64) for m in replies])  # type: ignore[index]
-        out[key] = np.tensordot(weights / weights.sum(), stacked, axes=1)
-    return out
-
-
 def _numpy(value: Any) -> np.ndarray:
     return value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
 
@@ -279,110 +263,3 @@ def _schema_problem(msg: Message, schema: tuple[str, ...]) -> str:
     if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in metrics.values()):
         return "non-finite or non-scalar metric"
     return ""
-
-
-def _metrics_fn(phase: str) -> Callable[[list[RecordDict], str], MetricRecord]:
-    """Flower's metric aggregation replaced by the count-weighted pooling of common/federation."""
-
-    def aggregate(records: list[RecordDict], _weight_key: str) -> MetricRecord:
-        per_site = {str(i): {k: float(v) for k, v in r["metrics"].items()} for i, r in enumerate(records)}  # type: ignore[arg-type]
-        return MetricRecord(aggregate_site_metrics(per_site, phase))
-
-    return aggregate
-
-
-class SiteFedAvg(SiteAware, FedAvg):
-    """FedAvg (McMahan et al. 2017), weighted by num-examples."""
-
-
-class SiteFedProx(SiteAware, FedProx):
-    """FedProx: FedAvg aggregation; the sites add (μ/2)·||w − w_global||² (config proximal-mu)."""
-
-
-class SiteFedAdam(SiteAware, FedAdam):
-    """FedAdam (Reddi et al. 2021): server Adam step on the averaged update; m, v checkpointed.
-    Buffers (running statistics, counters) take the plain mean instead of Flower's Adam step."""
-
-    def _server_step(self, merged: dict[str, np.ndarray], replies: list[Message]) -> None:
-        for key, mean in _weighted_mean(replies, self.buffer_keys & self.current.keys()).items():
-            merged[key] = mean.astype(self.current[key].dtype, copy=False)
-
-
-class SiteFedAvgM(SiteAware, FedAvg):
-    """FedAvgM (Hsu et al. 2019): server momentum on the averaged update Δ = w − mean(w_site):
-    m ← β·m + Δ, w ← w − m (server learning rate 1). Parameters only: buffers (running
-    statistics, counters) keep the plain mean, as under FedAvg. Flower's FedAvgM pairs arrays by
-    position and keeps its own copy of the weights; this one pairs them by name with the weights
-    sent, and ``m`` is checkpointed. Measured at β 0.9 it overshoots (RESULTS.md §2)."""
-
-    def __init__(self, *args: Any, server_momentum: float = 0.9, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.server_momentum = float(server_momentum)
-        self.momentum: dict[str, np.ndarray] = {}
-
-    def _server_step(self, merged: dict[str, np.ndarray], replies: list[Message]) -> None:
-        for key, mean in merged.items():
-            old = self.current[key]
-            if key in self.buffer_keys or not np.issubdtype(old.dtype, np.floating):
-                continue  # statistics and counters keep the mean: momentum would overshoot them
-            delta = old - mean
-            previous = self.momentum.get(key)
-            m = delta if previous is None else self.server_momentum * previous + delta
-            self.momentum[key] = m
-            merged[key] = (old - m).astype(old.dtype, copy=False)
-
-
-class SiteFedMedian(SiteAware, FedMedian):
-    """Coordinate-wise median of the site weights (robust to one outlying site)."""
-
-
-class SiteFedBN(SiteAware, FedAvg):
-    """FedBN (Li et al. 2021): sites keep their normalisation layers; the rest is FedAvg.
-    The global model's norm layers stay at their initial values (GroupNorm: identity affine)."""
-
-
-_CLASSES: dict[str, type] = {
-    "fedavg": SiteFedAvg, "fedprox": SiteFedProx, "fedadam": SiteFedAdam, "fedavgm": SiteFedAvgM,
-    "fedmedian": SiteFedMedian, "fedbn": SiteFedBN,
-}
-
-
-def build_strategy(
-    fed: FederationConfig,
-    *,
-    registry: SiteRegistry,
-    recorder: Recorder,
-    seed: int,
-    norm_keys: frozenset[str] = frozenset(),
-    buffer_keys: frozenset[str] = frozenset(),
-) -> Strategy:
-    """The configured strategy; ``norm_keys`` (common.federation.norm_keys) for FedBN,
-    ``buffer_keys`` (common.federation.buffer_keys): what FedAdam's and FedAvgM's server steps leave
-    to the plain mean."""
-    common: dict[str, Any] = dict(
-        fraction_train=fed.fraction_train,
-        fraction_evaluate=fed.fraction_evaluate,
-        # at least min_sites per round when that many are connected; unlike stock FedAvg these
-        # are never waited for here (the round loop waits for the quorum, boundedly)
-        min_train_nodes=fed.min_sites,
-        min_evaluate_nodes=fed.min_sites,
-        min_available_nodes=fed.min_sites,
-        train_metrics_aggr_fn=_metrics_fn("train"),
-        evaluate_metrics_aggr_fn=_metrics_fn("evaluate"),
-    )
-    if fed.strategy == "fedprox":
-        common["proximal_mu"] = fed.proximal_mu
-    if fed.strategy == "fedadam":
-        common["eta"] = fed.server_lr
-    if fed.strategy == "fedavgm":
-        common["server_momentum"] = fed.server_momentum
-    strategy = _CLASSES[fed.strategy](**common)
-    strategy.attach(registry, recorder, seed, packed=fed.packed_weights)
-    strategy.limits = ScreenLimits(fed.screen_norm_factor, fed.screen_norm_cap)
-    strategy.streaks = RejectionStreaks(fed.drop_after_rejections)
-    if fed.strategy == "fedbn":
-        strategy.norm_keys = frozenset(norm_keys)
-    strategy.buffer_keys = frozenset(buffer_keys)
-    # a weighted mean only, and not where the server clips each update for client-level DP
-    strategy.part_weights = fed.strategy != "fedmedian" and not fed.client_dp.enabled
-    return strategy

@@ -24,7 +24,7 @@ from server.dp import (
     wrap_client_dp,
 )
 from server.registry import SiteRegistry
-from server.strategy import build_strategy
+from server.strategies import build_strategy
 from tests.server.local_grid import task_identity
 
 NODES = {11: "A", 22: "B", 33: "C"}

@@ -19,7 +19,7 @@ from server.app import FederationFailed, run_federation
 from server.registry import SiteRegistry
 from server.screening import aggregate_problem
 from server.state import ServerRunFolder
-from server.strategy import build_strategy
+from server.strategies import build_strategy
 from tests.server.local_grid import LocalGrid, task_identity, tiny_spec
 from tests.server.test_strategy import NODES, _configure, _reply, _train_metrics
 

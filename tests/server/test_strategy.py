@@ -1,4 +1,4 @@
-"""server/strategy.py: site naming, selection, screening and aggregation on hand-made replies."""
+"""server/strategy.py and server/strategies.py: site naming, selection, screening and aggregation on hand-made replies."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -16,7 +16,7 @@ from common.federation import (
     FederationConfig,
 )
 from server.registry import SiteRegistry
-from server.strategy import build_strategy
+from server.strategies import build_strategy
 from tests.server.local_grid import task_identity
 
 NODES = {11: "A", 22: "B", 33: "C"}
