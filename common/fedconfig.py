@@ -101,7 +101,6 @@ class FederationConfig:
     quorum_timeout_s: float = 300.0  # how long a round waits for the quorum before the run stops
     server_lr: float = 0.01  # FedAdam's server learning rate
     server_momentum: float = 0.9  # FedAvgM's β: m ← β·m + Δ, w ← w − m (Hsu et al. 2019)
-    average_last: int = 1  # the run hands out the mean of its last k global models (common/tail_average.py)
     central_eval: bool = True  # the server also scores the run's central test centres each round
     checkpoint_every: int = 1  # rounds between checkpoints
     packed_weights: bool = True  # one float32 vector per message (common/packing.py)
@@ -114,7 +113,7 @@ class FederationConfig:
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"federation.strategy: {self.strategy!r} not one of {STRATEGIES}")
-        for name in ("rounds", "local_epochs", "min_sites", "checkpoint_every", "average_last"):
+        for name in ("rounds", "local_epochs", "min_sites", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"federation.{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("fraction_train", "fraction_evaluate"):
@@ -143,9 +142,6 @@ def _check_private_aggregation(fed: FederationConfig) -> None:
         raise ConfigError("federation.client_dp and federation.secagg: not both at once (Flower 1.41's DP "
                           "wrappers are Message-API strategies, SecAgg+ a legacy workflow; and server-side "
                           "clipping needs the individual updates SecAgg+ hides)")
-    if secagg.enabled and fed.average_last > 1:
-        raise ConfigError("federation.average_last: not under federation.secagg (the SecAgg+ loop "
-                          "hands out its last model); set average_last: 1 or secagg.enabled: false")
     if secagg.enabled and fed.strategy not in MEAN_STRATEGIES:
         raise ConfigError(f"federation.secagg: strategy {fed.strategy!r} cannot run under SecAgg+, which "
                           "yields only the weighted mean of complete updates (fedbn withholds layers, "

@@ -38,7 +38,6 @@ from common.federation import (
 )
 from common.inference import evaluate
 from common.sitedata import load_test_tensors
-from common.tail_average import TailAverage
 from server.calibration import calibrate_model
 from server.dp import planned_sampled_sites, wrap_client_dp
 from server.identity import IdentityCheck
@@ -125,7 +124,7 @@ def run_federation(
     name their key was registered under (server/identity.py); None: not checked."""
     fed, exp = spec.federation, spec.experiment
     folder = ServerRunFolder(spec.run_dir)
-    start, state, run_key, strategy_state, tail_state = _initial_state(folder, spec, resume)
+    start, state, run_key, strategy_state = _initial_state(folder, spec, resume)
     folder.write_config(spec)
     detach_log = attach_run_log(folder.path)
     try:
@@ -141,8 +140,6 @@ def run_federation(
         strategy = wrap_client_dp(strategy, fed.client_dp, planned_sampled_sites(fed, len(spec.sites)),
                                   num_sites=len(spec.sites))  # federation.client_dp (unchanged when off)
         strategy.load_state_dict(strategy_state)  # type: ignore[attr-defined]
-        tail = TailAverage(fed.average_last, fed.rounds)  # federation.average_last (1: the last model)
-        tail.load_state_dict(tail_state, str(folder.checkpoint_path))
         arrays = ArrayRecord(state)
         base = {"experiment": json.dumps(to_dict(exp)), "run-key": run_key, "strategy": fed.strategy,
                 "num-rounds": fed.rounds}
@@ -183,7 +180,6 @@ def run_federation(
                 folder.write_status("failed", saved, text)
                 raise FederationFailed(text)
             arrays = new_arrays
-            tail.add(rnd, arrays.to_torch_state_dict())
             prior_log.record_round(rnd, arrays, replies, strategy, record)
             record(rnd, "train", AGGREGATE_SITE, "wall_seconds", clock() - t0)
             t0 = clock()
@@ -197,15 +193,11 @@ def run_federation(
             folder.append_metrics(rows)
             rows.clear()
             if rnd % fed.checkpoint_every == 0 or rnd == fed.rounds:
-                folder.save(rnd, arrays.to_torch_state_dict(), spec, run_key, strategy.state_dict(),  # type: ignore[attr-defined]
-                            tail.state_dict())
+                folder.save(rnd, arrays.to_torch_state_dict(), spec, run_key, strategy.state_dict())  # type: ignore[attr-defined]
                 saved = rnd
             folder.write_status("running", saved)
-        final = tail.result(arrays.to_torch_state_dict())
-        if tail.n > 1:
-            log.info("the run's model is the mean of the global models of rounds %d-%d", tail.first, fed.rounds)
-        model_path = folder.write_model(fed.rounds, final, spec, run_key,  # what fedbus-predict takes
-                                        averaged_from=tail.first if tail.n > 1 else None)
+        final = arrays.to_torch_state_dict()
+        model_path = folder.write_model(fed.rounds, final, spec, run_key)  # what fedbus-predict takes
         calibrate_model(grid, registry, base, final, model_path, exp, fed.round_timeout_s)  # sites' sums only
         folder.write_status("finished", saved, f"{fed.rounds} rounds done")
         log.info("federation finished: %d rounds, run folder %s", fed.rounds, folder.path)
@@ -214,10 +206,9 @@ def run_federation(
         detach_log()
 
 
-def _initial_state(folder: ServerRunFolder, spec: RunSpec, resume: bool,
-                   ) -> tuple[int, dict[str, torch.Tensor], str, dict[str, Any], dict[str, Any]]:
-    """(last finished round, global weights, run key, strategy state, tail-average state): from
-    the checkpoint when resuming, else freshly initialised with the experiment seed."""
+def _initial_state(folder: ServerRunFolder, spec: RunSpec, resume: bool) -> tuple[int, dict[str, torch.Tensor], str, dict[str, Any]]:
+    """(last finished round, global weights, run key, strategy state): from the checkpoint when
+    resuming, else freshly initialised with the experiment seed."""
     if folder.has_checkpoint():
         if not resume:
             raise FileExistsError(
@@ -227,13 +218,13 @@ def _initial_state(folder: ServerRunFolder, spec: RunSpec, resume: bool,
         dropped = folder.truncate_metrics(saved.round)
         log.info("resuming %s after round %d (%d metric rows of unfinished rounds dropped)",
                  folder.path, saved.round, dropped)
-        return saved.round, saved.state_dict, saved.run_key, saved.strategy_state, saved.tail_state
+        return saved.round, saved.state_dict, saved.run_key, saved.strategy_state
     if resume:
         log.warning("%s: no checkpoint to resume; starting a new run", folder.path)
     seed_everything(spec.experiment.train.seed)
     model = build_experiment_model(spec.experiment)
     run_key = uuid.uuid4().hex[:12]  # scopes site-local state (FedBN norms) to this run
-    return 0, model.state_dict(), run_key, {}, {}
+    return 0, model.state_dict(), run_key, {}
 
 
 class CentralTest:

@@ -56,7 +56,6 @@ class Resumed:
     run_key: str
     strategy_state: dict[str, Any]
     spec: RunSpec
-    tail_state: dict[str, Any]  # common.tail_average's running sum ({} before its window)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -104,12 +103,11 @@ class ServerRunFolder(RunFolder):
         spec: RunSpec,
         run_key: str,
         strategy_state: Mapping[str, Any],
-        tail_state: Mapping[str, Any] | None = None,
     ) -> Path:
         return save_checkpoint(
             self.checkpoint_path, state_dict, run_spec_to_dict(spec),
             round=server_round, run_key=run_key, strategy=spec.federation.strategy,
-            strategy_state=dict(strategy_state), rng=capture_rng(), tail_state=dict(tail_state or {}),
+            strategy_state=dict(strategy_state), rng=capture_rng(),
         )
 
     def load(self, restore: bool = True) -> Resumed:
@@ -123,15 +121,13 @@ class ServerRunFolder(RunFolder):
             state_dict=ck["state_dict"],
             run_key=str(extra["run_key"]),
             strategy_state=extra.get("strategy_state", {}),
-            tail_state=extra.get("tail_state") or {},
             spec=spec_from_dict(ck["config"], str(self.checkpoint_path)),
         )
 
     def write_model(self, server_round: int, state_dict: Mapping[str, torch.Tensor], spec: RunSpec,
-                    run_key: str, averaged_from: int | None = None) -> Path:
-        """``model.pt`` (``common.modelfile``) of the global weights after ``server_round`` (the
-        mean of rounds ``averaged_from`` … ``server_round`` when given), with the sites'
-        training/validation counts and the largest ε any site reported."""
+                    run_key: str) -> Path:
+        """``model.pt`` (``common.modelfile``) of the global weights after ``server_round``, with
+        the sites' training/validation counts and the largest ε any site reported."""
         from common.federation import build_experiment_model
         from common.modelfile import save_model
 
@@ -150,7 +146,6 @@ class ServerRunFolder(RunFolder):
                           data={"centres": counts}, epsilon=max(spent) if spent else None,
                           source={"kind": "deployment", "round": server_round, "rounds": fed.rounds,
                                   "strategy": fed.strategy, "run_key": run_key,
-                                  "averaged_from_round": averaged_from or server_round,
                                   "note": ("FedBN: the normalisation layers are the initial ones; "
                                            "each site keeps its own") if fed.strategy == "fedbn" else ""})
         self._write_card(path, server_round)
@@ -209,7 +204,7 @@ def _json_record(r: MetricRow) -> dict[str, Any]:
 
 #: Federation settings that change results; a resumed run must match the checkpoint in these.
 _RESULT_FIELDS = ("local_epochs", "strategy", "proximal_mu", "fraction_train", "server_lr",
-                  "server_momentum", "average_last")
+                  "server_momentum")
 
 
 def check_resumable(current: RunSpec, saved: RunSpec, where: str) -> None:

@@ -208,31 +208,3 @@ def test_fedbn_resume_in_fresh_site_processes_matches_a_straight_run(tmp_path) -
     assert any(not torch.equal(a.state_dict[k], init[k]) for k in init if k not in norms)
     site_files = list((Path(part.run_dir) / "site-state").rglob("round_*.pt"))
     assert {p.parents[2].name for p in site_files} == set(SITES)
-
-
-def test_average_last_hands_out_the_mean_of_the_last_rounds_and_resumes_to_it(tmp_path, monkeypatch) -> None:
-    from common.modelfile import read_model
-
-    saved: dict[int, dict[str, torch.Tensor]] = {}
-    real = ServerRunFolder.save
-
-    def spy(self: ServerRunFolder, rnd: int, state, *args, **kwargs):
-        saved[rnd] = {k: v.clone() for k, v in state.items()}
-        return real(self, rnd, state, *args, **kwargs)
-
-    monkeypatch.setattr(ServerRunFolder, "save", spy)
-    straight = tiny_spec(tmp_path / "straight", rounds=3, average_last=2)
-    run_federation(sim_grid(straight), straight)
-    monkeypatch.setattr(ServerRunFolder, "save", real)
-    model, _ = read_model(Path(straight.run_dir) / "model.pt")
-    key = next(k for k, v in model.items() if v.is_floating_point() and v.numel() > 1)
-    torch.testing.assert_close(model[key], (saved[2][key] + saved[3][key]) / 2)
-    assert not torch.equal(model[key], saved[3][key])  # not the last model
-    assert read_model(Path(straight.run_dir) / "model.pt")[1]["source"]["averaged_from_round"] == 2
-    part = tiny_spec(tmp_path / "part", rounds=3, average_last=2)
-    with killed_after(2):  # the window's first round is in the checkpoint
-        run_federation(sim_grid(part), part)
-    run_federation(sim_grid(part), part, resume=True)
-    resumed, _ = read_model(Path(part.run_dir) / "model.pt")
-    for k in model:
-        torch.testing.assert_close(resumed[k], model[k], rtol=1e-5, atol=1e-6)

@@ -83,6 +83,8 @@ def test_resume_refuses_changed_results_settings_but_allows_more_rounds(tmp_path
     check_resumable(_spec(tmp_path, rounds=5, round_timeout_s=9.0), saved, "ck")
     with pytest.raises(ConfigError, match="strategy"):
         check_resumable(_spec(tmp_path, rounds=5, strategy="fedprox"), saved, "ck")
+    with pytest.raises(ConfigError, match="server_momentum"):  # FedAvgM's β changes every later step
+        check_resumable(_spec(tmp_path, rounds=5, server_momentum=0.5), saved, "ck")
     other_exp = replace(saved, experiment=replace(saved.experiment, **{"train.lr": 0.5}))
     with pytest.raises(ConfigError, match="experiment"):
         check_resumable(other_exp, saved, "ck")
