@@ -155,7 +155,7 @@ def run_federated(pu: PlannedUnit, cfg: ExperimentConfig, settings: Settings, rt
         raise RuntimeError(f"{run_dir}: (round, site) updates missing from the aggregate: {missing[:10]} "
                            f"(see {run_dir / 'server.log'})")
     model = build_experiment_model(spec.experiment)
-    # the run's product (model.pt): the last global model, or the mean of the last ones (average_last)
+    # the run's product (model.pt, calibrated and carded): what fedbus-predict would score
     model.load_state_dict(read_model(run_dir / "model.pt")[0])
     spent = sites_epsilon(run_dir, [s.name for s in spec.sites]) if cfg.privacy.enabled else math.nan
     if spec.federation.client_dp.enabled:  # a site-level guarantee: logged, not mixed with DP-SGD's ε
