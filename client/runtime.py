@@ -27,19 +27,18 @@ from common.config import (
     from_dict,
     replace,
 )
-from common.device import resolve_device, set_threads
 from common.data import exclusions_from_node
 from common.demo import demo_spec
+from common.device import resolve_device, set_threads
 from common.federation import (
     RunSpec,
     SiteSpec,
     build_experiment_model,
-    eval_metrics,
     norm_keys,
     site_seed,
     state_is_finite,
-    train_metrics,
 )
+from common.fedmetrics import eval_metrics, train_metrics
 from common.inference import evaluate
 from common.losses import trained_parts
 from common.privacy import PrivacySession

@@ -29,13 +29,12 @@ from common.device import resolve_device, seed_everything
 from common.federation import (
     AGGREGATE_SITE,
     RunSpec,
-    aggregate_site_metrics,
     buffer_keys,
     build_experiment_model,
-    eval_metrics,
     load_run_spec,
     norm_keys,
 )
+from common.fedmetrics import aggregate_site_metrics, eval_metrics
 from common.inference import evaluate
 from common.sitedata import load_test_tensors
 from server.calibration import calibrate_model

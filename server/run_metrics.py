@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from common.federation import AGGREGATE_SITE, UNDEFINED
+from common.federation import AGGREGATE_SITE
+from common.fedmetrics import UNDEFINED
 
 
 @dataclass

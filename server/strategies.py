@@ -11,7 +11,8 @@ import numpy as np
 from flwr.app import Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, Strategy
 
-from common.federation import FederationConfig, aggregate_site_metrics
+from common.federation import FederationConfig
+from common.fedmetrics import aggregate_site_metrics
 from common.screening import RejectionStreaks, ScreenLimits
 from server.registry import SiteRegistry
 from server.strategy import Recorder, SiteAware

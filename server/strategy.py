@@ -31,12 +31,11 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from common.federation import (
-    AGGREGATE_SITE,
+from common.federation import AGGREGATE_SITE, site_seed
+from common.fedmetrics import (
     EVAL_METRIC_KEYS,
     TRAIN_METRIC_KEYS,
     aggregate_site_metrics,
-    site_seed,
 )
 from common.packing import layout_to_json, pack
 from common.screening import RejectionStreaks, ScreenLimits

@@ -29,7 +29,8 @@ import torch
 
 from common.checkpoint import load_checkpoint
 from common.config import ExperimentConfig, replace
-from common.federation import AGGREGATE_SITE, UNDEFINED, RunSpec, build_experiment_model
+from common.federation import AGGREGATE_SITE, RunSpec, build_experiment_model
+from common.fedmetrics import UNDEFINED
 from common.modelfile import read_model
 from common.privacy import load_state
 from common.settings import Settings

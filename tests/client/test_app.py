@@ -16,14 +16,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from client.app import make_client_app
 from client.runtime import SiteError
 from common.config import PrivacyConfig, to_dict
-from common.federation import (
-    EVAL_METRIC_KEYS,
-    TRAIN_METRIC_KEYS,
-    UNDEFINED,
-    RunSpec,
-    build_experiment_model,
-    norm_keys,
-)
+from common.federation import RunSpec, build_experiment_model, norm_keys
+from common.fedmetrics import EVAL_METRIC_KEYS, TRAIN_METRIC_KEYS, UNDEFINED
 from common.site_privacy import SitePrivacy
 from tests.server.local_grid import LocalGrid, tiny_spec
 

@@ -7,20 +7,22 @@ from torch import nn
 
 from common.config import ConfigError, ExperimentConfig, replace
 from common.federation import (
-    EVAL_METRIC_KEYS,
-    TRAIN_METRIC_KEYS,
-    UNDEFINED,
     FederationConfig,
     RunSpec,
     SiteSpec,
-    aggregate_site_metrics,
-    eval_metrics,
     load_run_spec,
     norm_keys,
     run_spec_to_dict,
     site_seed,
     spec_from_dict,
     state_is_finite,
+)
+from common.fedmetrics import (
+    EVAL_METRIC_KEYS,
+    TRAIN_METRIC_KEYS,
+    UNDEFINED,
+    aggregate_site_metrics,
+    eval_metrics,
     train_metrics,
 )
 

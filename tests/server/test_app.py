@@ -15,12 +15,12 @@ from common.config import ConfigError
 from common.device import seed_everything
 from common.federation import (
     AGGREGATE_SITE,
-    EVAL_METRIC_KEYS,
     RunSpec,
     SiteSpec,
     build_experiment_model,
     norm_keys,
 )
+from common.fedmetrics import EVAL_METRIC_KEYS
 from server.app import FederationStopped, resolve_server_spec, run_federation
 from server.state import ServerRunFolder
 from tests.server.local_grid import SITES, LocalGrid, killed_after, tiny_spec

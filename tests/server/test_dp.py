@@ -14,7 +14,8 @@ from flwr.serverapp.strategy import (
 from opacus.accountants import RDPAccountant
 
 from common.config import ConfigError
-from common.federation import AGGREGATE_SITE, TRAIN_METRIC_KEYS, FederationConfig
+from common.federation import AGGREGATE_SITE, FederationConfig
+from common.fedmetrics import TRAIN_METRIC_KEYS
 from server.dp import (
     MODES,
     ClientDPConfig,

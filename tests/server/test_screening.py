@@ -12,7 +12,8 @@ from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRe
 from flwr.clientapp import ClientApp
 
 from client.app import make_client_app
-from common.federation import FederationConfig, RunSpec, train_metrics
+from common.federation import FederationConfig, RunSpec
+from common.fedmetrics import train_metrics
 from common.packing import PACKED_KEY
 from common.sitedata import clear_memo
 from server.app import FederationFailed, run_federation

@@ -9,12 +9,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
 from common.config import ConfigError
-from common.federation import (
-    AGGREGATE_SITE,
-    EVAL_METRIC_KEYS,
-    TRAIN_METRIC_KEYS,
-    FederationConfig,
-)
+from common.federation import AGGREGATE_SITE, FederationConfig
+from common.fedmetrics import EVAL_METRIC_KEYS, TRAIN_METRIC_KEYS
 from server.registry import SiteRegistry
 from server.strategies import build_strategy
 from tests.server.local_grid import task_identity
