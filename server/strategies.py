@@ -27,8 +27,9 @@ def _weighted_mean(replies: list[Message], keys: Iterable[str]) -> dict[str, np.
         out[key] = np.tensordot(weights / weights.sum(), stacked, axes=1)
     return out
 
+
 def _metrics_fn(phase: str) -> Callable[[list[RecordDict], str], MetricRecord]:
-    """Flower's metric aggregation replaced by the count-weighted pooling of common/federation."""
+    """Flower's metric aggregation replaced by the count-weighted pooling of common/fedmetrics."""
 
     def aggregate(records: list[RecordDict], _weight_key: str) -> MetricRecord:
         per_site = {str(i): {k: float(v) for k, v in r["metrics"].items()} for i, r in enumerate(records)}  # type: ignore[arg-type]

@@ -1,7 +1,7 @@
-"""PNG figures of a leave-centre-out run: Dice box plots, training curves, example overlays and
-the train-on-row / test-on-column heat map, and Dice / AUC against the privacy budget ε. Each function takes tidy tables (or the arrays saved
-per unit) and a path, draws with the non-interactive Agg backend and returns the path, or None
-when there is nothing to draw."""
+"""PNG figures of a leave-centre-out run: Dice box plots, training curves, example overlays, the
+train-on-row / test-on-column heat map and Dice / AUC against the privacy budget ε. Each function
+takes tidy tables (or the arrays saved per unit) and a path, draws with the non-interactive Agg
+backend and returns the path, or None when there is nothing to draw."""
 from __future__ import annotations
 
 import logging
@@ -197,6 +197,12 @@ def heatmap(matrix: pd.DataFrame, path: Path, title: str, label: str = "mean Dic
     return _save(fig, path)
 
 
+def _line_label(lines: list[tuple[str, str, str, str]], proto: str, arm: str, train: str, centre: str) -> str:
+    """'train → centre', with the protocol and arm where the plot holds several."""
+    extra = [v for k, v in ((0, proto), (1, arm)) if len({line[k] for line in lines}) > 1]
+    return f"{train} → {centre}" + (f" ({', '.join(extra)})" if extra else "")
+
+
 def epsilon_utility(points: pd.DataFrame, path: Path, title: str) -> Path | None:
     """Dice and AUC (seed means, bootstrap CI bars) against target ε, one line per training set →
     test centre; the arm without DP (ε = ∞) is drawn at the right, past the largest ε.
@@ -218,7 +224,7 @@ def epsilon_utility(points: pd.DataFrame, path: Path, title: str) -> Path | None
             y = sel["value"].to_numpy(float)
             err = np.abs(np.vstack([y - sel["ci_low"].to_numpy(float), sel["ci_high"].to_numpy(float) - y]))
             ax.errorbar(sel["x"], y, yerr=np.nan_to_num(err), marker="o", capsize=3, color=colours(j % 10),
-                        label=f"{train} → {centre}" + (f" ({arm})" if len({a for _, a, _, _ in lines}) > 1 else ""))
+                        label=_line_label(lines, proto, arm, train, centre))
         ax.set_xscale("log")
         ticks = [*finite, inf_x]
         ax.set_xticks(ticks)
