@@ -24,7 +24,7 @@ def _eps(value: float) -> str:
 
 def _with_eps(results: pd.DataFrame) -> pd.DataFrame:
     parsed = results["arm"].map(split_dp_arm)
-    return results.assign(base_arm=parsed.map(lambda t: t[0]), target_eps=parsed.map(lambda t: t[1]))
+    return results.assign(base_arm=parsed.map(lambda t: t[0]), target_eps=parsed.map(lambda t: float(t[1])))
 
 
 def epsilon_points(results: pd.DataFrame) -> pd.DataFrame:
@@ -34,7 +34,7 @@ def epsilon_points(results: pd.DataFrame) -> pd.DataFrame:
     if results.empty:
         return pd.DataFrame()
     res = _with_eps(results)
-    res = res[res["metric"].isin(["dice", "auc"])].astype({"target_eps": float})
+    res = res[res["metric"].isin(["dice", "auc"])]
     keys = ["protocol", "base_arm", "train_set", "test_centre"]
     dp = res[np.isfinite(res["target_eps"])][keys].drop_duplicates()
     if dp.empty:
@@ -51,7 +51,7 @@ def epsilon_table(results: pd.DataFrame, protocol_titles: dict[str, str] | None 
     if results.empty:
         return pd.DataFrame()
     res = _with_eps(results)
-    dp_groups = res[np.isfinite(res["target_eps"].astype(float))][["protocol", "base_arm", "train_set"]].drop_duplicates()
+    dp_groups = res[np.isfinite(res["target_eps"])][["protocol", "base_arm", "train_set"]].drop_duplicates()
     if dp_groups.empty:
         return pd.DataFrame()
     titles = protocol_titles or {}
@@ -61,7 +61,7 @@ def epsilon_table(results: pd.DataFrame, protocol_titles: dict[str, str] | None 
         sel = res[(res["protocol"] == g.protocol) & (res["base_arm"] == g.base_arm) & (res["train_set"] == g.train_set)]
         for centre in dict.fromkeys(sel["test_centre"]):
             at = sel[sel["test_centre"] == centre]
-            for target in sorted(set(at["target_eps"].astype(float)), key=lambda e: (math.isinf(e), e)):
+            for target in sorted(set(at["target_eps"]), key=lambda e: (math.isinf(e), e)):
                 rows = at[at["target_eps"] == target]
                 spent = rows[rows["metric"] == "epsilon"]["value"].astype(float)
                 n_les = rows[rows["metric"] == "dice"]["n"]
