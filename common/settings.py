@@ -45,6 +45,9 @@ BASE_ARMS: tuple[str, ...] = ("seg_only", "multitask", "consistency")
 CONSISTENCY_GRAD_ARMS: tuple[str, ...] = ("consistency-mask", "consistency-classifier",
                                           "consistency-both")
 SELECTIONS: tuple[str, ...] = ("best_val", "last")
+#: Where federated and pooled units are tested: a held-out centre (leave-one-centre-out) or, with
+#: every centre training, each centre's own held-back split (FLamby's per-centre test sets).
+TEST_LAYOUTS: tuple[str, ...] = ("held_out", "own_split")
 
 
 @dataclass(frozen=True)
@@ -60,11 +63,12 @@ class SimConfig:
     data_root: str | None = None  # folder of the real centres; None: embedded synthetic centres
     centres: tuple[str, ...] = ()  # subset of the centres found (empty: all)
     held_out: tuple[str, ...] = ()  # federated/pooled: centres to hold out (empty: each in turn)
+    test_on: str = "held_out"  # federated/pooled: of TEST_LAYOUTS
     synthetic_n: int = 48  # cases per synthetic centre
     seeds: tuple[int, ...] = (0,)  # training seeds (init, data order); splits stay fixed
     lambda_sweep: tuple[float, ...] = ()  # extra paper arms with these consistency weights
     ablate_features: bool = False  # extra paper arms leaving each prior feature out in turn
-    reference_test_fraction: float = 0.25  # local-only diagonal: the centre's own test split
+    reference_test_fraction: float = 0.25  # a centre's own test split (local-only diagonal, own_split)
     bootstrap: int = 1000  # bootstrap resamples of every confidence interval
     examples_per_centre: int = 2  # overlay examples per test centre in the report
     epsilons: tuple[float, ...] = ()  # DP-SGD target ε of extra arms; inf = the arm without DP
@@ -112,6 +116,11 @@ class SimConfig:
             raise ConfigError(f"sim.public_epochs: must be >= 1 (or null), got {self.public_epochs}")
         if self.public_lr is not None and not (math.isfinite(self.public_lr) and self.public_lr > 0):
             raise ConfigError(f"sim.public_lr: must be a finite number > 0 (or null), got {self.public_lr}")
+        if self.test_on not in TEST_LAYOUTS:
+            raise ConfigError(f"sim.test_on: {self.test_on!r} not one of {list(TEST_LAYOUTS)}")
+        if self.test_on == "own_split" and self.held_out:
+            raise ConfigError(f"sim.held_out {list(self.held_out)}: with sim.test_on own_split every centre "
+                              "trains; hold none out")
         if self.selection not in SELECTIONS:
             raise ConfigError(f"sim.selection: {self.selection!r} not one of {list(SELECTIONS)}")
 

@@ -133,6 +133,19 @@ def load_site_tensors(site: SiteSpec, data_cfg: DataConfig, cache_dir: str | Non
     return train, val if val is not None else train.subset([])
 
 
+def load_own_test_tensors(site: SiteSpec, data_cfg: DataConfig, cache_dir: str | None = None) -> TensorData:
+    """The site's own test split: the cases ``load_site_tensors`` holds back at
+    ``data_cfg.test_fraction`` (> 0), from the same ``split_cases`` call, so never trained on."""
+    if data_cfg.test_fraction <= 0:
+        raise ValueError(f"site {site.name}: data.test_fraction is 0, the site holds back no test split")
+    data = _tensors(site, data_cfg, cache_dir, "test", lambda: split_cases(
+        site_cases(site, data_cfg), data_cfg.val_fraction, data_cfg.test_fraction, seed=data_cfg.seed).test,
+        data_stamp(site, cache_dir))
+    if data is None:
+        raise ValueError(f"site {site.name}: its test split ({data_cfg.test_fraction:g}) is empty")
+    return data
+
+
 def load_test_tensors(site: SiteSpec, data_cfg: DataConfig, cache_dir: str | None = None) -> TensorData:
     """All cases of a held-out centre (central evaluation: nothing of it was trained on)."""
     data = _tensors(site, data_cfg, cache_dir, "all", lambda: site_cases(site, data_cfg),

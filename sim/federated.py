@@ -134,8 +134,8 @@ def run_simulation_spec(spec: RunSpec, num_cpus: float = 1.0) -> Path:
 
 
 def run_federated(pu: PlannedUnit, cfg: ExperimentConfig, settings: Settings, rt: Runtime,
-                  ) -> tuple[torch.nn.Module, pd.DataFrame, float]:
-    """(final global model, curves per round, ε spent: the largest over the sites; NaN without DP)."""
+                  ) -> tuple[torch.nn.Module, pd.DataFrame, dict[str, float]]:
+    """(final global model, curves per round, ε each site spent: {} without DP)."""
     spec = federated_spec(pu, cfg, settings, rt)
     rounds = spec.federation.rounds
     run_dir = run_simulation_spec(spec)
@@ -158,7 +158,9 @@ def run_federated(pu: PlannedUnit, cfg: ExperimentConfig, settings: Settings, rt
     model = build_experiment_model(spec.experiment)
     # the run's product (model.pt, calibrated and carded): what fedbus-predict would score
     model.load_state_dict(read_model(run_dir / "model.pt")[0])
-    spent = sites_epsilon(run_dir, [s.name for s in spec.sites]) if cfg.privacy.enabled else math.nan
+    spent = sites_epsilon(run_dir, [s.name for s in spec.sites]) if cfg.privacy.enabled else {}
+    if spent:
+        log.info("%s: DP-SGD ε spent per site: %s", pu.unit.key, ", ".join(f"{k} {v:.3f}" for k, v in spent.items()))
     if spec.federation.client_dp.enabled:  # a site-level guarantee: logged, not mixed with DP-SGD's ε
         log.info("%s: client-level DP (%s) ε %.3g at δ %g after %d rounds", pu.unit.key,
                  spec.federation.client_dp.mode, client_level_spent(run_dir), spec.federation.client_dp.delta, rounds)
@@ -182,19 +184,19 @@ def client_level_spent(run_dir: Path) -> float:
     return float(m.sort_values("round")["value"].iloc[-1]) if len(m) else math.nan
 
 
-def sites_epsilon(run_dir: Path, sites: list[str]) -> float:
-    """The largest cumulative ε over the sites' accountant files (the weakest guarantee);
-    a site without a file raises (DP was on, so it must have accounted its steps)."""
+def sites_epsilon(run_dir: Path, sites: list[str]) -> dict[str, float]:
+    """Each site's cumulative ε from its accountant file; a site without a file raises (DP was
+    on, so it must have accounted its steps)."""
     from client.runtime import privacy_state_path
 
-    spent = []
+    spent: dict[str, float] = {}
     for name in sites:
         path = privacy_state_path(run_dir / "site-state" / name)
         state = load_state(path)
         if state is None:
             raise RuntimeError(f"{path}: DP was on but the site left no accountant state")
-        spent.append(float(state["epsilon"]))
-    return max(spent)
+        spent[name] = float(state["epsilon"])
+    return spent
 
 
 def federated_curves(run_dir: Path) -> pd.DataFrame:

@@ -134,8 +134,8 @@ def paper_arms(opts: SimConfig, cfg: ExperimentConfig) -> list[str]:
 # ------------------------------------------------------------------------------- plan
 @dataclass(frozen=True)
 class PlannedUnit:
-    """One unit and what it trains on / is tested on. ``internal_test``: also test on the
-    training centre's own held-out test split (local-only diagonal)."""
+    """One unit and what it trains on / is tested on. ``internal_test``: its training centres
+    hold back their own test splits and are tested on them (local-only diagonal, own_split)."""
 
     unit: Unit
     train_sites: tuple[str, ...]
@@ -173,31 +173,40 @@ def plan_units(settings: Settings, centres: Sequence[str], train_centre: str) ->
                               f"protocol on (centres {centres}, training centre {train_centre!r})")
         for arm in paper_arms(opts, cfg):
             add("paper", arm, [train_centre], others)
-    loco = len(centres) >= 3  # a federation needs >= 2 training sites besides the held-out one
-    unknown = [c for c in opts.held_out if c not in centres]
-    if unknown:
-        raise ConfigError(f"sim.held_out: {unknown} not among the centres {centres}")
-    held_outs = [c for c in centres if c in opts.held_out or not opts.held_out] if loco else []
+    layouts = federation_layouts(opts, centres)  # (training centres, test centres, own split)
     if "federated" in opts.protocols:
-        if not loco:
-            log.warning("federated protocol needs >= 3 centres, found %d: skipped", len(centres))
-        for held_out in held_outs:
-            rest = [c for c in centres if c != held_out]
+        if not layouts:
+            log.warning("federated protocol needs >= 3 centres (2 with sim.test_on own_split), found %d: "
+                        "skipped", len(centres))
+        for train, test, own in layouts:
             for strategy in opts.strategies:
                 for arm in with_dp_arms(opts.fed_arms, opts):
-                    add(strategy, arm, rest, [held_out])
+                    add(strategy, arm, train, test, internal=own)
     if "reference" in opts.protocols:
         for centre in centres:
             for arm in with_dp_arms(opts.fed_arms, opts):
                 add("local", arm, [centre], centres, internal=True)
     if "reference" in opts.protocols or "pooled" in opts.protocols:
-        for held_out in held_outs:
-            rest = [c for c in centres if c != held_out]
+        for train, test, own in layouts:
             for arm in with_dp_arms(opts.fed_arms, opts):
-                add("pooled", arm, rest, [held_out])
+                add("pooled", arm, train, test, internal=own)
     for pu in plan:  # every unit's experiment is valid (DP refusals included) before anything runs
         arm_config(cfg, pu.unit.arm, pu.planned_epochs(settings))
     return plan
+
+
+def federation_layouts(opts: SimConfig, centres: list[str]) -> list[tuple[list[str], list[str], bool]]:
+    """(training centres, test centres, tested on their own splits) of the federated and pooled
+    units: each held-out centre against the rest (``held_out``: >= 3 centres), or every centre
+    training and each tested on its own held-back split (``own_split``: >= 2 centres)."""
+    if opts.test_on == "own_split":
+        return [(centres, centres, True)] if len(centres) >= 2 else []
+    unknown = [c for c in opts.held_out if c not in centres]
+    if unknown:
+        raise ConfigError(f"sim.held_out: {unknown} not among the centres {centres}")
+    if len(centres) < 3:  # a federation needs >= 2 training sites besides the held-out one
+        return []
+    return [([c for c in centres if c != h], [h], False) for h in centres if h in opts.held_out or not opts.held_out]
 
 
 def check_public_centres(settings: Settings, centres: Sequence[str], train_centre: str) -> tuple[str, ...]:

@@ -238,7 +238,16 @@ def build_report(results: pd.DataFrame, per_image: pd.DataFrame, ctx: ReportCont
     strategies = [p for p in PROTOCOL_GROUPS["federated"] if p in present]
     fed = [*strategies, *(["pooled"] if "pooled" in present else [])]
     if strategies:
-        lines += [
+        fed_rows = results[results["protocol"].isin(strategies)]
+        own = any(t in str(tr).split("+") for t, tr in zip(fed_rows["test_centre"], fed_rows["train_set"]))
+        lines += [  # sim.test_on: held_out, or own_split (every centre trains, tested on its own split)
+            "## Protocol 2 — federated, each centre tested on its own held-back split",
+            "",
+            "Every centre trains (each a Flower client on the simulation engine) without its own test",
+            "split, patient-aware; the final global model is tested on each centre's split. Pooled",
+            "centralised training on the same images is the upper bound.",
+            "",
+        ] if own else [
             "## Protocol 2 — federated leave-one-centre-out",
             "",
             "For each held-out centre, the other centres train together (each a Flower client on the",

@@ -6,11 +6,14 @@ The same prediction (the file's inference settings and temperature), metrics and
 as a ``sim.leave_center_out`` unit, so a model trained elsewhere — a public → private run's
 public model (``<run>/public/*.pt``), a model received from a federation — is compared with the
 simulation's rows like for like. Every image of each centre is scored (nothing of it may have
-been trained on). Prints one line per centre; ``--out`` writes the tidy rows (csv).
+been trained on), or with ``--own-split F`` each centre's own held-back test split at fraction F
+(the split ``sim.test_on: own_split`` tests on, from the file's data settings). Prints one line
+per centre; ``--out`` writes the tidy rows (csv).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
@@ -25,15 +28,16 @@ from common.federation import SiteSpec
 from common.inference import build_predictor
 from common.inference import predict as predict_with
 from common.modelfile import ModelFileError, load_model
-from common.sitedata import load_test_tensors
+from common.sitedata import load_own_test_tensors, load_test_tensors
 from sim.protocols import metric_rows
 
 log = logging.getLogger(__name__)
 
 
 def score_model(path: str, data_root: str, centres: Sequence[str], bootstrap: int = 1000,
-                device: str = "auto") -> pd.DataFrame:
-    """Tidy rows (model, test_centre, metric, value, ci_low, ci_high, n) of ``path`` on ``centres``."""
+                device: str = "auto", own_split: float | None = None) -> pd.DataFrame:
+    """Tidy rows (model, test_centre, metric, value, ci_low, ci_high, n) of ``path`` on ``centres``:
+    every image, or each centre's own test split at fraction ``own_split``."""
     loaded = load_model(path)
     found = discover_centres(data_root)
     missing = [c for c in centres if c not in found]
@@ -41,6 +45,8 @@ def score_model(path: str, data_root: str, centres: Sequence[str], bootstrap: in
         raise ValueError(f"{data_root}: centre(s) {missing} not found; available: {sorted(found)}")
     member = loaded.members[0]
     data_cfg = member.config.data
+    if own_split is not None:
+        data_cfg = dataclasses.replace(data_cfg, test_fraction=own_split)
     dev = resolve_device(device)
     predictor = build_predictor([m.network() for m in loaded.members], loaded.inference,
                                 temperatures=loaded.temperatures).to(dev)
@@ -48,7 +54,7 @@ def score_model(path: str, data_root: str, centres: Sequence[str], bootstrap: in
     rows = []
     for centre in centres:
         site = SiteSpec(name=centre, data_path=str(found[centre]), data_format=centre, strict=False)
-        data = load_test_tensors(site, data_cfg)
+        data = (load_own_test_tensors if own_split is not None else load_test_tensors)(site, data_cfg)
         probs, p_mal = predict_with(predictor, data, loaded.inference, 16, dev)
         result = score(probs, p_mal, data, threshold=t, mask_threshold=t)
         classify = member.config.loss.cls_weight > 0
@@ -63,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data-root", required=True, help="folder of the public centres")
     p.add_argument("--centres", nargs="+", required=True, help="centres to score on, e.g. BUSI BUS-UCLM")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of each CI")
+    p.add_argument("--own-split", type=float, default=None, metavar="F",
+                   help="score each centre's own held-back test split at fraction F (sim.test_on own_split)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--out", default=None, help="write the rows to this csv")
     args = p.parse_args(argv)
@@ -70,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         set_threads(args.threads)
     try:
-        rows = score_model(args.model, args.data_root, args.centres, args.bootstrap)
+        rows = score_model(args.model, args.data_root, args.centres, args.bootstrap, own_split=args.own_split)
     except (ModelFileError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

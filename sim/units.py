@@ -32,8 +32,7 @@ import torch
 
 from common import calibration
 from common.config import ExperimentConfig, replace
-from common.data.splits import split_cases
-from common.data.tensors import TensorData, to_tensors
+from common.data.tensors import TensorData
 from common.device import resolve_device, seed_everything
 from common.evaluate import EvalResult, predict, score
 from common.federation import build_experiment_model
@@ -43,7 +42,7 @@ from common.modelcard import centre_evaluation
 from common.modelfile import feature_stats, save_model, write_card_for
 from common.privacy import PrivacySession
 from common.settings import Settings, SimConfig
-from common.sitedata import load_site_tensors, load_test_tensors, site_cases
+from common.sitedata import load_own_test_tensors, load_site_tensors, load_test_tensors
 from common.train import train_local
 from sim.examples import merge_examples, pick_examples
 from sim.feature_check import with_prior_features
@@ -76,6 +75,7 @@ class Trained:
     curves: pd.DataFrame
     epsilon: float = math.nan  # DP-SGD ε spent (the largest over sites when federated); NaN: no DP
     num_train: int = 0
+    site_epsilon: dict[str, tuple[float, int]] = field(default_factory=dict)  # federated DP: (ε, N) per site
     temperature: float = 1.0  # of the malignancy logit (``calibrate_unit``)
     calibration: dict[str, Any] | None = None  # how it was fitted (``common.calibration.summary``)
 
@@ -169,47 +169,40 @@ def unit_evaluation(s: Scored, classify: bool, p_raw: np.ndarray | None = None) 
     return centre_evaluation(s.centre, s.rows, y, p, p_uncalibrated=p_raw if classify else None)
 
 
-def evaluation_note(pu: PlannedUnit, internal: bool) -> str:
+def evaluation_note(pu: PlannedUnit) -> str:
     """What the card's test centres are: external, or the training centre's own test split."""
-    kinds = [f"{c} ({'internal held-out test split' if internal and c in pu.train_sites else 'external'})"
+    kinds = [f"{c} ({'internal held-out test split' if pu.internal_test and c in pu.train_sites else 'external'})"
              for c in pu.test_sites]
     return ("Scored in the simulation on: " + ", ".join(kinds) + ". CIs: percentile bootstrap over images; "
             "Dice over lesion images, AUC over all images.")
 
 
 def unit_config(pu: PlannedUnit, settings: Settings) -> ExperimentConfig:
-    """The unit's experiment: its arm (DP arms planned over the unit's epochs) and seed."""
+    """The unit's experiment: its arm (DP arms planned over the unit's epochs) and seed; a unit
+    tested on its centres' own splits holds them back (``data.test_fraction``) from training."""
     arm_cfg = arm_config(settings.experiment, pu.unit.arm, pu.planned_epochs(settings))
-    return replace(arm_cfg, **{"train.seed": pu.unit.seed})
+    own = {"data.test_fraction": settings.sim.reference_test_fraction} if pu.internal_test else {}
+    return replace(arm_cfg, **{"train.seed": pu.unit.seed, **own})
 
 
-def training_data(pu: PlannedUnit, cfg: ExperimentConfig, opts: SimConfig, rt: Runtime,
-                  ) -> tuple[TensorData, TensorData, TensorData | None]:
-    """(train, val, internal test or None) of a centralised unit, pooled over its training
-    centres. The local-only row splits off a test part (``reference_test_fraction``) with
-    ``split_cases``, the same call ``load_site_tensors`` makes, so the three parts are disjoint."""
-    if pu.internal_test:
-        (centre,) = pu.train_sites
-        site = rt.sites[centre]
-        data_cfg = replace(cfg.data, test_fraction=opts.reference_test_fraction)
-        train, val = load_site_tensors(site, data_cfg, rt.cache_dir)
-        split = split_cases(site_cases(site, data_cfg), data_cfg.val_fraction, data_cfg.test_fraction,
-                            seed=data_cfg.seed)
-        return train, val, to_tensors(split.test, data_cfg.image_size)
+def training_data(pu: PlannedUnit, cfg: ExperimentConfig, rt: Runtime) -> tuple[TensorData, TensorData]:
+    """(train, val) of a centralised unit, pooled over its training centres; each centre's own
+    test split (``data.test_fraction``, set by ``unit_config``) is held back."""
     pairs = [load_site_tensors(rt.sites[c], cfg.data, rt.cache_dir) for c in pu.train_sites]
-    return TensorData.concat([p[0] for p in pairs]), TensorData.concat([p[1] for p in pairs]), None
+    return TensorData.concat([p[0] for p in pairs]), TensorData.concat([p[1] for p in pairs])
 
 
 def score_centres(predictor: torch.nn.Module, pu: PlannedUnit, cfg: ExperimentConfig, opts: SimConfig,
-                  rt: Runtime, internal: TensorData | None = None, seed: int = 0) -> Iterator[Scored]:
+                  rt: Runtime, seed: int = 0) -> Iterator[Scored]:
     """Score ``predictor`` (``common.inference.build_predictor``) on each test centre of ``pu``,
     with ``cfg.inference``'s post-processing and threshold; ``internal``: the training centre's
     own test split (local-only diagonal). ``seed``: of the bootstrap CIs."""
     device = resolve_device(rt.device)
     t = cfg.inference.threshold
     for centre in pu.test_sites:
-        own = internal is not None and centre in pu.train_sites
-        data = internal if own else load_test_tensors(rt.sites[centre], cfg.data, rt.cache_dir)
+        own = pu.internal_test and centre in pu.train_sites
+        load = load_own_test_tensors if own else load_test_tensors
+        data = load(rt.sites[centre], cfg.data, rt.cache_dir)
         probs, p_mal = predict_with(predictor, data, cfg.inference, cfg.train.batch_size, device)
         result = score(probs, p_mal, data, threshold=t, mask_threshold=t)
         rows = metric_rows(result.per_image, result.summary, centre, cfg.loss.cls_weight > 0,
@@ -220,7 +213,7 @@ def score_centres(predictor: torch.nn.Module, pu: PlannedUnit, cfg: ExperimentCo
 def fit_public(public: PlannedUnit, cfg: ExperimentConfig, settings: Settings, rt: Runtime,
                ) -> tuple[torch.nn.Module, dict[str, dict[str, int]]]:
     """A public pretraining unit trained like a pooled centralised one (``sim.public``)."""
-    train, val, _ = training_data(public, cfg, settings.sim, rt)
+    train, val = training_data(public, cfg, rt)
     trained = train_centralised(public, cfg, train, val, rt, settings.sim.selection)
     return trained.model, {c: {"train": train.centres.count(c), "val": val.centres.count(c)}
                            for c in public.train_sites}
@@ -236,14 +229,15 @@ def run_unit(pu: PlannedUnit, settings: Settings, rt: Runtime, run_dir: str | Pa
     opts = settings.sim
     cfg = with_public_init(pu, unit_config(pu, settings), settings, rt, run_dir,  # sim.public_centres
                            lambda public, pcfg: fit_public(public, pcfg, settings, rt))
-    internal, data = None, None
+    data = None
     if pu.federated:
         model, curves, spent = run_federated(pu, cfg, settings, rt)
-        n_train = sum(len(load_site_tensors(rt.sites[c], cfg.data, rt.cache_dir)[0])
-                      for c in pu.train_sites) if cfg.privacy.enabled else 0
-        trained = Trained(model, curves, spent, n_train)
+        counts = {c: len(load_site_tensors(rt.sites[c], cfg.data, rt.cache_dir)[0])
+                  for c in pu.train_sites} if cfg.privacy.enabled else {}
+        trained = Trained(model, curves, max(spent.values(), default=math.nan), sum(counts.values()),
+                          site_epsilon={c: (spent[c], n) for c, n in counts.items()})
     else:
-        train, val, internal = training_data(pu, cfg, opts, rt)
+        train, val = training_data(pu, cfg, rt)
         trained, data = train_centralised(pu, cfg, train, val, rt, opts.selection), (train, val)
     calibrate_unit(trained, pu, cfg, rt, data)
     model = trained.model
@@ -257,7 +251,7 @@ def run_unit(pu: PlannedUnit, settings: Settings, rt: Runtime, run_dir: str | Pa
     images: list[pd.DataFrame] = []
     examples: list[dict[str, np.ndarray]] = []
     evaluation: list[dict[str, Any]] = []
-    for s in score_centres(predictor, pu, cfg, opts, rt, internal, pu.unit.seed):
+    for s in score_centres(predictor, pu, cfg, opts, rt, pu.unit.seed):
         rows += s.rows
         p_raw = None
         if classify:
@@ -265,13 +259,15 @@ def run_unit(pu: PlannedUnit, settings: Settings, rt: Runtime, run_dir: str | Pa
             rows += cal_rows
         evaluation.append(unit_evaluation(s, classify, p_raw))
         if cfg.privacy.enabled:
-            rows.append({"test_centre": s.centre, "metric": "epsilon", "value": trained.epsilon,
-                         "ci_low": math.nan, "ci_high": math.nan, "n": trained.num_train})
+            # a site's own test split: the ε that site spent; else the weakest site's guarantee
+            eps, n = trained.site_epsilon.get(s.centre, (trained.epsilon, trained.num_train))
+            rows.append({"test_centre": s.centre, "metric": "epsilon", "value": eps,
+                         "ci_low": math.nan, "ci_high": math.nan, "n": n})
         images.append(with_prior_features(s, model).assign(test_centre=s.centre))
         examples.append(pick_examples(model, s.data, s.probs, s.p_mal, s.result.per_image,
                                       opts.examples_per_centre, s.centre))
     if path is not None:  # the card again, now with the scores
-        write_card_for(path, evaluation, evaluation_note(pu, internal is not None))
+        write_card_for(path, evaluation, evaluation_note(pu))
     results = pd.DataFrame(rows).assign(**pu.unit.columns())
     return UnitOutput(results, pd.concat(images, ignore_index=True), trained.curves,
                       merge_examples(examples), time.perf_counter() - t0)

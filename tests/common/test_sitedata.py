@@ -71,3 +71,15 @@ def test_a_labels_only_site_trains_without_masks_but_is_tested_on_them() -> None
     assert train.has_mask.any() and not hidden.has_mask.any()
     assert bool((hidden.has_label == train.has_label).all())  # every label kept
     assert load_test_tensors(labels_only, cfg).has_mask.any()
+
+
+def test_own_test_split_is_what_training_holds_back() -> None:
+    site = SiteSpec("A", synthetic_centre="SynPL", synthetic_n=24)
+    cfg = DataConfig(image_size=32, val_fraction=0.25, test_fraction=0.25, seed=0)
+    train, val = load_site_tensors(site, cfg)
+    test = sitedata.load_own_test_tensors(site, cfg)
+    ids = [set(train.case_ids), set(val.case_ids), set(test.case_ids)]
+    assert all(ids) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
+    assert len(train) + len(val) + len(test) == 24
+    with pytest.raises(ValueError, match="site A: data.test_fraction is 0"):
+        sitedata.load_own_test_tensors(site, CFG)

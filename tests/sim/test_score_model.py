@@ -36,3 +36,7 @@ def test_a_model_file_is_scored_on_a_centre_like_a_unit(tmp_path: Path, capsys) 
     assert "BUSI: Dice" in capsys.readouterr().out
     assert main([str(model_path), "--data-root", str(root), "--centres", "UDIAT"]) == 2
     assert "UDIAT" in capsys.readouterr().err
+    # --own-split: only the images a federation with sim.test_on own_split held back and tests on
+    assert main([str(model_path), "--data-root", str(root), "--centres", "BUSI", "--bootstrap", "20",
+                 "--own-split", "0.4", "--out", str(out)]) == 0
+    assert 0 < pd.read_csv(out).set_index("metric").loc["auc", "n"] < 5
