@@ -23,7 +23,7 @@ from common.config import DataConfig
 from common.data import load_site
 from common.data.fingerprint import files_fingerprint
 from common.data.partial import hide_annotations
-from common.data.splits import split_cases
+from common.data.splits import Split, split_cases
 from common.data.synthetic import make_centre
 from common.data.tensors import TensorData, cached_tensors, to_tensors
 from common.federation import SiteSpec
@@ -110,6 +110,12 @@ def _partial_tag(data_cfg: DataConfig) -> str:
     return f"-m{data_cfg.mask_fraction}-l{data_cfg.label_fraction}"
 
 
+def _split(site: SiteSpec, data_cfg: DataConfig) -> Split:
+    """The site's one train / validation / test split (decoded now; callers cache the parts)."""
+    return split_cases(site_cases(site, data_cfg), data_cfg.val_fraction, data_cfg.test_fraction,
+                       seed=data_cfg.seed)
+
+
 def load_site_tensors(site: SiteSpec, data_cfg: DataConfig, cache_dir: str | None = None) -> tuple[TensorData, TensorData]:
     """(train, validation) tensors of a site at ``data_cfg.image_size``; the test split
     (``test_fraction``) is held back and not returned. A small site may get an empty
@@ -120,8 +126,7 @@ def load_site_tensors(site: SiteSpec, data_cfg: DataConfig, cache_dir: str | Non
 
     def split():  # decode and split at most once, and only on a cache miss
         if not split_memo:
-            cases = site_cases(site, data_cfg)
-            split_memo.append(split_cases(cases, data_cfg.val_fraction, data_cfg.test_fraction, seed=data_cfg.seed))
+            split_memo.append(_split(site, data_cfg))
         return split_memo[0]
 
     stamp = data_stamp(site, cache_dir)
@@ -138,9 +143,8 @@ def load_own_test_tensors(site: SiteSpec, data_cfg: DataConfig, cache_dir: str |
     ``data_cfg.test_fraction`` (> 0), from the same ``split_cases`` call, so never trained on."""
     if data_cfg.test_fraction <= 0:
         raise ValueError(f"site {site.name}: data.test_fraction is 0, the site holds back no test split")
-    data = _tensors(site, data_cfg, cache_dir, "test", lambda: split_cases(
-        site_cases(site, data_cfg), data_cfg.val_fraction, data_cfg.test_fraction, seed=data_cfg.seed).test,
-        data_stamp(site, cache_dir))
+    data = _tensors(site, data_cfg, cache_dir, "test", lambda: _split(site, data_cfg).test,
+                    data_stamp(site, cache_dir))
     if data is None:
         raise ValueError(f"site {site.name}: its test split ({data_cfg.test_fraction:g}) is empty")
     return data
