@@ -40,3 +40,6 @@ def test_a_model_file_is_scored_on_a_centre_like_a_unit(tmp_path: Path, capsys) 
     assert main([str(model_path), "--data-root", str(root), "--centres", "BUSI", "--bootstrap", "20",
                  "--own-split", "0.4", "--out", str(out)]) == 0
     assert 0 < pd.read_csv(out).set_index("metric").loc["auc", "n"] < 5
+    for bad, says in (("1.5", "data.test_fraction: must lie in"), ("0", "holds back no test split")):
+        assert main([str(model_path), "--data-root", str(root), "--centres", "BUSI", "--own-split", bad]) == 2
+        assert says in capsys.readouterr().err
