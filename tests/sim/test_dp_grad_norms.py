@@ -1,0 +1,43 @@
+"""sim/dp_grad_norms.py: per-image gradient norms of each loss term over DP-SGD's parameters."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from common.config import ExperimentConfig, replace
+from common.data.synthetic import make_centre
+from common.data.tensors import to_tensors
+from common.federation import build_experiment_model
+from sim.dp_grad_norms import summarise, term_grad_norms
+
+SIZE = 32
+
+
+def _setup():
+    cfg = replace(ExperimentConfig(), **{"data.image_size": SIZE, "model.base_channels": 4, "model.depth": 2})
+    torch.manual_seed(0)
+    return build_experiment_model(cfg), to_tensors(make_centre("SynPL", 6, size=SIZE, seed=0), SIZE), cfg.loss
+
+
+def test_terms_add_up_and_scale_with_their_weight() -> None:
+    model, data, loss = _setup()
+    rows = term_grad_norms(model, data, loss, "norms", images=4).pivot(index="image", columns="term", values="norm")
+    assert len(rows) == 4 and (rows["total"] > 0).all()
+    # the norm of a sum is at most the sum of the norms (rest = total − seg − cls)
+    assert (rows["total"] <= rows["seg"] + rows["cls"] + rows["rest"] + 1e-5).all()
+    tenfold = term_grad_norms(model, data, dataclasses.replace(loss, cls_weight=10 * loss.cls_weight),
+                              "norms", images=4).pivot(index="image", columns="term", values="norm")
+    assert torch.allclose(torch.tensor(tenfold["cls"].values), 10 * torch.tensor(rows["cls"].values), rtol=1e-4)
+    assert torch.allclose(torch.tensor(tenfold["seg"].values), torch.tensor(rows["seg"].values), rtol=1e-5)
+    assert all(p.requires_grad for p in model.parameters())  # nothing left frozen
+    assert model.prior.track_running_stats  # restored
+
+
+def test_summary_names_the_clipped_share() -> None:
+    model, data, loss = _setup()
+    rows = term_grad_norms(model, data, loss, "all", images=6)
+    table = summarise(rows, clip=0.0)  # every image is above C = 0
+    totals = table.xs("total", level="term")
+    assert (totals["clipped"] == 1.0).all() and totals["count"].sum() == 6
+    assert table.xs("seg", level="term")["clipped"].isna().all()
