@@ -39,7 +39,9 @@ def term_grad_norms(model: nn.Module, data: TensorData, loss_cfg: LossConfig, tr
                     images: int = 48, seed: int = 0) -> pd.DataFrame:
     """Rows (image, lesion, term, norm) for ``images`` images drawn from ``data``: the gradient
     norm of each weighted term (``TERMS``; rest = total − seg − cls) over the parameters DP-SGD
-    trains under ``trainable``, in training mode, prior statistics frozen as under DP."""
+    trains under ``trainable``, in training mode, prior statistics frozen as under DP (both
+    restored after)."""
+    was_training = model.training
     model.train()
     leave_out = {id(p) for _, p in frozen_for_dp(model, trainable)}
     params = [p for p in model.parameters() if id(p) not in leave_out]
@@ -57,6 +59,7 @@ def term_grad_norms(model: nn.Module, data: TensorData, loss_cfg: LossConfig, tr
             return pd.DataFrame(_rows(model, data, pick.tolist(), params, fns))
         finally:
             prior.track_running_stats = tracking
+            model.train(was_training)
 
 
 def _rows(model: nn.Module, data: TensorData, pick: list[int], params: list[nn.Parameter],

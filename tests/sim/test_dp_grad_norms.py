@@ -17,7 +17,7 @@ SIZE = 32
 def _setup():
     cfg = replace(ExperimentConfig(), **{"data.image_size": SIZE, "model.base_channels": 4, "model.depth": 2})
     torch.manual_seed(0)
-    return build_experiment_model(cfg), to_tensors(make_centre("SynPL", 6, size=SIZE, seed=0), SIZE), cfg.loss
+    return build_experiment_model(cfg).eval(), to_tensors(make_centre("SynPL", 6, size=SIZE, seed=0), SIZE), cfg.loss
 
 
 def test_terms_add_up_and_scale_with_their_weight() -> None:
@@ -31,7 +31,7 @@ def test_terms_add_up_and_scale_with_their_weight() -> None:
     assert torch.allclose(torch.tensor(tenfold["cls"].values), 10 * torch.tensor(rows["cls"].values), rtol=1e-4)
     assert torch.allclose(torch.tensor(tenfold["seg"].values), torch.tensor(rows["seg"].values), rtol=1e-5)
     assert all(p.requires_grad for p in model.parameters())  # nothing left frozen
-    assert model.prior.track_running_stats  # restored
+    assert model.prior.track_running_stats and not model.training  # restored
 
 
 def test_summary_names_the_clipped_share() -> None:
