@@ -26,8 +26,6 @@ from common.data.tensors import TensorData, batches
 from common.dp_trainable import frozen_for_dp
 from common.losses import MultiTaskLoss
 
-log = logging.getLogger(__name__)
-
 TERMS = ("total", "seg", "cls", "rest")
 
 
@@ -97,18 +95,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--clip", type=float, default=1.0, help="C, privacy.max_grad_norm")
     ap.add_argument("--cls-weight", type=float, default=None, help="override loss.cls_weight")
     args = ap.parse_args(argv)
+    if args.images < 1 or not args.clip > 0:
+        ap.error(f"--images must be >= 1 and --clip > 0, got {args.images} and {args.clip}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from common.data import discover_centres
-    from common.federation import SiteSpec
     from common.modelfile import ModelFileError, load_model
     from common.sitedata import load_site_tensors
+    from sim.score_model import centre_sites
 
     try:
         member = load_model(args.model).members[0]
-        found = discover_centres(args.data_root)
-        if args.centre not in found:
-            raise ValueError(f"{args.data_root}: centre {args.centre!r} not found; available: {sorted(found)}")
-        site = SiteSpec(name=args.centre, data_path=str(found[args.centre]), data_format=args.centre, strict=False)
+        site = centre_sites(args.data_root, [args.centre])[args.centre]
         train, _ = load_site_tensors(site, member.config.data)
         loss_cfg = member.config.loss
         if args.cls_weight is not None:

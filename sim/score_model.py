@@ -34,15 +34,22 @@ from sim.protocols import metric_rows
 log = logging.getLogger(__name__)
 
 
+def centre_sites(data_root: str, centres: Sequence[str]) -> dict[str, SiteSpec]:
+    """The named public centres under ``data_root`` as sites (their published layouts, lenient
+    like the simulation); ValueError naming the centres that are not there."""
+    found = discover_centres(data_root)
+    missing = [c for c in centres if c not in found]
+    if missing:
+        raise ValueError(f"{data_root}: centre(s) {missing} not found; available: {sorted(found)}")
+    return {c: SiteSpec(name=c, data_path=str(found[c]), data_format=c, strict=False) for c in centres}
+
+
 def score_model(path: str, data_root: str, centres: Sequence[str], bootstrap: int = 1000,
                 device: str = "auto", own_split: float | None = None) -> pd.DataFrame:
     """Tidy rows (model, test_centre, metric, value, ci_low, ci_high, n) of ``path`` on ``centres``:
     every image, or each centre's own test split at fraction ``own_split``."""
     loaded = load_model(path)
-    found = discover_centres(data_root)
-    missing = [c for c in centres if c not in found]
-    if missing:
-        raise ValueError(f"{data_root}: centre(s) {missing} not found; available: {sorted(found)}")
+    sites = centre_sites(data_root, centres)
     member = loaded.members[0]
     data_cfg = member.config.data
     if own_split is not None:
@@ -52,8 +59,7 @@ def score_model(path: str, data_root: str, centres: Sequence[str], bootstrap: in
                                 temperatures=loaded.temperatures).to(dev)
     t = loaded.inference.threshold
     rows = []
-    for centre in centres:
-        site = SiteSpec(name=centre, data_path=str(found[centre]), data_format=centre, strict=False)
+    for centre, site in sites.items():
         data = (load_own_test_tensors if own_split is not None else load_test_tensors)(site, data_cfg)
         probs, p_mal = predict_with(predictor, data, loaded.inference, 16, dev)
         result = score(probs, p_mal, data, threshold=t, mask_threshold=t)

@@ -41,3 +41,28 @@ def test_summary_names_the_clipped_share() -> None:
     totals = table.xs("total", level="term")
     assert (totals["clipped"] == 1.0).all() and totals["count"].sum() == 6
     assert table.xs("seg", level="term")["clipped"].isna().all()
+
+
+def test_command_on_a_centre_and_its_bad_inputs(tmp_path, capsys, monkeypatch) -> None:
+    import pytest
+
+    from common.modelfile import save_model
+    from sim.dp_grad_norms import main
+    from tests.common.test_data_readers import make_busi
+
+    monkeypatch.setattr("common.data.plausibility.MIN_SIDE", 1)
+    make_busi(tmp_path / "data" / "BUSI")
+    cfg = replace(ExperimentConfig(), **{"data.image_size": SIZE, "model.base_channels": 4, "model.depth": 2})
+    torch.manual_seed(0)
+    model = str(save_model(tmp_path / "m.pt", build_experiment_model(cfg), cfg, name="tiny"))
+    root = str(tmp_path / "data")
+    assert main([model, "--data-root", root, "--centre", "BUSI", "--images", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "BUSI: per-image gradient norms over 'norms' parameters (C = 1)" in out and "clipped" in out
+    assert main([model, "--data-root", root, "--centre", "UDIAT"]) == 2
+    assert "['UDIAT'] not found" in capsys.readouterr().err
+    assert main([str(tmp_path / "none.pt"), "--data-root", root, "--centre", "BUSI"]) == 2
+    for bad in (["--images", "0"], ["--clip", "0"]):
+        with pytest.raises(SystemExit) as exit_:
+            main([model, "--data-root", root, "--centre", "BUSI", *bad])
+        assert exit_.value.code == 2 and "--images must be >= 1" in capsys.readouterr().err
