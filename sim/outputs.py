@@ -86,6 +86,12 @@ def write_outputs(folder: SimRunFolder, settings: Settings, centres: pd.DataFram
         table["DP-SGD arms"] = (f"{', '.join(opts.dp_arms)} at ε ∈ {{{', '.join(f'{e:g}' for e in opts.epsilons)}}}, "
                                    f"δ = {p.target_delta:g}, clip C = {p.max_grad_norm:g}, accountant {p.accountant}, "
                                    f"batch {cfg.train.batch_size} (Poisson)")
+    if cfg.privacy.enabled:
+        p = cfg.privacy
+        sigma = "σ planned for the target" if p.noise_multiplier is None else f"σ {p.noise_multiplier:g}"
+        table["DP-SGD on every arm"] = (f"target ε {p.target_epsilon:g} ({sigma}), δ = {p.target_delta:g}, "
+                                        f"clip C = {p.max_grad_norm:g}, trains {p.trainable}; ε spent: "
+                                        "the epsilon rows of results.csv")
     ctx = ReportContext(
         run_name=folder.path.name,
         data_source=opts.data_root or "embedded synthetic centres (common.data.synthetic)",

@@ -4,7 +4,7 @@ actually spent.
 
 Pure functions of results.csv rows, like the rest of sim/report.py (whose cell format it shares,
 sim/report_format.py). ``python -m sim.report_dp RUN_DIR ... --out PREFIX`` draws the plot of
-finished runs (several runs: one public centre each, say) into PREFIX.png / PREFIX.csv.
+finished runs (several runs: one public centre each, or one ε each) into PREFIX.png / PREFIX.csv.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sim.protocols import split_dp_arm
+from sim.protocols import dp_arm, split_dp_arm
 from sim.report_format import markdown_table, seed_cell
 
 
@@ -25,6 +25,20 @@ def _eps(value: float) -> str:
 def _with_eps(results: pd.DataFrame) -> pd.DataFrame:
     parsed = results["arm"].map(split_dp_arm)
     return results.assign(base_arm=parsed.map(lambda t: t[0]), target_eps=parsed.map(lambda t: float(t[1])))
+
+
+def label_private_run(results: pd.DataFrame, privacy: dict[str, Any]) -> pd.DataFrame:
+    """``results`` of a run with ``privacy.enabled`` for every arm (one ε per run, no ``-eps``
+    arms) with each arm that spent ε renamed ``<arm>-eps<target ε>``, so that it reads as DP,
+    not as ε = ∞. ``privacy``: the run's config.yaml section."""
+    if not privacy.get("enabled") or not math.isfinite(float(privacy.get("target_epsilon") or math.inf)):
+        return results
+    keys = ["protocol", "arm", "train_set", "seed"]
+    spent = results[(results["metric"] == "epsilon") & results["value"].notna()][keys].drop_duplicates()
+    private = results[keys].apply(tuple, axis=1).isin(set(spent.apply(tuple, axis=1)))
+    no_suffix = results["arm"].map(lambda a: math.isinf(split_dp_arm(a)[1]))
+    renamed = results["arm"].map(lambda a: dp_arm(a, float(privacy["target_epsilon"])))
+    return results.assign(arm=results["arm"].where(~(private & no_suffix), renamed))
 
 
 def epsilon_points(results: pd.DataFrame) -> pd.DataFrame:
@@ -103,19 +117,27 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     from pathlib import Path
 
+    import yaml
+
     from sim.plots import epsilon_utility
 
     ap = argparse.ArgumentParser(prog="python -m sim.report_dp", description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path, help="finished run folders (their results.csv)")
+    ap.add_argument("--reference", nargs="*", type=Path, default=[],
+                    help="run folders whose arms without DP give the ε = ∞ points (their DP arms left out)")
     ap.add_argument("--out", type=Path, required=True, help="output prefix: PREFIX.png and PREFIX.csv")
     ap.add_argument("--title", default="Utility of sample-level DP-SGD")
     args = ap.parse_args(argv)
     frames = []
-    for run in args.runs:
+    for run in [*args.runs, *args.reference]:
         path = run / "results.csv"
         if not path.is_file():
             ap.error(f"{path}: no results.csv (not a finished run folder)")
-        frames.append(pd.read_csv(path))
+        config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+        results = label_private_run(pd.read_csv(path), (config or {}).get("privacy") or {})
+        if run in args.reference:
+            results = results[results["arm"].map(lambda a: math.isinf(split_dp_arm(a)[1]))]
+        frames.append(results)
     points = epsilon_points(pd.concat(frames, ignore_index=True))
     if points.empty:
         ap.error(f"{[str(r) for r in args.runs]}: no DP arm in these runs")

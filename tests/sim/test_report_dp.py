@@ -5,8 +5,9 @@ import math
 
 import pandas as pd
 import pytest
+import yaml
 
-from sim.report_dp import epsilon_points, main
+from sim.report_dp import epsilon_points, label_private_run, main
 
 
 def _rows(arm: str, centre: str, seed: int, dice: float, auc: float) -> list[dict]:
@@ -43,3 +44,49 @@ def test_cli_draws_the_plot_of_run_folders_and_names_a_missing_results_file(tmp_
     with pytest.raises(SystemExit):
         main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
     assert "nowhere/results.csv: no results.csv" in capsys.readouterr().err
+
+
+def _spent(arm: str, centre: str, eps: float) -> dict:
+    return {"protocol": "paper", "arm": arm, "train_set": "BrEaST", "test_centre": centre, "seed": 0,
+            "metric": "epsilon", "value": eps, "ci_low": None, "ci_high": None, "n": 10}
+
+
+def _run(folder, rows: list[dict], privacy: dict) -> None:
+    folder.mkdir()
+    pd.DataFrame(rows).to_csv(folder / "results.csv", index=False)
+    (folder / "config.yaml").write_text(yaml.safe_dump({"privacy": privacy}))
+
+
+def test_a_run_private_on_every_arm_reads_as_its_epsilon_not_infinity() -> None:
+    rows = pd.DataFrame([*_rows("consistency", "BUSI", 0, 0.6, 0.8), _spent("consistency", "BUSI", 2.9),
+                         *_rows("plain", "BUSI", 0, 0.9, 0.9)])  # no ε spent: trained without DP
+    labelled = label_private_run(rows, {"enabled": True, "target_epsilon": 3.0})
+    assert set(labelled["arm"]) == {"consistency-eps3", "plain"}
+    assert label_private_run(rows, {"enabled": False, "target_epsilon": 3.0}).equals(rows)
+
+
+def test_cli_joins_one_epsilon_per_run_with_a_reference_runs_infinity(tmp_path) -> None:
+    for eps, dice in ((1, 0.4), (8, 0.5)):
+        _run(tmp_path / f"e{eps}", [*_rows("consistency", "BUSI", 0, dice, 0.7), _spent("consistency", "BUSI", eps)],
+             {"enabled": True, "target_epsilon": float(eps)})
+    # the reference's own DP arm (another recipe) must not blend into the ε 8 point
+    _run(tmp_path / "ref", [*_rows("consistency", "BUSI", 0, 0.7, 0.9), *_rows("consistency-eps8", "BUSI", 0, 0.1, 0.5)],
+         {"enabled": False, "target_epsilon": 8.0})
+    assert main([str(tmp_path / "e1"), str(tmp_path / "e8"), "--reference", str(tmp_path / "ref"),
+                 "--out", str(tmp_path / "eps")]) == 0
+    pts = pd.read_csv(tmp_path / "eps.csv")
+    dice = pts[pts["metric"] == "dice"].set_index("target_eps")["value"]
+    assert dice.to_dict() == pytest.approx({1.0: 0.4, 8.0: 0.5, math.inf: 0.7})
+
+
+def test_a_tiny_run_private_on_every_arm_says_so_and_plots_at_its_epsilon(tmp_path) -> None:
+    import sim.leave_center_out as lco
+
+    out = tmp_path / "runs"
+    assert lco.main(["--preset", "smoke", "--no-progress", "--protocols", "paper", "--set", "sim.arms=consistency",
+                     "--set", "privacy.enabled=true", "--set", "privacy.target_epsilon=3",
+                     "--set", "sim.synthetic_n=24", "--out", str(out)]) == 0
+    (folder,) = sorted(out.glob("lco-*"))
+    assert "- DP-SGD on every arm: target ε 3 (σ planned for the target)" in (folder / "report.md").read_text()
+    assert main([str(folder), "--out", str(tmp_path / "eps")]) == 0
+    assert set(pd.read_csv(tmp_path / "eps.csv")["target_eps"]) == {3.0}
