@@ -47,15 +47,8 @@ from common.calibration import CALIBRATE, site_stats, to_record
 from common.device import resolve_device, set_threads
 from common.federation import RunSpec, build_experiment_model, is_site_name
 from common.packing import PACKED_KEY, layout_from_json, pack, unpack
-from common.privacy import (
-    PrivacyBudgetExceeded,
-    PrivacySession,
-    load_state,
-    most_spent,
-    save_state,
-    state_from_text,
-    state_to_text,
-)
+from common.privacy import PrivacyBudgetExceeded, PrivacySession
+from common.privacy_state import load_state, most_spent, save_state, state_from_text, state_to_text
 from common.site_privacy import (
     SitePrivacy,
     SitePrivacyRefused,

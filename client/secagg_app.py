@@ -49,7 +49,8 @@ from client.runtime import (
 )
 from common.atomic import atomic_write
 from common.federation import RunSpec, build_experiment_model, is_site_name
-from common.privacy import PrivacySession, load_state, save_state
+from common.privacy import PrivacySession
+from common.privacy_state import load_state, save_state
 from common.sitedata import load_site_tensors
 from launch.wire import KEY_MAX_WEIGHT, KEY_RANGE, KEY_SCALES, SECAGG_STRATEGIES
 

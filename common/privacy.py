@@ -5,7 +5,7 @@ A ``PrivacySession`` covers one local-training call (one federated round) and pl
 removing **one training image** of this site, for everything the site releases from training
 (the weights of every round); see docs/privacy.md for what it does not cover.
 The budget arithmetic is in ``common.accounting`` and the state (de)serialisation in
-``common.privacy_state``; their public names are re-exported here.
+``common.privacy_state``.
 
 How the budget is spent across rounds:
 - The noise multiplier σ is fixed **once per site** (first round): either ``noise_multiplier``
@@ -38,15 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.accounting import (  # noqa: F401  (re-exported: ``from common.privacy import ...``)
-    ACCOUNTANTS,
-    epsilon_of,
-    group_epsilon,
-    per_patient_bound,
-    plan_noise_multiplier,
-    poisson_rate,
-    validate,
-)
+from common.accounting import epsilon_of, plan_noise_multiplier, poisson_rate, validate
 from common.config import PrivacyConfig
 from common.dp_batches import (
     average_copies_before_clipping,
@@ -54,16 +46,7 @@ from common.dp_batches import (
     split_indices,
 )
 from common.dp_trainable import register_grad_samplers
-from common.privacy_state import (  # noqa: F401  (re-exported: ``from common.privacy import ...``)
-    STATE_FORMAT,
-    _check_state,
-    load_state,
-    most_spent,
-    save_state,
-    state_from_text,
-    state_to_text,
-    total_steps,
-)
+from common.privacy_state import STATE_FORMAT, _check_state
 
 if TYPE_CHECKING:  # the data stack is imported only where batches are built
     from common.data.tensors import TensorData

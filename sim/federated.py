@@ -32,7 +32,7 @@ from common.config import ExperimentConfig, replace
 from common.federation import AGGREGATE_SITE, RunSpec, build_experiment_model
 from common.fedmetrics import UNDEFINED
 from common.modelfile import read_model
-from common.privacy import load_state
+from common.privacy_state import load_state
 from common.settings import Settings
 from sim.protocols import PlannedUnit, Runtime
 

@@ -246,7 +246,7 @@ def _dp_node(tmp_path: Path, **terms: Any) -> dict[str, Any]:
 def _expected_epsilon(app: Any, spec: RunSpec, node: dict[str, Any], rounds: int,
                       sigma: float = _SIGMA, delta: float = 1e-3) -> float:
     """epsilon after ``rounds`` one-epoch rounds, from the site's N and B by the accountant."""
-    from common.privacy import epsilon_of, poisson_rate
+    from common.accounting import epsilon_of, poisson_rate
 
     n = app(_msg(MessageType.QUERY, spec), _context(node)).content["info"]["num-train"]
     q, steps = poisson_rate(n, spec.experiment.train.batch_size)

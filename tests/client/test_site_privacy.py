@@ -12,8 +12,8 @@ from flwr.app import MessageType
 
 from client.app import make_client_app
 from client.site_config import load_site_config
+from common.accounting import epsilon_of, poisson_rate
 from common.config import ConfigError, PrivacyConfig
-from common.privacy import epsilon_of, poisson_rate
 from common.site_privacy import SitePrivacy, SitePrivacyRefused, effective_privacy
 from launch.audit import AuditLog, read, verify
 from tests.client.test_app import _context, _dp_node, _dp_spec, _expected_epsilon, _init, _msg

@@ -10,24 +10,13 @@ from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from common.accounting import group_epsilon, per_patient_bound, plan_noise_multiplier, poisson_rate
 from common.config import PAPER_FEATURES, ConfigError, LossConfig, ModelConfig, PrivacyConfig, TrainConfig
 from common.data.synthetic import make_centre
 from common.data.tensors import to_tensors
 from common.model import build_model
-from common.privacy import (
-    PrivacyBudgetExceeded,
-    PrivacySession,
-    group_epsilon,
-    load_state,
-    most_spent,
-    per_patient_bound,
-    plan_noise_multiplier,
-    poisson_rate,
-    save_state,
-    state_from_text,
-    state_to_text,
-    unwrap_state_dict,
-)
+from common.privacy import PrivacyBudgetExceeded, PrivacySession, unwrap_state_dict
+from common.privacy_state import load_state, most_spent, save_state, state_from_text, state_to_text
 from common.train import train_local
 
 SIZE = 32
