@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--data-root", required=True)
     ap.add_argument("--centre", required=True)
     ap.add_argument("--images", type=int, default=48)
-    ap.add_argument("--trainable", default="norms", help="all | decoder | norms (privacy.trainable)")
+    ap.add_argument("--trainable", default="norms", help="all | decoder | norms | heads (privacy.trainable)")
     ap.add_argument("--clip", type=float, default=1.0, help="C, privacy.max_grad_norm")
     ap.add_argument("--cls-weight", type=float, default=None, help="override loss.cls_weight")
     args = ap.parse_args(argv)
