@@ -30,7 +30,8 @@ TERMS = ("total", "seg", "cls", "rest")
 
 
 def _norm(grads: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    return torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))
+    # a term that reaches none of the trained parameters (the masks under "heads") has norm 0
+    return torch.sqrt(sum(((g.float() ** 2).sum() for g in grads if g is not None), torch.zeros(())))
 
 
 def term_grad_norms(model: nn.Module, data: TensorData, loss_cfg: LossConfig, trainable: str = "norms",
