@@ -45,7 +45,8 @@ from benchmarks.perfutil import (  # noqa: E402
 )
 from common.config import ExperimentConfig, replace  # noqa: E402
 from common.federation import build_experiment_model  # noqa: E402
-from common.modelfile import load_model, save_model  # noqa: E402
+from common.loaded_model import load_model  # noqa: E402
+from common.modelfile import save_model  # noqa: E402
 from common.predictgraph import TorchBackend, export_onnx  # noqa: E402
 from common.prediction import Backend, OnnxBackend  # noqa: E402
 

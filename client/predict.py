@@ -59,14 +59,14 @@ def open_backend(model: Path, device: str, threads: int | None) -> Backend:
         from common.prediction import OnnxBackend
 
         return OnnxBackend(model, "cpu" if device == "auto" else device, threads)
-    from common.modelfile import load_model
+    from common.loaded_model import load_model
     from common.predictgraph import TorchBackend
 
     return TorchBackend(load_model(model), device, threads)
 
 
 def export(model: Path, out: Path) -> int:
-    from common.modelfile import load_model
+    from common.loaded_model import load_model
     from common.predictgraph import export_onnx
 
     if model.suffix.lower() == ".onnx":

@@ -27,7 +27,7 @@ from common.config import ALL_FEATURES, ConfigError
 from common.data.tensors import normalise
 from common.device import check_device, set_threads
 from common.inference import build_predictor
-from common.modelfile import LoadedModel
+from common.loaded_model import LoadedModel
 from common.prediction import INPUT_NAME, META_KEY, ONNX_FORMAT, OUTPUT_NAMES, ModelInfo, Outputs
 
 log = logging.getLogger(__name__)

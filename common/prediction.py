@@ -3,7 +3,7 @@ for ``.onnx`` files, ONNX Runtime), so a workstation with only those predicts fr
 
 * ``read_input`` decodes one input file safely (regular files only, decompression bombs refused);
 * ``preprocess`` makes the model input as ``to_tensors`` does (whole frame, bilinear, antialiased);
-* ``ModelInfo`` reads a model's description (``common.modelfile.LoadedModel.describe``, also
+* ``ModelInfo`` reads a model's description (``common.loaded_model.LoadedModel.describe``, also
   stored in an ONNX file's metadata): size, inference choice, priors, training percentiles;
 * ``explain`` ranks the BI-RADS features by their pull on φ; ``percentile`` places a value
   among the training lesions;

@@ -99,7 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.images < 1 or not args.clip > 0:
         ap.error(f"--images must be >= 1 and --clip > 0, got {args.images} and {args.clip}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from common.modelfile import ModelFileError, load_model
+    from common.loaded_model import load_model
+    from common.modelfile import ModelFileError
     from common.sitedata import load_site_tensors
     from sim.score_model import centre_sites
 

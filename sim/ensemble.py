@@ -24,7 +24,7 @@ import torch
 
 from common.config import ExperimentConfig
 from common.inference import build_predictor
-from common.modelfile import load_model, write_ensemble
+from common.loaded_model import load_model, write_ensemble
 from common.settings import Settings
 from sim.protocols import ENSEMBLE_SUFFIX, PlannedUnit, Runtime, split_dp_arm
 from sim.runfolder import Unit

@@ -27,7 +27,8 @@ from common.evaluate import score
 from common.federation import SiteSpec
 from common.inference import build_predictor
 from common.inference import predict as predict_with
-from common.modelfile import ModelFileError, load_model
+from common.loaded_model import load_model
+from common.modelfile import ModelFileError
 from common.sitedata import load_own_test_tensors, load_test_tensors
 from sim.protocols import metric_rows
 

@@ -17,7 +17,8 @@ from PIL import Image
 from client.predict import main
 from common.config import ALL_FEATURES, replace
 from common.federation import build_experiment_model
-from common.modelfile import feature_stats, load_model, save_model, write_ensemble
+from common.loaded_model import load_model, write_ensemble
+from common.modelfile import feature_stats, save_model
 from common.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[2]

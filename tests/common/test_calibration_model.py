@@ -14,16 +14,15 @@ import torch
 from common.config import InferenceConfig, replace
 from common.federation import build_experiment_model
 from common.inference import Predictor, build_predictor
+from common.loaded_model import load_model, write_ensemble
 from common.modelcard import card_paths, centre_evaluation
 from common.modelfile import (
     ModelFileError,
     _write,
-    load_model,
     read_model,
     save_model,
     set_temperature,
     write_card_for,
-    write_ensemble,
 )
 from common.settings import load_settings
 from tests.common.test_inference import Constant, tiny, x_batch

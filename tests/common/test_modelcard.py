@@ -158,7 +158,7 @@ def test_a_simulation_unit_card_holds_its_scores_after_scoring(tmp_path) -> None
 
 
 def test_an_ensemble_manifest_gets_a_card_with_the_members_mean_prior(tmp_path, model) -> None:
-    from common.modelfile import write_ensemble
+    from common.loaded_model import write_ensemble
 
     a = save_model(tmp_path / "a.pt", model, CFG, name="a")
     w_a = model.prior.weights()

@@ -13,9 +13,8 @@ import torch
 from common.checkpoint import save_checkpoint
 from common.config import ALL_FEATURES, replace
 from common.federation import FederationConfig, RunSpec, SiteSpec, build_experiment_model
-from common.modelfile import (
-    FORMAT, PERCENTILES, ModelFileError, feature_stats, load_model, read_model, save_model, write_ensemble,
-)
+from common.loaded_model import load_model, write_ensemble
+from common.modelfile import FORMAT, PERCENTILES, ModelFileError, feature_stats, read_model, save_model
 from common.prediction import ModelInfo, explain, percentile
 from common.settings import load_settings
 from server.state import MetricRow, ServerRunFolder

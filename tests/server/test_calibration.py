@@ -14,7 +14,8 @@ import client.app as client_app
 from common import calibration
 from common.federation import RunSpec, build_experiment_model
 from common.modelcard import card_paths
-from common.modelfile import load_model, read_model
+from common.loaded_model import load_model
+from common.modelfile import read_model
 from common.sitedata import load_site_tensors
 from server.app import run_federation
 from server.calibration import MESSAGE_TYPE

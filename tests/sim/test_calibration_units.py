@@ -12,7 +12,7 @@ import pytest
 from common import calibration
 from common.federation import SiteSpec
 from common.modelcard import card_paths
-from common.modelfile import load_model
+from common.loaded_model import load_model
 from common.sitedata import load_site_tensors
 from sim.protocols import Runtime, plan_units
 from sim.units import model_file, run_unit

@@ -11,7 +11,7 @@ import pandas as pd
 
 from common.data.synthetic import SYNTHETIC_CENTRES
 from common.federation import SiteSpec
-from common.modelfile import load_model
+from common.loaded_model import load_model
 from common.settings import load_settings
 from sim.ensemble import ENSEMBLE_SEED, ensemble_plan, score_ensembles
 from sim.protocols import Runtime, plan_units
