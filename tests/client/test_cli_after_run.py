@@ -7,7 +7,7 @@ import threading
 import time
 from pathlib import Path
 
-from client.cli import Site
+from client.site_process import Site
 from client.run_status import write_run_status
 from client.site_config import site_config_from_dict
 from launch.audit import read

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from client.cli import build_parser, main, resolve_config, supernode_args
+from client.cli import build_parser, main, resolve_config
+from client.site_process import supernode_args
 
 
 def _yaml(tmp_path: Path, site: str, extra: str = "") -> Path:
