@@ -57,7 +57,7 @@ OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "gdp", "prv")
 #: ``privacy.trainable``: what DP-SGD trains (common/dp_trainable.py).
-DP_TRAINABLE: tuple[str, ...] = ("all", "decoder", "norms", "heads")
+DP_TRAINABLE: tuple[str, ...] = ("all", "decoder", "norms")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -248,7 +248,7 @@ class PrivacyConfig:
     planned_epochs: int = 10  # local epochs the budget covers, all rounds together
     accountant: str = "rdp"  # Opacus accountant ("rdp" | "prv" | "gdp")
     secure_mode: bool = False  # Opacus' cryptographically secure noise (needs torchcsprng)
-    trainable: str = "all"  # "all" | "decoder" (encoder frozen) | "norms" (affines, biases, heads, prior) | "heads"
+    trainable: str = "all"  # "all" | "decoder" (encoder frozen) | "norms" (affines, biases, heads, prior)
     augmult: int = 1  # augmentations per image whose gradients are averaged before clipping (De et al. 2022)
     max_physical_batch: int | None = None  # most rows (images × augmult) per forward pass; None: no bound
 

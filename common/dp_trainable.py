@@ -11,9 +11,6 @@ is at most C: with a few hundred images, a 0.85 M-parameter decoder drowns (exte
   (encoder included), every bias, the mask's 1×1 output convolution, the classifier head and the
   prior (~21 k of Lite0's 3.8 M): norm-layer fine-tuning, the DP transfer recipe of De et al. 2022
   and Bu et al. 2022 (bias-term fine-tuning). Meant for a public → private fine-tune.
-- ``heads``: the classifier head and the prior only (~330 parameters): the public model's masks
-  stay exactly as they are and the noise on the malignancy output is ~8× smaller than under
-  ``norms`` at the same C; a linear probe, the other DP transfer baseline.
 """
 from __future__ import annotations
 
@@ -25,8 +22,6 @@ from common.nets.efficientnet import ChannelAffine
 ENCODER_PREFIX = "backbone.encoder."  # MultiTaskNet naming of a pretrained-capable encoder
 #: Always trained under ``norms``: the mask output convolution, the classifier head, the prior.
 NORMS_MODULES = ("backbone.decoder.out.", "head.", "prior.")
-#: The only parts ``heads`` trains.
-HEAD_MODULES = ("head.", "prior.")
 
 
 def _channel_affine_grad_sample(layer: ChannelAffine, activations: list[torch.Tensor],
@@ -74,9 +69,4 @@ def frozen_for_dp(model: nn.Module, trainable: str) -> list[tuple[str, nn.Parame
             raise ValueError("privacy.trainable 'norms': the model has no GroupNorm or affine norm layers")
         return [(n, p) for n, p in named
                 if not (id(p) in norms or n.endswith(".bias") or n.startswith(NORMS_MODULES))]
-    if trainable == "heads":
-        frozen = [(n, p) for n, p in named if not n.startswith(HEAD_MODULES)]
-        if len(frozen) == len(named):
-            raise ValueError(f"privacy.trainable 'heads': the model has no {list(HEAD_MODULES)} parameters")
-        return frozen
-    raise ValueError(f"privacy.trainable: unknown {trainable!r} (all | decoder | norms | heads)")
+    raise ValueError(f"privacy.trainable: unknown {trainable!r} (all | decoder | norms)")

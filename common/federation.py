@@ -124,9 +124,9 @@ def spec_from_dict(data: Mapping[str, Any], where: str = "run spec", base: Path 
     if not spec.sites:
         raise ConfigError(f"{where}: sites: list at least one training site")
     exp = settings.experiment
-    if exp.privacy.enabled and exp.privacy.trainable in ("norms", "heads") and not exp.model.init_from:
-        raise ConfigError(f"{where}: experiment: privacy.trainable {exp.privacy.trainable!r} fine-tunes a model "
-                          "that already segments: set model.init_from to the public model file")
+    if exp.privacy.enabled and exp.privacy.trainable == "norms" and not exp.model.init_from:
+        raise ConfigError(f"{where}: experiment: privacy.trainable 'norms' fine-tunes a model that already "
+                          "segments: set model.init_from to the public model file")
     if settings.federation.min_sites > len(spec.sites):
         raise ConfigError(f"{where}: experiment.federation.min_sites: {settings.federation.min_sites} is more "
                           f"than the {len(spec.sites)} listed site(s)")

@@ -25,7 +25,7 @@ Sampling is Poisson (each image joins a step's batch with probability q = 1/⌈N
 noise-only step (and accounted): skipping it would reveal that the draw was empty.
 ``max_physical_batch`` cuts a large draw into chunks of one logical step (virtual steps) and
 ``augmult`` averages each image's gradient over K augmented copies (``common.dp_batches``);
-``trainable`` (all | decoder | norms | heads, ``common.dp_trainable``) is frozen by ``common.train`` before wrapping.
+``trainable`` (all | decoder | norms, ``common.dp_trainable``) is frozen by ``common.train`` before wrapping.
 Refused before training: δ ≥ 1/N, and modules Opacus cannot privatise (BatchNorm).
 """
 from __future__ import annotations
@@ -138,7 +138,7 @@ class PrivacySession:
     # ---- what train_local reads (common.train's PrivacySession protocol)
     @property
     def trainable(self) -> str:
-        """"all", "decoder", "norms" or "heads": what train_local leaves trainable before wrapping."""
+        """"all", "decoder" or "norms": what train_local leaves trainable before wrapping."""
         return self.cfg.trainable
 
     @property

@@ -144,10 +144,10 @@ class Settings:
                               f"a mean of complete updates; use {list(MEAN_STRATEGIES)}")
         exp = self.experiment  # deployment: common.federation.spec_from_dict asks for model.init_from
         private_arms = exp.privacy.enabled or any(math.isfinite(e) for e in self.sim.epsilons)
-        if (private_arms and exp.privacy.trainable in ("norms", "heads") and not exp.model.init_from
+        if (private_arms and exp.privacy.trainable == "norms" and not exp.model.init_from
                 and not self.sim.public_centres):
-            raise ConfigError(f"privacy.trainable {exp.privacy.trainable!r} trains only part of a model that "
-                              "already segments: set model.init_from (a public model file) or, "
+            raise ConfigError("privacy.trainable 'norms' trains only the norm affines, biases and heads of a "
+                              "model that already segments: set model.init_from (a public model file) or, "
                               "in the simulation, sim.public_centres")
 
 

@@ -19,7 +19,7 @@ no-argument callable or None) must be called once per step after the noise is ad
 the parameter update.
 Without a session, gradient-norm clipping uses ``train_cfg.grad_clip``; with one, the session
 clips per sample and ``grad_clip`` is not applied. Optional session attributes: ``trainable``
-(all | decoder | norms | heads, ``common.dp_trainable``: what it leaves out is frozen before ``wrap``,
+(all | decoder | norms, ``common.dp_trainable``: what it leaves out is frozen before ``wrap``,
 so neither the optimiser nor Opacus sees it) and ``augmult`` (K: each image enters the step K times, each
 copy augmented on its own; the session averages their per-sample gradients before clipping).
 Under a session, options that couple the images of a batch or break per-sample gradients

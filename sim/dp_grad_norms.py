@@ -30,8 +30,7 @@ TERMS = ("total", "seg", "cls", "rest")
 
 
 def _norm(grads: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    # a term that reaches none of the trained parameters (the masks under "heads") has norm 0
-    return torch.sqrt(sum(((g.float() ** 2).sum() for g in grads if g is not None), torch.zeros(())))
+    return torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))
 
 
 def term_grad_norms(model: nn.Module, data: TensorData, loss_cfg: LossConfig, trainable: str = "norms",
@@ -92,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--data-root", required=True)
     ap.add_argument("--centre", required=True)
     ap.add_argument("--images", type=int, default=48)
-    ap.add_argument("--trainable", default="norms", help="all | decoder | norms | heads (privacy.trainable)")
+    ap.add_argument("--trainable", default="norms", help="all | decoder | norms (privacy.trainable)")
     ap.add_argument("--clip", type=float, default=1.0, help="C, privacy.max_grad_norm")
     ap.add_argument("--cls-weight", type=float, default=None, help="override loss.cls_weight")
     args = ap.parse_args(argv)

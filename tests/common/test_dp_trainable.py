@@ -1,6 +1,5 @@
 """privacy.trainable: norms — only per-channel affines, biases, the mask output and the heads
-train under DP-SGD; heads — only the classifier head and the prior; and Opacus' per-sample
-gradients of the folded-BatchNorm affine are exact."""
+train under DP-SGD, and Opacus' per-sample gradients of the folded-BatchNorm affine are exact."""
 from __future__ import annotations
 
 import pytest
@@ -33,15 +32,6 @@ def test_norms_leaves_out_every_convolution_weight_but_the_mask_output() -> None
     assert sum(named[n].numel() for n in trained) < 0.2 * sum(p.numel() for p in named.values())
 
 
-def test_heads_leaves_the_whole_network_but_the_classifier_and_prior_frozen() -> None:
-    model = build_model(TINY, PAPER_FEATURES)
-    frozen = {n for n, _ in frozen_for_dp(model, "heads")}
-    trained = set(dict(model.named_parameters())) - frozen
-    assert trained == {n for n, _ in model.named_parameters() if n.startswith(("head.", "prior."))} != set()
-    with pytest.raises(ValueError, match="no \\['head.', 'prior.'\\] parameters"):
-        frozen_for_dp(nn.Sequential(nn.Conv2d(1, 2, 3)), "heads")
-
-
 def test_unknown_mode_and_a_model_without_norms_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown 'encoder'"):
         frozen_for_dp(build_model(TINY, PAPER_FEATURES), "encoder")
@@ -72,16 +62,16 @@ def test_channel_affine_per_sample_gradients_equal_one_image_at_a_time() -> None
     gsm._close()
 
 
-@pytest.mark.parametrize("arch, mode", [("small", "norms"), ("lite0", "norms"), ("small", "heads")])
-def test_dp_sgd_with_norms_updates_only_them(arch: str, mode: str) -> None:
+@pytest.mark.parametrize("arch", ["small", "lite0"])
+def test_dp_sgd_with_norms_updates_only_them(arch: str) -> None:
     torch.manual_seed(0)
     cfg = TINY if arch == "small" else ModelConfig(arch="lite0", encoder_norm="affine", dropout=0.0)
     model = build_model(cfg, PAPER_FEATURES)
     data = to_tensors(make_centre("SynPL", N, size=SIZE, seed=0), SIZE)
-    frozen = {n for n, _ in frozen_for_dp(model, mode)}
+    frozen = {n for n, _ in frozen_for_dp(model, "norms")}
     start = {k: v.clone() for k, v in model.state_dict().items()}
     sess = PrivacySession(PrivacyConfig(enabled=True, target_epsilon=8.0, target_delta=1e-3, planned_epochs=1,
-                                        trainable=mode), num_examples=N, batch_size=B, epochs=1, site="A")
+                                        trainable="norms"), num_examples=N, batch_size=B, epochs=1, site="A")
     train_local(model, data, TrainConfig(epochs=1, batch_size=B, lr=0.05, optimizer="sgd", progress=False,
                                          device="cpu", num_threads=1, encoder_lr_scale=0.3),
                 LossConfig(pos_weight=1.0), privacy=sess, augment=False)
@@ -105,8 +95,6 @@ def test_norms_without_a_model_that_segments_is_refused(tmp_path) -> None:
         load_settings("smoke", ["privacy.enabled=true", "privacy.trainable=norms"])
     with pytest.raises(ConfigError, match="sim.public_centres"):
         load_settings("smoke", ["sim.epsilons=[8]", "privacy.trainable=norms"])
-    with pytest.raises(ConfigError, match="'heads' trains only part"):
-        load_settings("smoke", ["privacy.enabled=true", "privacy.trainable=heads"])
     ok = load_settings("smoke", ["sim.epsilons=[8]", "privacy.trainable=norms", "sim.public_centres=[SynES1]"])
     assert ok.experiment.privacy.trainable == "norms"
     assert load_settings("smoke", ["privacy.trainable=norms"]).experiment.privacy.trainable == "norms"  # no DP: inert
@@ -116,9 +104,8 @@ def test_a_deployment_with_norms_needs_the_public_model_file() -> None:
     from common.config import ConfigError
     from common.federation import spec_from_dict
 
-    for mode in ("norms", "heads"):
-        doc = {"experiment": {"preset": "smoke", "privacy": {"enabled": True, "trainable": mode},
-                              "sim": {"public_centres": ["SynES1"]}},  # the simulation's key does not count here
-               "sites": [{"name": "udiat", "synthetic_centre": "SynPL"}], "run_dir": "run"}
-        with pytest.raises(ConfigError, match=f"'{mode}' fine-tunes .* model.init_from"):
-            spec_from_dict(doc, "federation.yaml")
+    doc = {"experiment": {"preset": "smoke", "privacy": {"enabled": True, "trainable": "norms"},
+                          "sim": {"public_centres": ["SynES1"]}},  # the simulation's key does not count here
+           "sites": [{"name": "udiat", "synthetic_centre": "SynPL"}], "run_dir": "run"}
+    with pytest.raises(ConfigError, match="model.init_from"):
+        spec_from_dict(doc, "federation.yaml")
