@@ -46,8 +46,8 @@ def train_metrics(
     n_decoder: int | None = None, n_head: int | None = None,
 ) -> dict[str, float]:
     """The fixed train-reply schema from one site's local training (epsilon/epsilon_round:
-    None when DP is off; n_decoder / n_head: training images that give the mask decoder / the
-    classifier head a gradient, None: all; their weights in server/part_weights.py)."""
+    None when DP is off; n_decoder / n_head: the weights of the mask decoder / the classifier
+    head in the mean, common.losses.trained_parts; None: num_examples)."""
     out = {
         "num-examples": float(num_examples),
         "n_decoder": float(num_examples if n_decoder is None else n_decoder),

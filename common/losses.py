@@ -218,10 +218,15 @@ class MultiTaskLoss(nn.Module):
 
 
 def trained_parts(train: "TensorData", loss: LossConfig) -> dict[str, int]:
-    """How many training images give the mask decoder and the classifier head a gradient: a mask
-    or a label, plus the lesion images the consistency term reaches through its route."""
+    """The weights of a site's mask decoder and classifier head in the federation's mean: the
+    lesion images that teach the decoder a lesion (a lesion mask, or the consistency term routed
+    into the mask) and the images that give the head a gradient (a label, or the term routed into
+    the classifier). Normal images still train the decoder at the site but buy it no weight: the
+    Dice term that shapes the masks is a mean over lesion images, so a site's share of the
+    federation's lesions is its share of the masks, as in pooled training."""
     lesion = train.has_lesion & (train.has_mask | train.has_label)
     routed = loss.consistency > 0 and loss.cls_weight > 0
-    decoder = train.has_mask | (lesion if routed and loss.consistency_grad in ("mask", "both") else False)
+    lesion_masks = train.has_mask & train.has_lesion
+    decoder = lesion_masks | (lesion if routed and loss.consistency_grad in ("mask", "both") else False)
     head = train.has_label | (lesion if routed and loss.consistency_grad in ("classifier", "both") else False)
     return {"n_decoder": int(decoder.sum()), "n_head": int(head.sum())}

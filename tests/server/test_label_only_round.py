@@ -74,7 +74,7 @@ def test_label_only_site_is_aggregated_every_round(tmp_path: Path) -> None:
         expected = trained_parts(train, spec.experiment.loss)
         assert value(rnd, "train", "C", "n_decoder") == expected["n_decoder"] > 0  # this spec: grad "both"
         assert value(rnd, "train", "C", "n_head") == len(train)
-        assert value(rnd, "train", "A", "n_decoder") == value(rnd, "train", "A", "num-examples")
+        assert 0 < value(rnd, "train", "A", "n_decoder") <= value(rnd, "train", "A", "num-examples")
         counts = [value(rnd, "train", s, "num-examples") for s in SITES]
         assert value(rnd, "train", AGGREGATE_SITE, "num-examples") == sum(counts)
         # no mask: no segmentation loss at C, while the masked sites have one

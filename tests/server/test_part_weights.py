@@ -63,7 +63,7 @@ def test_trained_parts_follow_the_annotations_and_the_consistency_route() -> Non
     lesion = int(data.has_lesion.sum())
     assert lesion < len(data)  # some normal images
     full = trained_parts(data, LossConfig(consistency=0.5, consistency_grad="classifier"))
-    assert full == {"n_decoder": len(data), "n_head": len(data)}
+    assert full == {"n_decoder": lesion, "n_head": len(data)}  # the decoder's weight: its lesions
     labels_only = data.without_negative_only_masks()
     hidden = type(data)(**{**data.__dict__, "has_mask": torch.zeros_like(data.has_mask)})
     assert trained_parts(hidden, LossConfig(consistency=0.5, consistency_grad="classifier"))["n_decoder"] == 0
