@@ -14,7 +14,7 @@ HEAVY = ("torch", "monai", "flwr", "pandas")
 
 
 @pytest.mark.parametrize("module", [
-    "server.cli", "client.cli", "server.coordinator", "server.coordinator_config", "client.site_config",
+    "server.cli", "client.cli", "client.site_process", "server.coordinator", "server.coordinator_config", "client.site_config",
     "launch.process", "launch.flwr_env", "launch.audit", "launch.flwr_tuning", "launch.wire",
     "common.runfolder",
 ])

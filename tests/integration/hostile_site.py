@@ -10,13 +10,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from client import cli
+from client import cli, site_process
 
 REPO = Path(__file__).resolve().parents[2]
 HOSTILE_APP = "tests.integration.hostile_app:app"
 
 
-class _HostileWorker(cli.ManagedProcess):
+class _HostileWorker(site_process.ManagedProcess):
     """ManagedProcess that adds ``--app`` to the worker's command (client/supernode.py)."""
 
     def __init__(self, name: str, cmd: Sequence[str], *args: Any, **kwargs: Any) -> None:
@@ -28,7 +28,7 @@ class _HostileWorker(cli.ManagedProcess):
 def main(argv: list[str] | None = None) -> int:
     # the worker imports tests.integration.hostile_app: the repository must be on its path
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    cli.ManagedProcess = _HostileWorker  # type: ignore[misc]
+    site_process.ManagedProcess = _HostileWorker  # type: ignore[misc]
     return cli.main(argv)
 
 
