@@ -7,9 +7,10 @@ and a labels-only BUSI, three times its size, segmented nothing on BUS-UCLM). So
 is weighted by each site's lesion images that taught it a lesion (``n_decoder``: a lesion mask,
 or the consistency term routed into the mask) and the classifier head by the images that gave it
 a gradient (``n_head``: a label, or the term routed into the classifier); the rest by
-num-examples (common.losses.trained_parts). Weighting the decoder by lesions, not images, keeps a
-site with many normal images from outweighing the lesions of the others, as pooling does not:
-held out BUSI, the federation's validation Dice 0.611 vs 0.570 (docs/lab, 2026-12-06).
+num-examples (common.losses.trained_parts). By lesions, not images, so that a site with many
+normal images does not outweigh the others' lesions (pooling weighs every lesion image alike);
+chosen on the federation's validation Dice held out BUSI (0.611 vs 0.570); held-out Dice +0.034
+(BUSI), +0.015 (BUS-UCLM), −0.007 (BrEaST, p 0.72): docs/lab/2026-12-06-decoder-lesion-weights-dp-heads.md.
 
 Each accepted reply's part is moved to g + r·(w − g), r = (c_i / Σc) / (n_i / Σn), so the
 strategy's own num-examples mean — FedAvg, FedProx, FedBN, FedAdam's pseudo-gradient — becomes
