@@ -31,7 +31,7 @@ def label_private_run(results: pd.DataFrame, privacy: dict[str, Any]) -> pd.Data
     """``results`` of a run with ``privacy.enabled`` for every arm (one ε per run, no ``-eps``
     arms) with each arm that spent ε renamed ``<arm>-eps<target ε>``, so that it reads as DP,
     not as ε = ∞. ``privacy``: the run's config.yaml section."""
-    if not privacy.get("enabled") or not math.isfinite(float(privacy.get("target_epsilon") or math.inf)):
+    if results.empty or not privacy.get("enabled") or not math.isfinite(float(privacy.get("target_epsilon") or math.inf)):
         return results
     keys = ["protocol", "arm", "train_set", "seed"]
     spent = results[(results["metric"] == "epsilon") & results["value"].notna()][keys].drop_duplicates()
@@ -133,8 +133,14 @@ def main(argv: list[str] | None = None) -> int:
         path = run / "results.csv"
         if not path.is_file():
             ap.error(f"{path}: no results.csv (not a finished run folder)")
-        config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
-        results = label_private_run(pd.read_csv(path), (config or {}).get("privacy") or {})
+        config: Any = {}
+        if (run / "config.yaml").is_file():
+            try:
+                config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+                ap.error(f"{run / 'config.yaml'}: not a readable run config ({type(exc).__name__})")
+        privacy = config.get("privacy") if isinstance(config, dict) else None
+        results = label_private_run(pd.read_csv(path), privacy if isinstance(privacy, dict) else {})
         if run in args.reference:
             results = results[results["arm"].map(lambda a: math.isinf(split_dp_arm(a)[1]))]
         frames.append(results)

@@ -65,7 +65,7 @@ def test_a_run_private_on_every_arm_reads_as_its_epsilon_not_infinity() -> None:
     assert label_private_run(rows, {"enabled": False, "target_epsilon": 3.0}).equals(rows)
 
 
-def test_cli_joins_one_epsilon_per_run_with_a_reference_runs_infinity(tmp_path) -> None:
+def test_cli_joins_one_epsilon_per_run_with_a_reference_runs_infinity(tmp_path, capsys) -> None:
     for eps, dice in ((1, 0.4), (8, 0.5)):
         _run(tmp_path / f"e{eps}", [*_rows("consistency", "BUSI", 0, dice, 0.7), _spent("consistency", "BUSI", eps)],
              {"enabled": True, "target_epsilon": float(eps)})
@@ -77,6 +77,10 @@ def test_cli_joins_one_epsilon_per_run_with_a_reference_runs_infinity(tmp_path) 
     pts = pd.read_csv(tmp_path / "eps.csv")
     dice = pts[pts["metric"] == "dice"].set_index("target_eps")["value"]
     assert dice.to_dict() == pytest.approx({1.0: 0.4, 8.0: 0.5, math.inf: 0.7})
+    (tmp_path / "e1" / "config.yaml").write_text("privacy: [unclosed")
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "e1"), "--out", str(tmp_path / "x")])
+    assert "e1/config.yaml: not a readable run config" in capsys.readouterr().err
 
 
 def test_a_tiny_run_private_on_every_arm_says_so_and_plots_at_its_epsilon(tmp_path) -> None:
