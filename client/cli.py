@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from client.site_config import SiteConfig, load_site_config, site_config_from_dict
-from common.config import ConfigError
 from client.site_process import Site
+from common.config import ConfigError
 from launch.audit import process_identity
 
 
