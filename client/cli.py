@@ -36,7 +36,6 @@ from common.config import ConfigError
 from launch.audit import process_identity
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flower-client", description="Run a hospital's SuperNode.")
     p.add_argument("--site", required=True, help="site name (must match the registered name)")
