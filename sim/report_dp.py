@@ -27,18 +27,23 @@ def _with_eps(results: pd.DataFrame) -> pd.DataFrame:
     return results.assign(base_arm=parsed.map(lambda t: t[0]), target_eps=parsed.map(lambda t: float(t[1])))
 
 
+def _without_dp(arms: pd.Series) -> pd.Series:
+    """True for each arm name without a DP suffix (ε = ∞)."""
+    return arms.map(lambda a: math.isinf(split_dp_arm(a)[1]))
+
+
 def label_private_run(results: pd.DataFrame, privacy: dict[str, Any]) -> pd.DataFrame:
     """``results`` of a run with ``privacy.enabled`` for every arm (one ε per run, no ``-eps``
     arms) with each arm that spent ε renamed ``<arm>-eps<target ε>``, so that it reads as DP,
     not as ε = ∞. ``privacy``: the run's config.yaml section."""
-    if results.empty or not privacy.get("enabled") or not math.isfinite(float(privacy.get("target_epsilon") or math.inf)):
+    target = float(privacy.get("target_epsilon") or math.inf)
+    if results.empty or not privacy.get("enabled") or not math.isfinite(target):
         return results
     keys = ["protocol", "arm", "train_set", "seed"]
     spent = results[(results["metric"] == "epsilon") & results["value"].notna()][keys].drop_duplicates()
     private = results[keys].apply(tuple, axis=1).isin(set(spent.apply(tuple, axis=1)))
-    no_suffix = results["arm"].map(lambda a: math.isinf(split_dp_arm(a)[1]))
-    renamed = results["arm"].map(lambda a: dp_arm(a, float(privacy["target_epsilon"])))
-    return results.assign(arm=results["arm"].where(~(private & no_suffix), renamed))
+    renamed = results["arm"].map(lambda a: dp_arm(a, target))
+    return results.assign(arm=results["arm"].where(~(private & _without_dp(results["arm"])), renamed))
 
 
 def epsilon_points(results: pd.DataFrame) -> pd.DataFrame:
@@ -117,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     from pathlib import Path
 
-    import yaml
-
+    from common.configtools import ConfigError, load_yaml
     from sim.plots import epsilon_utility
 
     ap = argparse.ArgumentParser(prog="python -m sim.report_dp", description=__doc__.split("\n\n")[0])
@@ -133,16 +137,16 @@ def main(argv: list[str] | None = None) -> int:
         path = run / "results.csv"
         if not path.is_file():
             ap.error(f"{path}: no results.csv (not a finished run folder)")
-        config: Any = {}
+        config: dict[str, Any] = {}
         if (run / "config.yaml").is_file():
             try:
-                config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-                ap.error(f"{run / 'config.yaml'}: not a readable run config ({type(exc).__name__})")
-        privacy = config.get("privacy") if isinstance(config, dict) else None
+                config = load_yaml(run / "config.yaml")
+            except (ConfigError, UnicodeDecodeError) as exc:
+                ap.error(f"{run / 'config.yaml'}: not a readable run config ({exc})")
+        privacy = config.get("privacy")
         results = label_private_run(pd.read_csv(path), privacy if isinstance(privacy, dict) else {})
         if run in args.reference:
-            results = results[results["arm"].map(lambda a: math.isinf(split_dp_arm(a)[1]))]
+            results = results[_without_dp(results["arm"])]
         frames.append(results)
     points = epsilon_points(pd.concat(frames, ignore_index=True))
     if points.empty:
