@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 from common.configtools import ConfigError, _need, _nonneg, _one_of, from_dict
 
-STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedbn", "fedadam", "fedavgm", "fedmedian")
+STRATEGIES: tuple[str, ...] = ("fedavg", "fednova", "fedprox", "fedbn", "fedadam", "fedavgm", "fedmedian")
 #: Strategies whose aggregate is a weighted mean of complete updates: all a masked sum (SecAgg+)
 #: yields, and what client-level DP's noise σ·C/n is calibrated for.
 MEAN_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
@@ -145,13 +145,13 @@ def _check_private_aggregation(fed: FederationConfig) -> None:
     if secagg.enabled and fed.strategy not in MEAN_STRATEGIES:
         raise ConfigError(f"federation.secagg: strategy {fed.strategy!r} cannot run under SecAgg+, which "
                           "yields only the weighted mean of complete updates (fedbn withholds layers, "
-                          f"fedadam/fedavgm/fedmedian need more than a mean); use one of {list(MEAN_STRATEGIES)}")
+                          f"fednova/fedadam/fedavgm/fedmedian need more than a mean); use one of {list(MEAN_STRATEGIES)}")
     if not dp.enabled:
         return
     if fed.strategy not in MEAN_STRATEGIES:
         raise ConfigError(f"federation.client_dp: strategy {fed.strategy!r} cannot run with client-level DP: "
                           "the noise σ·C/n is calibrated for a mean of clipped updates of all sent arrays "
-                          f"(fedbn withholds layers, fedadam/fedavgm/fedmedian are not a mean); use one of "
+                          f"(fedbn withholds layers, fednova/fedadam/fedavgm/fedmedian are not a mean); use one of "
                           f"{list(MEAN_STRATEGIES)}")
     if fed.packed_weights:
         raise ConfigError("federation.client_dp: needs federation.packed_weights: false (the DP wrappers "

@@ -135,7 +135,8 @@ def run_federation(
         registry = SiteRegistry(s.name for s in spec.sites)
         model = build_experiment_model(exp)
         strategy = build_strategy(fed, registry=registry, recorder=record, seed=exp.train.seed,
-                                  norm_keys=norm_keys(model), buffer_keys=buffer_keys(model))
+                                  norm_keys=norm_keys(model), buffer_keys=buffer_keys(model),
+                                  batch_size=exp.train.batch_size)
         strategy = wrap_client_dp(strategy, fed.client_dp, planned_sampled_sites(fed, len(spec.sites)),
                                   num_sites=len(spec.sites))  # federation.client_dp (unchanged when off)
         strategy.load_state_dict(strategy_state)  # type: ignore[attr-defined]

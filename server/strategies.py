@@ -42,6 +42,12 @@ class SiteFedAvg(SiteAware, FedAvg):
     """FedAvg (McMahan et al. 2017), weighted by num-examples."""
 
 
+class SiteFedNova(SiteAware, FedAvg):
+    """FedNova (Wang et al. 2020): FedAvg of each site's update divided by its local steps and
+    rescaled by their weighted mean (server/part_weights.py), so a site that took more steps does
+    not pull the model past its share of the data."""
+
+
 class SiteFedProx(SiteAware, FedProx):
     """FedProx: FedAvg aggregation; the sites add (μ/2)·||w − w_global||² (config proximal-mu)."""
 
@@ -89,8 +95,8 @@ class SiteFedBN(SiteAware, FedAvg):
 
 
 _CLASSES: dict[str, type] = {
-    "fedavg": SiteFedAvg, "fedprox": SiteFedProx, "fedadam": SiteFedAdam, "fedavgm": SiteFedAvgM,
-    "fedmedian": SiteFedMedian, "fedbn": SiteFedBN,
+    "fedavg": SiteFedAvg, "fednova": SiteFedNova, "fedprox": SiteFedProx, "fedadam": SiteFedAdam,
+    "fedavgm": SiteFedAvgM, "fedmedian": SiteFedMedian, "fedbn": SiteFedBN,
 }
 
 
@@ -102,10 +108,12 @@ def build_strategy(
     seed: int,
     norm_keys: frozenset[str] = frozenset(),
     buffer_keys: frozenset[str] = frozenset(),
+    batch_size: int = 1,
 ) -> Strategy:
     """The configured strategy; ``norm_keys`` (common.federation.norm_keys) for FedBN,
-    ``buffer_keys`` (common.federation.buffer_keys): what FedAdam's and FedAvgM's server steps leave
-    to the plain mean."""
+    ``buffer_keys`` (common.federation.buffer_keys): what FedAdam's and FedAvgM's server steps and
+    FedNova's step normalisation leave to the plain mean; ``batch_size`` (train.batch_size):
+    FedNova counts each site's local steps from it and the site's num-examples."""
     common: dict[str, Any] = dict(
         fraction_train=fed.fraction_train,
         fraction_evaluate=fed.fraction_evaluate,
@@ -132,4 +140,6 @@ def build_strategy(
     strategy.buffer_keys = frozenset(buffer_keys)
     # a weighted mean only, and not where the server clips each update for client-level DP
     strategy.part_weights = fed.strategy != "fedmedian" and not fed.client_dp.enabled
+    if fed.strategy == "fednova":
+        strategy.step_batch = int(batch_size)
     return strategy

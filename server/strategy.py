@@ -66,6 +66,7 @@ class SiteAware:
     buffer_keys: frozenset[str] = frozenset()  # statistics: a server optimiser leaves them to the mean
     current: dict[str, np.ndarray]
     part_weights: bool = False  # server/part_weights.py: decoder by n_decoder, head by n_head
+    step_batch: int | None = None  # FedNova: the run's batch size, to count each site's local steps
 
     def attach(self, registry: SiteRegistry, recorder: Recorder, seed: int, packed: bool = True) -> "SiteAware":
         self.registry, self.recorder, self.seed, self.packed = registry, recorder, seed, packed
@@ -205,9 +206,11 @@ class SiteAware:
         if not valid:
             return None, None
         if self.part_weights:
-            for prefix, factors in reweight_parts(valid, self.current).items():
-                log.info("round %d: %s* weighted per site by what trained it (factors %s)", server_round,
-                         prefix, [round(f, 3) for f in factors])
+            changed = reweight_parts(valid, self.current, batch_size=self.step_batch, buffers=self.buffer_keys)
+            for prefix, factors in sorted(changed.items()):
+                log.info("round %d: %s* updates weighted per site by what trained them%s (factors %s)",
+                         server_round, prefix, " and their local steps" if self.step_batch else "",
+                         [round(f, 3) for f in factors])
         arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
         if arrays is None:
             return None, metrics

@@ -41,11 +41,11 @@ def _registry() -> SiteRegistry:
     return reg
 
 
-def _strategy(name: str = "fedavg", rows: list | None = None, **fed_kw):
+def _strategy(name: str = "fedavg", rows: list | None = None, batch_size: int = 1, **fed_kw):
     rows = rows if rows is not None else []
     fed = FederationConfig(strategy=name, **fed_kw)
     strat = build_strategy(fed, registry=_registry(), recorder=lambda *r: rows.append(r), seed=0,
-                           norm_keys=frozenset({"norm"}), buffer_keys=frozenset({"stat"}))
+                           norm_keys=frozenset({"norm"}), buffer_keys=frozenset({"stat"}), batch_size=batch_size)
     return strat, rows
 
 
