@@ -87,5 +87,9 @@ def test_sim_strategies_that_cannot_run_privately_are_refused_before_the_run() -
     from common.settings import load_settings
 
     with pytest.raises(ConfigError, match=r"sim.strategies: \['fedbn'\] cannot run with federation.secagg"):
-        load_settings("cpu-fast", ["federation.secagg.enabled=true", "sim.strategies=[fedavg,fedbn]"])
-    assert load_settings("cpu-fast", ["federation.secagg.enabled=true"]).sim.strategies == ("fedavg",)
+        load_settings("cpu-fast", ["federation.secagg.enabled=true", "federation.strategy=fedavg",
+                                   "sim.strategies=[fedavg,fedbn]"])
+    with pytest.raises(ConfigError, match=r"strategy 'fednova' cannot run under SecAgg\+"):  # FedNova scales each update
+        load_settings("cpu-fast", ["federation.secagg.enabled=true"])
+    fedavg = ["federation.secagg.enabled=true", "federation.strategy=fedavg", "sim.strategies=[fedavg]"]
+    assert load_settings("cpu-fast", fedavg).sim.strategies == ("fedavg",)

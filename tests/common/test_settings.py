@@ -30,6 +30,8 @@ def test_recommended_is_the_measured_recipe() -> None:
     assert exp.loss.consistency_grad == "classifier" and exp.train.weight_decay == 0.05
     assert exp.inference.flip and exp.inference.depth_shifts == (0.15, 0.3) and exp.inference.ensemble
     assert s.federation.rounds * s.federation.local_epochs == exp.train.epochs  # matched budgets
+    assert s.federation.strategy == "fednova" and s.sim.strategies == ("fednova",)
+    assert load_settings("dp").federation.strategy == "fedavg"  # FedNova not measured under DP
 
 
 def test_a_preset_inherits_one_other_and_overrides_it() -> None:
