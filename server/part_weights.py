@@ -41,10 +41,17 @@ PARTS: tuple[tuple[str, str], ...] = (("backbone.decoder.", "n_decoder"), ("head
 MAX_STEP_FACTOR = 4.0
 
 
+def _counts(metrics: Sequence[Mapping[str, float]], count: str | None) -> tuple[list[float], list[float]]:
+    """(num-examples n_i, the part's count c_i) of each site, c_i within [0, n_i] (a count beyond
+    its examples is a lie); ``count`` None: c_i = n_i."""
+    n = [max(0.0, float(m["num-examples"])) for m in metrics]
+    c = n if count is None else [min(max(0.0, float(m[count])), ni) for m, ni in zip(metrics, n)]
+    return n, c
+
+
 def part_factors(metrics: Sequence[Mapping[str, float]], count: str) -> list[float] | None:
     """r_i of each site for the part weighted by ``count``; None when the weights already agree."""
-    n = [float(m["num-examples"]) for m in metrics]
-    c = [min(max(0.0, float(m[count])), ni) for m, ni in zip(metrics, n)]  # a count beyond its examples is a lie
+    n, c = _counts(metrics, count)
     total_n, total_c = sum(n), sum(c)
     if total_n <= 0 or any(v <= 0 for v in n):
         return None
@@ -57,8 +64,7 @@ def part_factors(metrics: Sequence[Mapping[str, float]], count: str) -> list[flo
 def step_factors(metrics: Sequence[Mapping[str, float]], count: str | None, batch_size: int) -> list[float]:
     """FedNova's τ̄/τ_i of each site for the part weighted by ``count`` (None: num-examples), with
     τ_i = ⌈n_i / batch_size⌉ steps per local epoch (the epochs cancel), capped at MAX_STEP_FACTOR."""
-    n = [max(0.0, float(m["num-examples"])) for m in metrics]
-    c = n if count is None else [min(max(0.0, float(m[count])), ni) for m, ni in zip(metrics, n)]
+    n, c = _counts(metrics, count)
     tau = [float(math.ceil(ni / batch_size)) for ni in n]
     if sum(c) <= 0:
         return [1.0] * len(n)
